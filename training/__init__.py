@@ -1,0 +1,1 @@
+"""Training side of the emotion classifier: data loading, fine-tuning, evaluation."""

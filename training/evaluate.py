@@ -1,0 +1,79 @@
+"""Batched prediction and the pipeline's evaluate stage.
+
+``python -m training.evaluate`` loads the saved model directory, predicts the
+validation split and writes ``metrics/eval.json`` plus the confusion-matrix plot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from training.batching import TokenizedSplit, bucketed_batches
+from training.config import CONFIG_DIR
+from training.data import load_split
+from training.metrics import classification_metrics
+from training.plots import plot_confusion_matrix
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def predict(model, split: TokenizedSplit, batch_size: int, precision: str = "fp32", progress: bool = True) -> list[int]:
+    """Predicted label ids for every example of ``split``, in split order."""
+    model.eval()
+    predictions = [0] * len(split)
+    batches = bucketed_batches(split.lengths(), batch_size, seed=0, epoch=0, shuffle=False)
+    for indices in tqdm(batches, desc="evaluate", leave=False, disable=not progress):
+        batch = split.collate(indices)
+        batch.pop("labels")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(**batch).logits
+        for i, label in zip(indices, logits.argmax(dim=-1).tolist(), strict=True):
+            predictions[i] = label
+    return predictions
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Evaluate the model directory on the validation split and write metrics and plot.
+
+    Returns:
+        The metrics dict written to ``<metrics_dir>/eval.json``.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = Path(cfg.paths.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no trained model in {model_dir}: run the train stage first")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    examples = load_split(cfg.data.val_file, labels)
+    split = TokenizedSplit(examples, tokenizer, tokenizer.model_max_length)
+    start = time.perf_counter()
+    predictions = predict(model, split, cfg.train.eval_batch_size, cfg.train.precision)
+    metrics = classification_metrics(split.labels, predictions, labels)
+    metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
+    metrics_dir = Path(cfg.paths.metrics_dir)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    (metrics_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_confusion_matrix(metrics["confusion_matrix"], labels, metrics_dir / "plots" / "confusion_matrix.png")
+    log.info("validation accuracy %.4f, macro-F1 %.4f", metrics["accuracy"], metrics["macro_f1"])
+    return metrics
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:  # pragma: no cover - thin CLI wrapper
+    """CLI entry point: ``python -m training.evaluate``."""
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
