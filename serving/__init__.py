@@ -1,0 +1,1 @@
+"""Packing the trained model into a TorchServe archive and running TorchServe."""

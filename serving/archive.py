@@ -1,0 +1,117 @@
+"""Build ``model_store/emotion.mar`` from a trained model directory.
+
+``python -m serving.archive [--model-dir models/emotion] [--version 1.0]`` packs
+the weights, tokenizer, model config, handler modules and ``model-config.yaml``
+with torch-model-archiver. Nothing the archive needs is fetched at serve time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+HANDLER_DIR = PROJECT_ROOT / "handler"
+HANDLER_FILE = HANDLER_DIR / "emotion_handler.py"
+HANDLER_MODULES = ("emotion_inputs.py", "emotion_backends.py", "emotion_metrics.py")
+WEIGHTS = "model.safetensors"
+# Files of a Hugging Face model directory the handler needs besides the weights.
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+class ArchiveError(RuntimeError):
+    """The model directory or handler cannot be packed."""
+
+
+def check_model_dir(model_dir: Path) -> list[Path]:
+    """Files of ``model_dir`` to pack besides the weights; raises ArchiveError when it is incomplete."""
+    if not (model_dir / WEIGHTS).is_file():
+        raise ArchiveError(f"{model_dir} has no {WEIGHTS}: train a model first (make train)")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ArchiveError(f"{model_dir} has no config.json")
+    id2label = json.loads(config_path.read_text()).get("id2label") or {}
+    if len(id2label) < 2:
+        raise ArchiveError(f"{config_path} has no id2label mapping: the handler needs the label names")
+    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "vocab.txt").is_file():
+        raise ArchiveError(f"{model_dir} has no tokenizer files (tokenizer.json or vocab.txt)")
+    return [model_dir / name for name in MODEL_FILES if (model_dir / name).is_file()]
+
+
+def build_archive(
+    model_dir: Path,
+    export_dir: Path,
+    name: str = "emotion",
+    version: str = "1.0",
+    model_config: Path = HANDLER_DIR / "model-config.yaml",
+) -> Path:
+    """Pack ``model_dir`` into ``<export_dir>/<name>.mar``.
+
+    Args:
+        model_dir: Trained Hugging Face model directory (safetensors, tokenizer, config).
+        export_dir: Folder for the archive (TorchServe's model store).
+        name: Archive file stem and the model name in its manifest (a registration's
+            ``model_name`` parameter can override it, e.g. to serve ``emotion-v2.mar`` as ``emotion``).
+        version: Model version recorded in the archive's manifest.
+        model_config: TorchServe ``model-config.yaml`` (batching, workers, handler settings).
+
+    Returns:
+        Path of the written archive.
+    """
+    model_dir, export_dir = Path(model_dir), Path(export_dir)
+    extra = check_model_dir(model_dir) + [HANDLER_DIR / m for m in HANDLER_MODULES]
+    if not model_config.is_file():
+        raise ArchiveError(f"model config not found: {model_config}")
+    export_dir.mkdir(parents=True, exist_ok=True)
+    archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or shutil.which(
+        "torch-model-archiver"
+    )
+    if archiver is None:
+        raise ArchiveError("torch-model-archiver is not installed (pip install torch-model-archiver)")
+    with tempfile.TemporaryDirectory() as tmp:
+        # Build in a temporary folder so a failed run never leaves a half-written archive in the store.
+        command = [
+            archiver, "--model-name", name, "--version", version,
+            "--serialized-file", str(model_dir / WEIGHTS), "--handler", str(HANDLER_FILE),
+            "--extra-files", ",".join(str(p) for p in extra), "--config-file", str(model_config),
+            "--export-path", tmp, "--force",
+        ]
+        log.info("packing %s", " ".join(command))
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ArchiveError(f"torch-model-archiver failed ({result.returncode}):\n{result.stderr}")
+        target = export_dir / f"{name}.mar"
+        shutil.move(str(Path(tmp) / f"{name}.mar"), target)
+    log.info("wrote %s (%.1f MB)", target, target.stat().st_size / 1e6)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "models" / "emotion")
+    parser.add_argument("--export-dir", type=Path, default=PROJECT_ROOT / "model_store")
+    parser.add_argument("--name", default="emotion", help="archive file stem and model name")
+    parser.add_argument("--version", default="1.0")
+    parser.add_argument("--model-config", type=Path, default=HANDLER_DIR / "model-config.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        path = build_archive(args.model_dir, args.export_dir, args.name, args.version, args.model_config)
+    except ArchiveError as err:
+        log.error("%s", err)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
