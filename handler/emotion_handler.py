@@ -56,7 +56,7 @@ class EmotionHandler(BaseHandler):
         self.model = TorchBackend(model_dir, self.settings, self.device)
         config = self.model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
-        self.metrics = EmotionMetrics(context.metrics, context.model_name)
+        self.emotion_metrics = EmotionMetrics(context.metrics, context.model_name)
         self.initialized = True
         log.info(
             "emotion handler ready: labels %s, max_length %d, %d thread(s)",
@@ -98,12 +98,12 @@ class EmotionHandler(BaseHandler):
             if idx in batch.errors:
                 error = batch.errors[idx]
                 self.context.set_response_status(code=error.status, phrase=error.kind, idx=idx)
-                self.metrics.rejected(error.kind)
+                self.emotion_metrics.rejected(error.kind)
                 body = error.to_response()
             else:
                 row = batch.probabilities[idx]
                 best = max(range(len(row)), key=row.__getitem__)
-                self.metrics.prediction(self.labels[best])
+                self.emotion_metrics.prediction(self.labels[best])
                 body = {
                     "label": self.labels[best],
                     "score": row[best],
@@ -122,7 +122,7 @@ class EmotionHandler(BaseHandler):
         logits = self.model(encoded["input_ids"], encoded["attention_mask"])
         done = time.perf_counter()
         tokens = int(encoded["attention_mask"].sum())
-        self.metrics.batch(tokens, 1000 * (tokenized - start), 1000 * (done - tokenized))
+        self.emotion_metrics.batch(tokens, 1000 * (tokenized - start), 1000 * (done - tokenized))
         return torch.softmax(logits, dim=-1)
 
     def _content_type(self, idx: int) -> str | None:

@@ -1,0 +1,141 @@
+"""The TorchServe handler, driven through a real ts.context.Context without a server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from emotion_backends import HandlerSettings
+from emotion_handler import EmotionHandler
+from emotion_inputs import InputError, extract_text
+from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+from training.data import LABELS
+
+METRICS_YAML = Path(__file__).resolve().parents[1] / "monitoring" / "metrics.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def make_context(model_dir: Path, handler_section: dict | None = None) -> Context:
+    metrics = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
+    metrics.initialize_cache()
+    yaml_config = {"batchSize": 8, "handler": handler_section or {}}
+    return Context("emotion", str(model_dir), {"model": {}}, 8, None, "0.12.0", metrics=metrics,
+                   model_yaml_config=yaml_config)
+
+
+def run_batch(handler: EmotionHandler, context: Context, requests: list[tuple[object, str]]) -> list[tuple[int, dict]]:
+    """Send (payload, content type) pairs as one TorchServe batch; return (status, body) per request."""
+    context.request_processor = [RequestProcessor({"body": {"content-type": ct}}) for _, ct in requests]
+    context.request_ids = {i: f"req-{i}" for i in range(len(requests))}
+    context.metrics.request_ids = context.request_ids
+    outputs = handler.handle([{"body": payload} for payload, _ in requests], context)
+    assert len(outputs) == len(requests)
+    return [(context.get_response_status(i)[0], json.loads(out)) for i, out in enumerate(outputs)]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    context = make_context(tiny_model_dir)
+    handler = EmotionHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+def test_good_requests_get_label_score_and_six_probabilities(loaded):
+    handler, context = loaded
+    results = run_batch(handler, context, [
+        ("i feel so delighted today", "text/plain"),
+        ({"text": "i am feeling terrified about the news"}, "application/json"),
+        (b"honestly i feel lonely right now", "text/plain"),
+    ])
+    for status, body in results:
+        assert status == 200
+        assert list(body["probabilities"]) == list(LABELS)
+        assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
+        assert body["score"] == body["probabilities"][body["label"]]
+
+
+BAD_INPUTS = [
+    ("", "text/plain", 400, "EmptyText"),
+    ("   \n\t ", "text/plain", 400, "EmptyText"),
+    (b"\xff\xfe bad bytes", "text/plain", 400, "InvalidEncoding"),
+    (b"{not json", "application/json", 400, "MalformedJSON"),
+    ({"txt": "hello"}, "application/json", 400, "MissingField"),
+    ({"text": 42}, "application/json", 400, "InvalidType"),
+    ({"text": None}, "application/json", 400, "InvalidType"),
+    (["a", "b"], "application/json", 400, "UnsupportedInput"),
+    ("hello", "application/json", 400, "InvalidInput"),
+    ("x" * 2001, "text/plain", 413, "TextTooLong"),
+]
+
+
+@pytest.mark.parametrize(("payload", "content_type", "status", "kind"), BAD_INPUTS)
+def test_bad_input_fails_alone_inside_a_batch(loaded, payload, content_type, status, kind):
+    handler, context = loaded
+    results = run_batch(handler, context, [
+        ("i feel so happy today", "text/plain"),
+        (payload, content_type),
+        ({"text": "i am furious"}, "application/json"),
+    ])
+    assert [r[0] for r in results] == [200, status, 200]
+    assert results[1][1]["type"] == kind
+    assert results[1][1]["message"]
+    assert "label" in results[0][1] and "label" in results[2][1]
+
+
+def test_batch_of_only_bad_requests(loaded):
+    handler, context = loaded
+    results = run_batch(handler, context, [("", "text/plain"), (b"\xff", "text/plain")])
+    assert [r[0] for r in results] == [400, 400]
+
+
+def test_batched_probabilities_match_single_requests(loaded):
+    handler, context = loaded
+    texts = ["i feel so glad", "i was stunned when i heard it; really and truly stunned", "scared"]
+    together = run_batch(handler, context, [(t, "text/plain") for t in texts])
+    alone = [run_batch(handler, context, [(t, "text/plain")])[0] for t in texts]
+    for (_, a), (_, b) in zip(together, alone, strict=True):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-4)
+
+
+def test_sorted_micro_batches_give_the_same_answers(tiny_model_dir, loaded):
+    handler, context = loaded
+    sorted_context = make_context(tiny_model_dir, {"sort_by_length": True, "micro_batch_size": 2})
+    sorted_handler = EmotionHandler()
+    sorted_handler.initialize(sorted_context)
+    texts = [("a " * n + "happy", "text/plain") for n in (9, 1, 5, 3, 7)]
+    expected = run_batch(handler, context, texts)
+    for (s1, a), (s2, b) in zip(run_batch(sorted_handler, sorted_context, texts), expected, strict=True):
+        assert s1 == s2 == 200
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-4)
+
+
+def test_handler_emits_its_metrics(loaded, caplog):
+    handler, context = loaded
+    with caplog.at_level("INFO", logger="ts.metrics.caching_metric"):
+        results = run_batch(handler, context, [("i feel glad", "text/plain"), ("", "text/plain")])
+    lines = [r.getMessage() for r in caplog.records]
+    label = results[0][1]["label"]
+    assert any(line.startswith("[METRICS]EmotionPredictions.Count:1|#ModelName:emotion,Label:" + label) for line in lines)
+    assert any(line.startswith("[METRICS]EmotionRejected.Count:1|#ModelName:emotion,Reason:EmptyText") for line in lines)
+    assert any(line.startswith("[METRICS]EmotionInputTokens.Count:") for line in lines)
+    assert not any("Failed to update metric" in line for line in lines)
+
+
+def test_settings_reject_unknown_keys_and_precisions():
+    with pytest.raises(ValueError, match="unknown keys"):
+        HandlerSettings.from_yaml({"presicion": "bf16"})
+    with pytest.raises(ValueError, match="precision"):
+        HandlerSettings.from_yaml({"precision": "fp8"})
+    assert HandlerSettings.from_yaml(None) == HandlerSettings()
+
+
+def test_extract_text_without_body():
+    with pytest.raises(InputError) as info:
+        extract_text({}, None, 100)
+    assert info.value.status == 400

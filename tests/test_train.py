@@ -1,0 +1,59 @@
+"""Training smoke run, outputs, and reproducibility."""
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from training.config import compose
+from training.data import LABELS
+from training.train import train
+
+from .conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_run_writes_model_metrics_and_provenance(tiny_cfg, tmp_path):
+    metrics = train(tiny_cfg)
+    model_dir = tmp_path / "model"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert [config["id2label"][str(i)] for i in range(6)] == list(LABELS)
+    with safe_open(model_dir / "model.safetensors", "pt") as weights:
+        assert "classifier.weight" in weights.keys()
+    assert json.loads((model_dir / "tokenizer_config.json").read_text())["model_max_length"] == 32
+
+    written = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert written["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert 0.0 <= written["macro_f1"] <= 1.0
+    assert set(written["per_class_f1"]) == set(LABELS)
+    assert sum(map(sum, written["confusion_matrix"])) == 36
+    assert written["steps"] == 6
+    for plot in ("training_curves.png", "train_confusion_matrix.png"):
+        assert (tmp_path / "metrics" / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
+
+    meta = json.loads((model_dir / "training_meta.json").read_text())
+    assert meta["config"]["train"]["max_steps"] == 6
+    assert set(meta["data_md5"]) == {"train.txt", "val.txt"}
+    assert meta["git_commit"]
+
+
+def test_same_seed_same_metrics(tmp_path):
+    runs = [train(compose(tiny_overrides(tmp_path / name))) for name in ("a", "b")]
+    assert round(runs[0]["accuracy"], 3) == round(runs[1]["accuracy"], 3)
+    assert round(runs[0]["macro_f1"], 3) == round(runs[1]["macro_f1"], 3)
+    assert runs[0]["confusion_matrix"] == runs[1]["confusion_matrix"]
+
+
+def test_offline_wandb_run_is_written_and_finished(tmp_path):
+    cfg = compose(tiny_overrides(tmp_path, "logger=wandb", "logger.mode=offline", "logger.log_model=false"))
+    train(cfg)
+    runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb"))
+
+
+def test_missing_data_file_fails_with_clear_message(tmp_path):
+    cfg = compose(tiny_overrides(tmp_path, f"data.train_file={tmp_path / 'nope.txt'}"))
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        train(cfg)
