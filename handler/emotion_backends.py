@@ -75,5 +75,7 @@ class TorchBackend:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            logits = self.forward(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)).logits
+            logits = self.forward(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+            ).logits
         return logits.float().cpu()

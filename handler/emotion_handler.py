@@ -60,7 +60,9 @@ class EmotionHandler(BaseHandler):
         self.initialized = True
         log.info(
             "emotion handler ready: labels %s, max_length %d, %d thread(s)",
-            self.labels, self.max_length, torch.get_num_threads(),
+            self.labels,
+            self.max_length,
+            torch.get_num_threads(),
         )
 
     def preprocess(self, data: list[dict[str, Any]]) -> Batch:
@@ -115,9 +117,7 @@ class EmotionHandler(BaseHandler):
 
     def _probabilities(self, texts: list[str]) -> torch.Tensor:
         start = time.perf_counter()
-        encoded = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         tokenized = time.perf_counter()
         logits = self.model(encoded["input_ids"], encoded["attention_mask"])
         done = time.perf_counter()

@@ -40,7 +40,7 @@ def request_payload(request: dict[str, Any]) -> Any:
     for key in ("body", "data"):
         if request.get(key) is not None:
             return request[key]
-    raise InputError(400, "EmptyInput", "the request has no body; send the text as text/plain or JSON {\"text\": ...}")
+    raise InputError(400, "EmptyInput", 'the request has no body; send the text as text/plain or JSON {"text": ...}')
 
 
 def _decode(raw: bytes | bytearray) -> str:
@@ -53,15 +53,15 @@ def _decode(raw: bytes | bytearray) -> str:
 def _from_json(value: Any) -> str:
     if isinstance(value, list):
         raise InputError(
-            400, "UnsupportedInput", "a JSON list is not accepted: send one text per request as {\"text\": \"...\"}"
+            400, "UnsupportedInput", 'a JSON list is not accepted: send one text per request as {"text": "..."}'
         )
     if not isinstance(value, dict):
-        raise InputError(400, "InvalidInput", f"expected a JSON object {{\"text\": ...}}, got {type(value).__name__}")
+        raise InputError(400, "InvalidInput", f'expected a JSON object {{"text": ...}}, got {type(value).__name__}')
     if "text" not in value:
-        raise InputError(400, "MissingField", "the JSON object has no \"text\" field")
+        raise InputError(400, "MissingField", 'the JSON object has no "text" field')
     text = value["text"]
     if not isinstance(text, str):
-        raise InputError(400, "InvalidType", f"\"text\" must be a string, got {type(text).__name__}")
+        raise InputError(400, "InvalidType", f'"text" must be a string, got {type(text).__name__}')
     return text
 
 
@@ -88,7 +88,9 @@ def extract_text(request: dict[str, Any], content_type: str | None, max_chars: i
             try:
                 payload = json.loads(payload)
             except json.JSONDecodeError as err:
-                raise InputError(400, "MalformedJSON", f"the body is not valid JSON: {err.msg} at char {err.pos}") from None
+                raise InputError(
+                    400, "MalformedJSON", f"the body is not valid JSON: {err.msg} at char {err.pos}"
+                ) from None
     # With a JSON content type, a bare JSON string is refused too: only {"text": ...} is the contract.
     text = _from_json(payload) if is_json or not isinstance(payload, str) else payload
     text = text.strip()

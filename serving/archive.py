@@ -79,10 +79,22 @@ def build_archive(
     with tempfile.TemporaryDirectory() as tmp:
         # Build in a temporary folder so a failed run never leaves a half-written archive in the store.
         command = [
-            archiver, "--model-name", name, "--version", version,
-            "--serialized-file", str(model_dir / WEIGHTS), "--handler", str(HANDLER_FILE),
-            "--extra-files", ",".join(str(p) for p in extra), "--config-file", str(model_config),
-            "--export-path", tmp, "--force",
+            archiver,
+            "--model-name",
+            name,
+            "--version",
+            version,
+            "--serialized-file",
+            str(model_dir / WEIGHTS),
+            "--handler",
+            str(HANDLER_FILE),
+            "--extra-files",
+            ",".join(str(p) for p in extra),
+            "--config-file",
+            str(model_config),
+            "--export-path",
+            tmp,
+            "--force",
         ]
         log.info("packing %s", " ".join(command))
         result = subprocess.run(command, capture_output=True, text=True)

@@ -9,6 +9,7 @@ how to call it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -80,7 +81,9 @@ def wait_ready(
             ping = requests.get(f"{inference}/ping", headers=auth_header(keys, "inference"), timeout=2)
             ready = ping.status_code == 200 and ping.json().get("status") == "Healthy"
             if ready and model:
-                status = requests.get(f"{management}/models/{model}", headers=auth_header(keys, "management"), timeout=2)
+                status = requests.get(
+                    f"{management}/models/{model}", headers=auth_header(keys, "management"), timeout=2
+                )
                 ready = status.status_code == 200 and any(
                     w.get("status") == "READY" for v in status.json() for w in v.get("workers", [])
                 )
@@ -103,7 +106,10 @@ class TorchServe:
     """
 
     def __init__(
-        self, model_store: Path, workdir: Path, models: str | None = "emotion=emotion.mar",
+        self,
+        model_store: Path,
+        workdir: Path,
+        models: str | None = "emotion=emotion.mar",
         overrides: dict[str, str] | None = None,
     ) -> None:
         self.model_store = Path(model_store).resolve()
@@ -151,8 +157,12 @@ class TorchServe:
         command = [executable, "--start", "--foreground", "--ncs", "--ts-config", str(config)]
         if self.models:
             command += ["--models", self.models]
-        env = dict(os.environ, TMPDIR=str(self.workdir), LOG_LOCATION=str(self.workdir / "logs"),
-                   METRICS_LOCATION=str(self.workdir / "logs"))
+        env = dict(
+            os.environ,
+            TMPDIR=str(self.workdir),
+            LOG_LOCATION=str(self.workdir / "logs"),
+            METRICS_LOCATION=str(self.workdir / "logs"),
+        )
         self.log_file = (self.workdir / "logs" / "console.log").open("w")
         started = time.monotonic()
         # A new session: stop() signals TorchServe, its JVM and all Python workers together.
@@ -163,8 +173,14 @@ class TorchServe:
         while not self.keys and self.process.poll() is None and time.monotonic() < deadline:
             self.keys = read_keys(self.workdir)
             time.sleep(0.1)
-        wait_ready(self.inference_url, self.management_url, wait_model, self.keys,
-                   max(deadline - time.monotonic(), 1), self.process)
+        wait_ready(
+            self.inference_url,
+            self.management_url,
+            wait_model,
+            self.keys,
+            max(deadline - time.monotonic(), 1),
+            self.process,
+        )
         return time.monotonic() - started
 
     def stop(self, timeout: float = 30) -> None:
@@ -180,10 +196,8 @@ class TorchServe:
                 self.process.wait(timeout=10)
             except ProcessLookupError:
                 pass
-        try:  # workers may outlive the launcher for a moment
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # workers may outlive the launcher
             os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         self.process = None
         self.log_file.close()
 
@@ -200,16 +214,27 @@ class TorchServe:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``wait``: wait for the server started from ./config.properties and print a sample request."""
-    parser = argparse.ArgumentParser(description="Wait for TorchServe and print how to call it.")
-    parser.add_argument("command", choices=["wait"])
+    """CLI for the server that ``make serve`` started from ./config.properties.
+
+    ``wait``: wait until the model is ready and print a sample request.
+    ``key inference|management|API``: print a key from key_file.json (for curl).
+    """
+    parser = argparse.ArgumentParser(description="Wait for TorchServe, or print its keys.")
+    parser.add_argument("command", choices=["wait", "key"])
+    parser.add_argument("api", nargs="?", default="inference", choices=["inference", "management", "API"])
     parser.add_argument("--model", default="emotion")
     parser.add_argument("--timeout", type=float, default=180)
     args = parser.parse_args(argv)
     props = read_properties(CONFIG_PROPERTIES)
+    keys = read_keys(PROJECT_ROOT)
+    if args.command == "key":
+        if args.api not in keys:
+            print("no key_file.json here: is TorchServe running (make serve)?", file=sys.stderr)
+            return 1
+        print(keys[args.api])
+        return 0
     inference, management = props["inference_address"], props["management_address"]
     deadline = time.monotonic() + args.timeout
-    keys = read_keys(PROJECT_ROOT)
     while not keys and props.get("disable_token_authorization") != "true" and time.monotonic() < deadline:
         time.sleep(0.2)
         keys = read_keys(PROJECT_ROOT)
@@ -218,10 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     except TimeoutError as err:
         print(f"{err}; see logs/model_log.log and logs/ts_log.log", file=sys.stderr)
         return 1
-    auth = ' -H "Authorization: Bearer $(python -c \'import json;print(json.load(open("key_file.json"))["inference"]["key"])\')"'
-    print(f"TorchServe is ready after {seconds:.1f} s. Try:\n")
-    print(f"  curl{auth if keys else ''} -H 'Content-Type: text/plain' \\\n"
-          f"       --data 'i feel wonderful today' {inference}/predictions/{args.model}\n")
+    print(f"TorchServe is ready ({seconds:.1f} s). Try:\n")
+    print("  KEY=$(.venv/bin/python -m serving.server key inference)")
+    print(
+        f"  curl -H \"Authorization: Bearer $KEY\" -H 'Content-Type: text/plain' \\\n"
+        f"       --data 'i feel wonderful today' {inference}/predictions/{args.model}\n"
+    )
     print("Stop it with: make stop")
     return 0
 

@@ -14,8 +14,16 @@ def test_archive_holds_weights_tokenizer_config_and_handler(model_store):
     with zipfile.ZipFile(model_store / "emotion.mar") as archive:
         names = set(archive.namelist())
         manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
-    assert {"model.safetensors", "config.json", "tokenizer.json", "model-config.yaml", "emotion_handler.py",
-            "emotion_inputs.py", "emotion_backends.py", "emotion_metrics.py"} <= names
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "model-config.yaml",
+        "emotion_handler.py",
+        "emotion_inputs.py",
+        "emotion_backends.py",
+        "emotion_metrics.py",
+    } <= names
     assert manifest["model"]["modelName"] == "emotion"
     assert manifest["model"]["handler"] == "emotion_handler.py"
 
@@ -31,7 +39,20 @@ def test_cli_reports_errors_with_exit_code(tmp_path, capsys):
 
 
 def test_cli_builds_a_versioned_archive(tiny_model_dir, tmp_path, capsys):
-    assert main(["--model-dir", str(tiny_model_dir), "--export-dir", str(tmp_path), "--name", "emotion-v2",
-                 "--version", "2.0"]) == 0
+    assert (
+        main(
+            [
+                "--model-dir",
+                str(tiny_model_dir),
+                "--export-dir",
+                str(tmp_path),
+                "--name",
+                "emotion-v2",
+                "--version",
+                "2.0",
+            ]
+        )
+        == 0
+    )
     with zipfile.ZipFile(tmp_path / "emotion-v2.mar") as archive:
         assert json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"] == "2.0"

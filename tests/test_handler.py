@@ -23,8 +23,9 @@ def make_context(model_dir: Path, handler_section: dict | None = None) -> Contex
     metrics = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
     metrics.initialize_cache()
     yaml_config = {"batchSize": 8, "handler": handler_section or {}}
-    return Context("emotion", str(model_dir), {"model": {}}, 8, None, "0.12.0", metrics=metrics,
-                   model_yaml_config=yaml_config)
+    return Context(
+        "emotion", str(model_dir), {"model": {}}, 8, None, "0.12.0", metrics=metrics, model_yaml_config=yaml_config
+    )
 
 
 def run_batch(handler: EmotionHandler, context: Context, requests: list[tuple[object, str]]) -> list[tuple[int, dict]]:
@@ -47,11 +48,15 @@ def loaded(tiny_model_dir):
 
 def test_good_requests_get_label_score_and_six_probabilities(loaded):
     handler, context = loaded
-    results = run_batch(handler, context, [
-        ("i feel so delighted today", "text/plain"),
-        ({"text": "i am feeling terrified about the news"}, "application/json"),
-        (b"honestly i feel lonely right now", "text/plain"),
-    ])
+    results = run_batch(
+        handler,
+        context,
+        [
+            ("i feel so delighted today", "text/plain"),
+            ({"text": "i am feeling terrified about the news"}, "application/json"),
+            (b"honestly i feel lonely right now", "text/plain"),
+        ],
+    )
     for status, body in results:
         assert status == 200
         assert list(body["probabilities"]) == list(LABELS)
@@ -77,11 +82,15 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(("payload", "content_type", "status", "kind"), BAD_INPUTS)
 def test_bad_input_fails_alone_inside_a_batch(loaded, payload, content_type, status, kind):
     handler, context = loaded
-    results = run_batch(handler, context, [
-        ("i feel so happy today", "text/plain"),
-        (payload, content_type),
-        ({"text": "i am furious"}, "application/json"),
-    ])
+    results = run_batch(
+        handler,
+        context,
+        [
+            ("i feel so happy today", "text/plain"),
+            (payload, content_type),
+            ({"text": "i am furious"}, "application/json"),
+        ],
+    )
     assert [r[0] for r in results] == [200, status, 200]
     assert results[1][1]["type"] == kind
     assert results[1][1]["message"]
@@ -121,8 +130,12 @@ def test_handler_emits_its_metrics(loaded, caplog):
         results = run_batch(handler, context, [("i feel glad", "text/plain"), ("", "text/plain")])
     lines = [r.getMessage() for r in caplog.records]
     label = results[0][1]["label"]
-    assert any(line.startswith("[METRICS]EmotionPredictions.Count:1|#ModelName:emotion,Label:" + label) for line in lines)
-    assert any(line.startswith("[METRICS]EmotionRejected.Count:1|#ModelName:emotion,Reason:EmptyText") for line in lines)
+    assert any(
+        line.startswith("[METRICS]EmotionPredictions.Count:1|#ModelName:emotion,Label:" + label) for line in lines
+    )
+    assert any(
+        line.startswith("[METRICS]EmotionRejected.Count:1|#ModelName:emotion,Reason:EmptyText") for line in lines
+    )
     assert any(line.startswith("[METRICS]EmotionInputTokens.Count:") for line in lines)
     assert not any("Failed to update metric" in line for line in lines)
 

@@ -40,10 +40,10 @@ BAD = [
     (b"", "text/plain", 400),
     (b"   \n ", "text/plain", 400),
     (b"\xc3\x28 invalid", "text/plain", 400),
-    (b"{\"text\": ", "application/json", 400),
-    (b"{\"message\": \"hi\"}", "application/json", 400),
-    (b"{\"text\": 5}", "application/json", 400),
-    (b"[\"a\", \"b\"]", "application/json", 400),
+    (b'{"text": ', "application/json", 400),
+    (b'{"message": "hi"}', "application/json", 400),
+    (b'{"text": 5}', "application/json", 400),
+    (b'["a", "b"]', "application/json", 400),
     (b"x" * 5000, "text/plain", 413),
 ]
 
@@ -67,12 +67,19 @@ def test_bad_requests_in_a_concurrent_burst_do_not_fail_good_ones(torchserve):
 
 def test_requests_without_keys_are_refused(torchserve):
     assert requests.post(f"{torchserve.inference_url}/predictions/emotion", data=GOOD, timeout=10).status_code in (
-        400, 401, 403)
+        400,
+        401,
+        403,
+    )
     inference_key = torchserve.headers("inference")
     # the inference key does not open the management API
     assert requests.get(f"{torchserve.management_url}/models", headers=inference_key, timeout=10).status_code != 200
-    assert requests.get(f"{torchserve.management_url}/models", headers=torchserve.headers("management"),
-                        timeout=10).status_code == 200
+    assert (
+        requests.get(
+            f"{torchserve.management_url}/models", headers=torchserve.headers("management"), timeout=10
+        ).status_code
+        == 200
+    )
 
 
 def worker_count(server) -> int:
@@ -85,7 +92,8 @@ def scale(server, workers: int, timeout: float = 120) -> None:
     response = requests.put(
         f"{server.management_url}/models/emotion",
         params={"min_worker": workers, "max_worker": workers, "synchronous": "true"},
-        headers=server.headers("management"), timeout=timeout,
+        headers=server.headers("management"),
+        timeout=timeout,
     )
     assert response.status_code == 200, response.text
 

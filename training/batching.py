@@ -67,7 +67,9 @@ def bucketed_batches(
         rng.shuffle(order)
     if bucket:
         window = batch_size * window_batches
-        order = [i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=lengths.__getitem__)]
+        order = [
+            i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=lengths.__getitem__)
+        ]
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     if shuffle:
         rng.shuffle(batches)

@@ -55,7 +55,9 @@ class Tracker:
         import wandb
 
         rows = [[labels[i], labels[j], confusion[i][j]] for i in range(len(labels)) for j in range(len(labels))]
-        self.run.log({"val/confusion_matrix": wandb.Table(columns=["actual", "predicted", "count"], data=rows)}, step=step)
+        self.run.log(
+            {"val/confusion_matrix": wandb.Table(columns=["actual", "predicted", "count"], data=rows)}, step=step
+        )
 
     def log_files(self, name: str, kind: str, path: Path, metadata: dict[str, Any] | None = None) -> None:
         """Attach a folder or file to the run as an artifact."""

@@ -132,13 +132,24 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
     lengths = train_split.lengths()
     log.info(
         "training %s on %d examples (validating on %d), %s, %d thread(s), world size %d",
-        cfg.model.name, len(train_split), len(val_split), tcfg.precision, torch.get_num_threads(), runtime.world_size,
+        cfg.model.name,
+        len(train_split),
+        len(val_split),
+        tcfg.precision,
+        torch.get_num_threads(),
+        runtime.world_size,
     )
 
     def epoch_batches(epoch: int) -> list[list[int]]:
         return bucketed_batches(
-            lengths, tcfg.batch_size, cfg.seed, epoch, tcfg.bucket_size_batches,
-            bucket=tcfg.length_buckets, rank=runtime.rank, world_size=runtime.world_size,
+            lengths,
+            tcfg.batch_size,
+            cfg.seed,
+            epoch,
+            tcfg.bucket_size_batches,
+            bucket=tcfg.length_buckets,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
         )
 
     steps_per_epoch = len(epoch_batches(0))
@@ -147,7 +158,10 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
         total_steps = min(total_steps, tcfg.max_steps)
     no_decay = ("bias", "LayerNorm.weight")
     groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": tcfg.weight_decay},
+        {
+            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+            "weight_decay": tcfg.weight_decay,
+        },
         {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=tcfg.lr)
@@ -191,17 +205,28 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
                 predictions = predict(model, val_split, tcfg.eval_batch_size, tcfg.precision)
                 metrics = classification_metrics(val_split.labels, predictions, LABELS)
                 row = {
-                    "epoch": epoch, "accuracy": round(metrics["accuracy"], 5), "macro_f1": round(metrics["macro_f1"], 5),
-                    "train_loss": round(loss_sum / max(loss_count, 1), 5), "epoch_seconds": round(epoch_seconds, 2),
+                    "epoch": epoch,
+                    "accuracy": round(metrics["accuracy"], 5),
+                    "macro_f1": round(metrics["macro_f1"], 5),
+                    "train_loss": round(loss_sum / max(loss_count, 1), 5),
+                    "epoch_seconds": round(epoch_seconds, 2),
                 }
                 history["epochs"].append(row)
                 log.info(
                     "epoch %d: %.1f s, train loss %.4f, val accuracy %.4f, macro-F1 %.4f",
-                    epoch, epoch_seconds, row["train_loss"], row["accuracy"], row["macro_f1"],
+                    epoch,
+                    epoch_seconds,
+                    row["train_loss"],
+                    row["accuracy"],
+                    row["macro_f1"],
                 )
                 tracker.log(
-                    {"val/accuracy": metrics["accuracy"], "val/macro_f1": metrics["macro_f1"],
-                     "train/epoch_seconds": epoch_seconds, "train/epoch_loss": row["train_loss"]},
+                    {
+                        "val/accuracy": metrics["accuracy"],
+                        "val/macro_f1": metrics["macro_f1"],
+                        "train/epoch_seconds": epoch_seconds,
+                        "train/epoch_loss": row["train_loss"],
+                    },
                     step=step,
                 )
                 tracker.log_confusion(metrics["confusion_matrix"], list(LABELS), step=step)
@@ -231,15 +256,28 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
     }
     save_outputs(cfg, model, tokenizer, history, metrics, provenance)
     tracker.summary(
-        {"val/accuracy": metrics["accuracy"], "val/macro_f1": metrics["macro_f1"], "train_seconds": train_seconds,
-         "git_commit": provenance["git_commit"], "data_md5": provenance["data_md5"]}
+        {
+            "val/accuracy": metrics["accuracy"],
+            "val/macro_f1": metrics["macro_f1"],
+            "train_seconds": train_seconds,
+            "git_commit": provenance["git_commit"],
+            "data_md5": provenance["data_md5"],
+        }
     )
     plots_dir = Path(cfg.paths.metrics_dir) / "plots"
-    tracker.log_images({"plots/training_curves": plots_dir / "training_curves.png",
-                        "plots/confusion_matrix": plots_dir / "train_confusion_matrix.png"})
+    tracker.log_images(
+        {
+            "plots/training_curves": plots_dir / "training_curves.png",
+            "plots/confusion_matrix": plots_dir / "train_confusion_matrix.png",
+        }
+    )
     if cfg.logger.log_model:
-        tracker.log_files("emotion-model", "model", Path(cfg.paths.model_dir),
-                          {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]})
+        tracker.log_files(
+            "emotion-model",
+            "model",
+            Path(cfg.paths.model_dir),
+            {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]},
+        )
     log.info("training finished in %.1f s; model in %s", train_seconds, cfg.paths.model_dir)
     return metrics
 

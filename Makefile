@@ -1,0 +1,73 @@
+# The project's front door: `make help` lists every command.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON      ?= python3
+VENV        := .venv
+BIN         := $(VENV)/bin
+EXPERIMENT  ?= quick
+MODEL_DIR   := models/emotion
+ARCHIVE     := model_store/emotion.mar
+export PYTHONUNBUFFERED := 1
+export WANDB_SILENT := true
+
+TRAIN_SOURCES := $(wildcard training/*.py training/conf/*.yaml training/conf/*/*.yaml)
+HANDLER_SOURCES := $(wildcard handler/*.py handler/*.yaml serving/archive.py)
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F ':.*?## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(BIN)/.installed ## Create the virtualenv and install the pinned requirements
+
+system-deps: ## Install Java 17 (TorchServe) and Prometheus with apt when missing
+	@command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
+	@command -v prometheus >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
+	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
+
+data/processed/stats.json: $(BIN)/.installed training/prepare.py training/data.py
+	$(BIN)/python -m training.prepare
+
+data: data/processed/stats.json ## Validate the raw splits and write data/processed/
+
+$(MODEL_DIR)/model.safetensors: data/processed/stats.json $(TRAIN_SOURCES)
+	$(BIN)/python -m training.train experiment=$(EXPERIMENT)
+
+train: $(MODEL_DIR)/model.safetensors ## Train the model (EXPERIMENT=quick|full, default quick)
+
+$(ARCHIVE): $(MODEL_DIR)/model.safetensors $(HANDLER_SOURCES)
+	$(BIN)/python -m serving.archive --model-dir $(MODEL_DIR) --export-dir model_store
+
+archive: $(ARCHIVE) ## Pack model_store/emotion.mar with torch-model-archiver
+
+serve: system-deps $(ARCHIVE) ## Main job: data -> train -> archive -> start TorchServe on 127.0.0.1
+	@$(BIN)/torchserve --stop >/dev/null 2>&1 || true
+	$(BIN)/torchserve --start --ncs --ts-config config.properties --models emotion=emotion.mar
+	$(BIN)/python -m serving.server wait
+
+stop: ## Stop TorchServe started by `make serve`
+	$(BIN)/torchserve --stop
+
+lint: $(BIN)/.installed ## Ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(BIN)/.installed ## Apply ruff formatting and autofixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: $(BIN)/.installed system-deps lint ## Lint, then the whole test suite with line coverage
+	$(BIN)/python -m pytest --cov --cov-report=term --cov-report=xml
+
+test-fast: $(BIN)/.installed ## Tests not marked slow
+	$(BIN)/python -m pytest -m "not slow"
+
+clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
+	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
+
+.PHONY: help venv system-deps data train archive serve stop lint format test test-fast clean
