@@ -130,15 +130,16 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
     train_split = TokenizedSplit(train_examples, tokenizer, tcfg.max_length)
     val_split = TokenizedSplit(val_examples, tokenizer, tcfg.max_length)
     lengths = train_split.lengths()
-    log.info(
-        "training %s on %d examples (validating on %d), %s, %d thread(s), world size %d",
-        cfg.model.name,
-        len(train_split),
-        len(val_split),
-        tcfg.precision,
-        torch.get_num_threads(),
-        runtime.world_size,
-    )
+    if runtime.is_main:
+        log.info(
+            "training %s on %d examples (validating on %d), %s, %d thread(s), world size %d",
+            cfg.model.name,
+            len(train_split),
+            len(val_split),
+            tcfg.precision,
+            torch.get_num_threads(),
+            runtime.world_size,
+        )
 
     def epoch_batches(epoch: int) -> list[list[int]]:
         return bucketed_batches(
