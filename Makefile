@@ -6,7 +6,7 @@ PYTHON      ?= python3
 VENV        := .venv
 BIN         := $(VENV)/bin
 EXPERIMENT  ?= quick
-MODEL_DIR   := models/emotion
+MODEL_DIR   ?= models/emotion
 ARCHIVE     := model_store/emotion.mar
 export PYTHONUNBUFFERED := 1
 export WANDB_SILENT := true
@@ -36,9 +36,19 @@ data/processed/stats.json: $(BIN)/.installed training/prepare.py training/data.p
 data: data/processed/stats.json ## Validate the raw splits and write data/processed/
 
 $(MODEL_DIR)/model.safetensors: data/processed/stats.json $(TRAIN_SOURCES)
-	$(BIN)/python -m training.train experiment=$(EXPERIMENT)
+	$(BIN)/python -m training.train experiment=$(EXPERIMENT) paths.model_dir=$(abspath $(MODEL_DIR))
 
 train: $(MODEL_DIR)/model.safetensors ## Train the model (EXPERIMENT=quick|full, default quick)
+
+train-full: data/processed/stats.json ## The released model: full experiment -> models/emotion-full, metrics/full
+	$(BIN)/python -m training.train experiment=full paths.model_dir=$(abspath models/emotion-full) \
+		paths.metrics_dir=$(abspath metrics/full)
+
+train-speed: data/processed/stats.json ## Epoch time fp32 vs bf16, with and without length buckets
+	$(BIN)/python -m training.speed
+
+repro: $(BIN)/.installed ## Run the DVC pipeline (data -> train -> evaluate -> archive)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
 
 $(ARCHIVE): $(MODEL_DIR)/model.safetensors $(HANDLER_SOURCES)
 	$(BIN)/python -m serving.archive --model-dir $(MODEL_DIR) --export-dir model_store
@@ -70,4 +80,4 @@ test-fast: $(BIN)/.installed ## Tests not marked slow
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps data train archive serve stop lint format test test-fast clean
+.PHONY: help venv system-deps data train train-full train-speed repro archive serve stop lint format test test-fast clean

@@ -1,0 +1,1 @@
+"""Load tests for the served model (Locust)."""

@@ -1,0 +1,67 @@
+"""A closed-loop HTTP client: N threads, each sending its next request when the last one returns.
+
+Background load for the scaling and version-rollout tests; every status and
+latency is kept so a test can prove that no request was lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+import requests
+
+
+@dataclass
+class LoadResult:
+    """Status code (0 for a connection error) and latency in seconds of every request."""
+
+    statuses: list[int] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(status != 200 for status in self.statuses)
+
+
+class ClosedLoop:
+    """Send ``texts`` round-robin as text/plain to ``url`` from ``concurrency`` threads until stopped."""
+
+    def __init__(self, url: str, headers: dict[str, str], texts: list[str], concurrency: int = 4) -> None:
+        self.url = url
+        self.headers = {"Content-Type": "text/plain", **headers}
+        self.texts = itertools.cycle(texts)
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.result = LoadResult()
+        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(concurrency)]
+
+    def _loop(self) -> None:
+        session = requests.Session()
+        while not self.stopping.is_set():
+            with self.lock:
+                text = next(self.texts)
+            start = time.perf_counter()
+            try:
+                status = session.post(self.url, data=text.encode(), headers=self.headers, timeout=60).status_code
+                error = ""
+            except requests.RequestException as err:
+                status, error = 0, str(err)
+            with self.lock:
+                self.result.statuses.append(status)
+                self.result.latencies.append(time.perf_counter() - start)
+                if error or status != 200:
+                    self.result.errors.append(error or f"HTTP {status}")
+
+    def __enter__(self) -> ClosedLoop:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=90)

@@ -1,0 +1,89 @@
+"""Operator actions under load: scaling workers and rolling a new model version lose no request."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from loadtest.closed_loop import ClosedLoop
+from serving.archive import build_archive
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+TEXTS = ["i feel so delighted today", "i am terrified of the dark", "i feel lonely tonight", "i am furious at him"]
+
+
+def management(server, method: str, path: str, **params) -> requests.Response:
+    response = requests.request(
+        method, f"{server.management_url}{path}", params=params, headers=server.headers("management"), timeout=180
+    )
+    assert response.status_code == 200, f"{method} {path}: {response.status_code} {response.text}"
+    return response
+
+
+def describe(server) -> list[dict]:
+    return management(server, "GET", "/models/emotion/all").json()
+
+
+def ready_workers(server) -> int:
+    return sum(w["status"] == "READY" for v in describe(server) for w in v["workers"])
+
+
+def wait_for(predicate, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return predicate()
+
+
+def load(server, concurrency: int = 4) -> ClosedLoop:
+    return ClosedLoop(f"{server.inference_url}/predictions/emotion", server.headers("inference"), TEXTS, concurrency)
+
+
+def test_scaling_up_and_down_under_load_loses_no_request(torchserve):
+    with load(torchserve) as client:
+        for workers in (2, 3, 1):
+            management(torchserve, "PUT", "/models/emotion", min_worker=workers, max_worker=workers, synchronous="true")
+            assert wait_for(lambda n=workers: ready_workers(torchserve) == n), f"expected {workers} workers"
+            assert len(describe(torchserve)[0]["workers"]) == workers
+            time.sleep(1)
+    result = client.result
+    assert len(result.statuses) > 20
+    assert result.failed == 0, result.errors[:5]
+
+
+def test_rolling_out_version_2_under_load_loses_no_request(torchserve, tiny_model_dir, model_store):
+    build_archive(tiny_model_dir, model_store, name="emotion-v2", version="2.0")
+    with load(torchserve) as client:
+        management(
+            torchserve,
+            "POST",
+            "/models",
+            url="emotion-v2.mar",
+            model_name="emotion",
+            initial_workers=1,
+            synchronous="true",
+        )
+        assert {v["modelVersion"] for v in describe(torchserve)} == {"1.0", "2.0"}
+        time.sleep(1)
+        management(torchserve, "PUT", "/models/emotion/2.0/set-default")
+        time.sleep(1)
+        management(torchserve, "DELETE", "/models/emotion/1.0")
+        time.sleep(2)
+    versions = describe(torchserve)
+    assert [v["modelVersion"] for v in versions] == ["2.0"]
+    result = client.result
+    assert len(result.statuses) > 20
+    assert result.failed == 0, result.errors[:5]
+    # the default now answers from 2.0
+    answer = requests.post(
+        f"{torchserve.inference_url}/predictions/emotion",
+        data=TEXTS[0],
+        headers=torchserve.headers("inference"),
+        timeout=30,
+    )
+    assert answer.status_code == 200
