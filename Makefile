@@ -6,7 +6,9 @@ PYTHON      ?= python3
 VENV        := .venv
 BIN         := $(VENV)/bin
 EXPERIMENT  ?= quick
-MODEL_DIR   ?= models/emotion
+# `make train` and `make serve` keep each experiment's model and metrics apart.
+MODEL_DIR   := models/emotion-$(EXPERIMENT)
+METRICS_DIR := metrics/$(EXPERIMENT)
 ARCHIVE     := model_store/emotion.mar
 export PYTHONUNBUFFERED := 1
 export WANDB_SILENT := true
@@ -36,13 +38,10 @@ data/processed/stats.json: $(BIN)/.installed training/prepare.py training/data.p
 data: data/processed/stats.json ## Validate the raw splits and write data/processed/
 
 $(MODEL_DIR)/model.safetensors: data/processed/stats.json $(TRAIN_SOURCES)
-	$(BIN)/python -m training.train experiment=$(EXPERIMENT) paths.model_dir=$(abspath $(MODEL_DIR))
+	$(BIN)/python -m training.train experiment=$(EXPERIMENT) paths.model_dir=$(abspath $(MODEL_DIR)) \
+		paths.metrics_dir=$(abspath $(METRICS_DIR))
 
-train: $(MODEL_DIR)/model.safetensors ## Train the model (EXPERIMENT=quick|full, default quick)
-
-train-full: data/processed/stats.json ## The released model: full experiment -> models/emotion-full, metrics/full
-	$(BIN)/python -m training.train experiment=full paths.model_dir=$(abspath models/emotion-full) \
-		paths.metrics_dir=$(abspath metrics/full)
+train: $(MODEL_DIR)/model.safetensors ## Train models/emotion-$EXPERIMENT (EXPERIMENT=quick|full, default quick)
 
 train-speed: data/processed/stats.json ## Epoch time fp32 vs bf16, with and without length buckets
 	$(BIN)/python -m training.speed
@@ -55,13 +54,21 @@ $(ARCHIVE): $(MODEL_DIR)/model.safetensors $(HANDLER_SOURCES)
 
 archive: $(ARCHIVE) ## Pack model_store/emotion.mar with torch-model-archiver
 
-serve: system-deps $(ARCHIVE) ## Main job: data -> train -> archive -> start TorchServe on 127.0.0.1
+serve: system-deps $(ARCHIVE) ## Main job: data -> train -> archive -> TorchServe on 127.0.0.1 (EXPERIMENT=quick|full)
 	@$(BIN)/torchserve --stop >/dev/null 2>&1 || true
-	$(BIN)/torchserve --start --ncs --ts-config config.properties --models emotion=emotion.mar
+	@mkdir -p logs
+	$(BIN)/torchserve --start --ncs --ts-config config.properties --models emotion=emotion.mar >> logs/console.log 2>&1
 	$(BIN)/python -m serving.server wait
 
 stop: ## Stop TorchServe started by `make serve`
 	$(BIN)/torchserve --stop
+
+loadtest: $(BIN)/.installed ## Stepped Locust load test against `make serve` (reports in loadtest/results)
+	$(BIN)/python -m loadtest.run --config loadtest/config.yaml
+
+monitor: system-deps ## Prometheus on 127.0.0.1:9090 scraping the TorchServe of `make serve`
+	prometheus --config.file=monitoring/prometheus.yml --web.listen-address=127.0.0.1:9090 \
+		--storage.tsdb.path=outputs/prometheus
 
 lint: $(BIN)/.installed ## Ruff lint and format check
 	$(BIN)/ruff check .
@@ -80,4 +87,4 @@ test-fast: $(BIN)/.installed ## Tests not marked slow
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps data train train-full train-speed repro archive serve stop lint format test test-fast clean
+.PHONY: help venv system-deps data train train-speed repro archive serve stop loadtest monitor lint format test test-fast clean
