@@ -46,6 +46,11 @@ train: $(MODEL_DIR)/model.safetensors ## Train models/emotion-$EXPERIMENT (EXPER
 train-speed: data/processed/stats.json ## Epoch time fp32 vs bf16, with and without length buckets
 	$(BIN)/python -m training.speed
 
+profile: data/processed/stats.json ## Profile a few training steps (trace + top operators in outputs/profile/)
+	$(BIN)/python -m training.train experiment=quick train.profile.enabled=true train.max_steps=10 logger=none \
+		data.max_train_examples=640 paths.model_dir=$(abspath outputs/profile/model) \
+		paths.metrics_dir=$(abspath outputs/profile/metrics)
+
 repro: $(BIN)/.installed ## Run the DVC pipeline (data -> train -> evaluate -> archive)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
 
@@ -87,4 +92,4 @@ test-fast: $(BIN)/.installed ## Tests not marked slow
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps data train train-speed repro archive serve stop loadtest monitor lint format test test-fast clean
+.PHONY: help venv system-deps data train train-speed profile repro archive serve stop loadtest monitor lint format test test-fast clean
