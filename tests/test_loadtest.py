@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -65,3 +67,40 @@ def test_loadtest_fails_when_requests_fail(torchserve, tmp_path, monkeypatch):
     monkeypatch.setenv("EMOTION_INFERENCE_KEY", "wrong-key")
     config = write_config(tmp_path / "c.yaml", torchserve.inference_url, steps=[{"users": 1, "seconds": 2}])
     assert run_loadtest(["--config", config, "--out", str(tmp_path / "out")]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_batching_sweep_measures_each_setting(model_store, tmp_path):
+    from loadtest.batching_sweep import main as sweep
+
+    out = tmp_path / "batching.json"
+    config = write_config(tmp_path / "c.yaml", "http://127.0.0.1:8080")
+    assert (
+        sweep(
+            [
+                "--config",
+                config,
+                "--store",
+                str(model_store),
+                "--batch-sizes",
+                "1,4",
+                "--delays",
+                "5",
+                "--workers",
+                "1",
+                "--concurrency",
+                "2",
+                "--warmup",
+                "1",
+                "--duration",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch_size"], r["workers"]) for r in rows] == [(1, 1), (4, 1)]
+    assert all(r["requests_per_s"] > 0 and r["failed"] == 0 and r["p95_ms"] >= r["p50_ms"] for r in rows)
