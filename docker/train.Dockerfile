@@ -1,0 +1,11 @@
+# Training image: docker run -v $PWD/data:/srv/data -v $PWD/models:/srv/models emotion-train experiment=full
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+WORKDIR /srv
+COPY requirements-serve.txt requirements.txt ./
+RUN pip install --no-cache-dir -r requirements.txt
+COPY training/ training/
+ENV WANDB_MODE=offline EMOTION_DATA_DIR=/srv/data/raw
+ENTRYPOINT ["python", "-m", "training.train"]
+CMD ["experiment=full"]
