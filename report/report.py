@@ -88,7 +88,8 @@ def render_html(text: str) -> str:
     import markdown
 
     body = markdown.markdown(text, extensions=["fenced_code", "tables"])
-    return f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Exam report</title></head><body>\n{body}\n</body></html>\n"
+    head = "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Exam report</title></head><body>\n"
+    return f"{head}{body}\n</body></html>\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,13 @@
 """The exam report checker and renderer."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("report", ROOT / "report" / "report.py")
+spec = importlib.util.spec_from_file_location("report_tool", ROOT / "report" / "report.py")
 report = importlib.util.module_from_spec(spec)
+sys.modules["report_tool"] = report  # dataclasses look their module up while the file executes
 spec.loader.exec_module(report)
 
 SAMPLE = """## Section
