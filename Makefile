@@ -27,10 +27,11 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt requirements-serve.txt
 
 venv: $(BIN)/.installed ## Create the virtualenv and install the pinned requirements
 
-system-deps: ## Install Java 17 (TorchServe) and Prometheus with apt when missing
+system-deps: ## Install Java 17 (TorchServe), Prometheus and wrk with apt when missing
 	@command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
 	@command -v prometheus >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
 	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 
 data/processed/stats.json: $(BIN)/.installed training/prepare.py training/data.py
 	$(BIN)/python -m training.prepare
@@ -75,6 +76,12 @@ monitor: system-deps ## Prometheus on 127.0.0.1:9090 scraping the TorchServe of 
 	prometheus --config.file=monitoring/prometheus.yml --web.listen-address=127.0.0.1:9090 \
 		--storage.tsdb.path=outputs/prometheus
 
+bench: system-deps $(MODEL_DIR)/model.safetensors ## In-process vs FastAPI vs stock vs tuned TorchServe, one run
+	$(BIN)/python -m bench.run --model-dir $(MODEL_DIR)
+
+batching: $(ARCHIVE) ## Measure batchSize x maxBatchDelay x workers (loadtest/results/batching.json)
+	$(BIN)/python -m loadtest.batching_sweep
+
 lint: $(BIN)/.installed ## Ruff lint and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -92,4 +99,4 @@ test-fast: $(BIN)/.installed ## Tests not marked slow
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps data train train-speed profile repro archive serve stop loadtest monitor lint format test test-fast clean
+.PHONY: help venv system-deps data train train-speed profile repro archive serve stop loadtest monitor bench batching lint format test test-fast clean

@@ -1,0 +1,23 @@
+-- wrk script: POST validation texts round-robin as text/plain, then print latency percentiles as JSON.
+-- env: BENCH_TEXTS (one text per line), BENCH_AUTH (optional bearer key)
+local texts = {}
+for line in io.lines(os.getenv("BENCH_TEXTS")) do texts[#texts + 1] = line end
+local counter = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "text/plain"
+local key = os.getenv("BENCH_AUTH")
+if key and #key > 0 then wrk.headers["Authorization"] = "Bearer " .. key end
+
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, nil, nil, texts[(counter % #texts) + 1])
+end
+
+done = function(summary, latency, requests)
+  local errors = summary.errors.status + summary.errors.connect + summary.errors.read
+    + summary.errors.write + summary.errors.timeout
+  io.write(string.format(
+    'BENCH_JSON {"requests": %d, "seconds": %.3f, "errors": %d, "p50_ms": %.2f, "p95_ms": %.2f, "p99_ms": %.2f}\n',
+    summary.requests, summary.duration / 1e6, errors,
+    latency:percentile(50) / 1000, latency:percentile(95) / 1000, latency:percentile(99) / 1000))
+end

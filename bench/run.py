@@ -1,0 +1,263 @@
+"""``make bench``: every serving alternative measured in one run, same texts, same closed-loop client.
+
+a. the model in-process, fp32, batched, no HTTP;
+b. the seed design: FastAPI, one text per forward pass, fp32;
+c. TorchServe, stock setup: batch size 1, fp32, TorchServe's default worker count;
+d. TorchServe as this project configures it (handler/model-config.yaml).
+
+HTTP setups are driven by wrk (compiled, light on the shared CPU) at fixed concurrency
+for a fixed time after a warm-up. Writes bench/results/bench.json and bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import requests
+import yaml
+
+from loadtest.settings import PROJECT_ROOT, LoadTestSettings
+from serving.archive import build_archive
+from serving.server import TorchServe, free_port
+
+LUA = Path(__file__).resolve().parent / "post.lua"
+TARGETS = {"d/a": 2.0, "d/b": 3.0, "d/c": 3.0}
+
+
+def wrk(url: str, texts_file: Path, key: str | None, concurrency: int, seconds: float) -> dict:
+    """One wrk run; returns requests/s, percentiles and the client's CPU share."""
+    env = dict(os.environ, BENCH_TEXTS=str(texts_file), BENCH_AUTH=key or "")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s", "-s", str(LUA), url],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    stats = json.loads(next(line for line in out.splitlines() if line.startswith("BENCH_JSON")).split(" ", 1)[1])
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {
+        "requests_per_s": round(stats["requests"] / stats["seconds"], 1),
+        "p50_ms": stats["p50_ms"],
+        "p95_ms": stats["p95_ms"],
+        "p99_ms": stats["p99_ms"],
+        "errors": stats["errors"],
+        "client_cpu_share": round(cpu / wall / psutil.cpu_count(), 3),
+    }
+
+
+def drive(url: str, texts_file: Path, key: str | None, args) -> dict:
+    """Warm up, then measure."""
+    wrk(url, texts_file, key, args.concurrency, args.warmup)
+    return wrk(url, texts_file, key, args.concurrency, args.duration)
+
+
+def in_process(model_dir: Path, texts: list[str], batch: int, seconds: float, warmup: float) -> dict:
+    """Setup a: fp32 batches of ``batch`` texts through the model, no HTTP."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    latencies, done, index = [], 0, 0
+    start = time.perf_counter()
+    measuring_from = start + warmup
+    while time.perf_counter() < measuring_from + seconds:
+        chunk = [texts[(index + k) % len(texts)] for k in range(batch)]
+        index += batch
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            torch.softmax(model(**tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")).logits, -1)
+        if t0 >= measuring_from:
+            latencies.append(time.perf_counter() - t0)
+            done += batch
+    elapsed = sum(latencies)
+    ordered = sorted(latencies)
+    rss = psutil.Process().memory_info().rss / 2**20
+    return {
+        "requests_per_s": round(done / elapsed, 1),
+        "p50_ms": round(1000 * statistics.median(ordered), 2),
+        "p95_ms": round(1000 * ordered[int(0.95 * (len(ordered) - 1))], 2),
+        "p99_ms": round(1000 * ordered[int(0.99 * (len(ordered) - 1))], 2),
+        "errors": 0,
+        "client_cpu_share": 0.0,
+        "rss_mb_per_worker": round(rss),
+    }
+
+
+def worker_rss_mb(server: TorchServe) -> int:
+    """Largest resident memory among the server's Python workers."""
+    parent = psutil.Process(server.process.pid)
+    workers = [p for p in parent.children(recursive=True) if "model_service_worker" in " ".join(p.cmdline())]
+    return round(max(p.memory_info().rss for p in workers) / 2**20) if workers else 0
+
+
+def fastapi_setup(model_dir: Path, texts_file: Path, args) -> dict:
+    """Setup b: the FastAPI baseline under uvicorn."""
+    port = free_port()
+    env = dict(os.environ, BENCH_MODEL_DIR=str(model_dir))
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.fastapi_baseline:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        cwd=PROJECT_ROOT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/predict"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.post(url, data=b"hello", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        result = drive(url, texts_file, None, args)
+        result["rss_mb_per_worker"] = round(psutil.Process(process.pid).memory_info().rss / 2**20)
+        return result
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def torchserve_setup(model_dir: Path, texts_file: Path, config: dict, args, workdir: Path) -> dict:
+    """Setups c and d: TorchServe with the given model-config.yaml content."""
+    config = dict(config)
+    default_workers = config.pop("_default_workers", None)
+    overrides = {"default_workers_per_model": str(default_workers)} if default_workers else {}
+    store = workdir / "store"
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "model-config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    build_archive(model_dir, store, model_config=config_path)
+    with TorchServe(store, workdir / "ts", overrides=overrides) as server:
+        started = time.perf_counter()
+        server.start(timeout=300)
+        url = f"{server.inference_url}/predictions/emotion"
+        first = requests.post(url, data=b"i feel fine", headers=server.headers("inference"), timeout=60)
+        cold_start = time.perf_counter() - started
+        assert first.status_code == 200, first.text
+        result = drive(url, texts_file, server.keys.get("inference"), args)
+        result["rss_mb_per_worker"] = worker_rss_mb(server)
+        result["cold_start_s"] = round(cold_start, 1)
+        return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run all setups and print the table, ratios and target checks."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "models" / "emotion-quick")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=20)
+    parser.add_argument("--warmup", type=float, default=5)
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (make system-deps)")
+    texts = LoadTestSettings.load().texts()
+    tuned = yaml.safe_load((PROJECT_ROOT / "handler" / "model-config.yaml").read_text())
+    stock = {
+        "batchSize": 1,
+        "maxBatchDelay": 100,
+        "responseTimeout": 120,
+        "handler": {"precision": "fp32"},
+        "_default_workers": psutil.cpu_count(),
+    }
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        texts_file = Path(tmp) / "texts.txt"
+        texts_file.write_text("\n".join(texts) + "\n")
+        print("a: in-process fp32, batched ...", flush=True)
+        results["a"] = in_process(args.model_dir, texts, args.concurrency, args.duration, args.warmup)
+        print("b: FastAPI baseline ...", flush=True)
+        results["b"] = fastapi_setup(args.model_dir, texts_file, args)
+        print("c: TorchServe stock ...", flush=True)
+        results["c"] = torchserve_setup(args.model_dir, texts_file, stock, args, Path(tmp) / "c")
+        print("d: TorchServe tuned ...", flush=True)
+        results["d"] = torchserve_setup(args.model_dir, texts_file, tuned, args, Path(tmp) / "d")
+    names = {
+        "a": "in-process fp32 batched",
+        "b": "FastAPI 1 text/pass",
+        "c": "TorchServe stock",
+        "d": "TorchServe tuned",
+    }
+    print(f"\n{'setup':<26}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'client CPU':>12}{'RSS MB':>8}")
+    for key, row in results.items():
+        print(
+            f"{key}. {names[key]:<23}{row['requests_per_s']:>8}{row['p50_ms']:>9.1f}{row['p95_ms']:>9.1f}"
+            f"{row['p99_ms']:>9.1f}{row['client_cpu_share']:>12.0%}{row['rss_mb_per_worker']:>8}"
+        )
+    ratios = {r: round(results["d"]["requests_per_s"] / results[r[-1]]["requests_per_s"], 2) for r in TARGETS}
+    print("\nratios: " + ", ".join(f"{r} = {v}" for r, v in ratios.items()))
+    checks = [(f"{r} >= {t}", ratios[r] >= t) for r, t in TARGETS.items()]
+    checks += [
+        ("cold start <= 15 s", results["d"]["cold_start_s"] <= 15),
+        ("RSS per worker <= 500 MB", results["d"]["rss_mb_per_worker"] <= 500),
+        ("no errors", all(row["errors"] == 0 for row in results.values())),
+    ]
+    for name, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}: {name}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(
+        json.dumps(
+            {
+                "results": results,
+                "ratios": ratios,
+                "checks": dict(checks),
+                "concurrency": args.concurrency,
+                "duration_s": args.duration,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    plot(results, names, args.out / "bench.png")
+    return 0
+
+
+def plot(results: dict, names: dict, path: Path) -> None:
+    """Bar chart of throughput and p95 per setup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(results)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.bar([names[k] for k in keys], [results[k]["requests_per_s"] for k in keys], color="tab:blue")
+    ax1.set_ylabel("requests/s")
+    ax2.bar([names[k] for k in keys], [results[k]["p95_ms"] for k in keys], color="tab:orange")
+    ax2.set_ylabel("p95 latency (ms)")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
