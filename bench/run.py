@@ -57,7 +57,7 @@ def wrk(url: str, texts_file: Path, key: str | None, concurrency: int, seconds: 
         "p95_ms": stats["p95_ms"],
         "p99_ms": stats["p99_ms"],
         "errors": stats["errors"],
-        "client_cpu_share": round(cpu / wall / psutil.cpu_count(), 3),
+        "client_cpu_share": round(cpu / wall / psutil.cpu_count(), 4),
     }
 
 
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, row in results.items():
         print(
             f"{key}. {names[key]:<23}{row['requests_per_s']:>8}{row['p50_ms']:>9.1f}{row['p95_ms']:>9.1f}"
-            f"{row['p99_ms']:>9.1f}{row['client_cpu_share']:>12.0%}{row['rss_mb_per_worker']:>8}"
+            f"{row['p99_ms']:>9.1f}{row['client_cpu_share']:>12.1%}{row['rss_mb_per_worker']:>8}"
         )
     ratios = {r: round(results["d"]["requests_per_s"] / results[r[-1]]["requests_per_s"], 2) for r in TARGETS}
     print("\nratios: " + ", ".join(f"{r} = {v}" for r, v in ratios.items()))
