@@ -31,6 +31,13 @@ def ready_workers(server) -> int:
     return sum(w["status"] == "READY" for v in describe(server) for w in v["workers"])
 
 
+def assert_answers(server) -> None:
+    answer = requests.post(
+        f"{server.inference_url}/predictions/emotion", data=TEXTS[0], headers=server.headers("inference"), timeout=30
+    )
+    assert answer.status_code == 200, answer.text
+
+
 def wait_for(predicate, timeout: float = 60) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -66,13 +73,7 @@ def test_scaling_up_under_load_loses_no_request_then_scales_down(torchserve):
     # Scale-down happens once the load has drained: TorchServe 0.12 stops a removed worker at once,
     # and a batch it was running is never answered (see README, Operating the service).
     scale(torchserve, 1)
-    answer = requests.post(
-        f"{torchserve.inference_url}/predictions/emotion",
-        data=TEXTS[0],
-        headers=torchserve.headers("inference"),
-        timeout=30,
-    )
-    assert answer.status_code == 200
+    assert_answers(torchserve)
 
 
 def test_rolling_out_version_2_under_load_loses_no_request(torchserve, tiny_model_dir, model_store):
@@ -98,11 +99,5 @@ def test_rolling_out_version_2_under_load_loses_no_request(torchserve, tiny_mode
     result = client.result
     assert len(result.statuses) > 20
     assert result.failed == 0, result.errors[:5]
-    # the default now answers from 2.0
-    answer = requests.post(
-        f"{torchserve.inference_url}/predictions/emotion",
-        data=TEXTS[0],
-        headers=torchserve.headers("inference"),
-        timeout=30,
-    )
-    assert answer.status_code == 200
+    assert management(torchserve, "GET", "/models/emotion").json()[0]["modelVersion"] == "2.0"
+    assert_answers(torchserve)
