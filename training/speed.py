@@ -32,11 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in SETTINGS.items():
-            cfg = compose([
-                "logger=none", "train.epochs=1", f"data.max_train_examples={args.examples}",
-                "data.max_val_examples=500", f"paths.model_dir={tmp}/model", f"paths.metrics_dir={tmp}/metrics",
-                *overrides,
-            ])
+            cfg = compose(
+                [
+                    "logger=none",
+                    "train.epochs=1",
+                    f"data.max_train_examples={args.examples}",
+                    "data.max_val_examples=500",
+                    f"paths.model_dir={tmp}/model",
+                    f"paths.metrics_dir={tmp}/metrics",
+                    *overrides,
+                ]
+            )
             metrics = train(cfg)
             results[name] = {"epoch_seconds": metrics["epoch_seconds"][0], "val_accuracy": metrics["accuracy"]}
     base = results["fp32, no buckets"]["epoch_seconds"]
