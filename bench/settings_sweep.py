@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         texts_file.write_text("\n".join(line.rsplit(";", 1)[0] for line in args.val_file.read_text().splitlines()))
         for index, (name, handler) in enumerate(SETTINGS.items()):
             config = {**base, "handler": {**base.get("handler", {}), **handler}}
-            with torchserve_setup_server(args.model_dir, config, Path(tmp) / str(index)) as server:
+            with torchserve_setup_server(args.model_dir, config, Path(tmp) / str(index)) as (server, _):
                 url = f"{server.inference_url}/predictions/emotion"
                 speed = drive(url, texts_file, server.keys.get("inference"), args)
                 accuracy = validation_accuracy(url, server.headers("inference"), args.val_file)
