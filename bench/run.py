@@ -17,7 +17,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import psutil
 import requests
 import yaml
 
+from loadtest.closed_loop import percentile
 from loadtest.settings import PROJECT_ROOT, LoadTestSettings
 from serving.archive import build_archive
 from serving.server import TorchServe, free_port
@@ -88,13 +88,12 @@ def in_process(model_dir: Path, texts: list[str], batch: int, seconds: float, wa
             latencies.append(time.perf_counter() - t0)
             done += batch
     elapsed = sum(latencies)
-    ordered = sorted(latencies)
     rss = psutil.Process().memory_info().rss / 2**20
     return {
         "requests_per_s": round(done / elapsed, 1),
-        "p50_ms": round(1000 * statistics.median(ordered), 2),
-        "p95_ms": round(1000 * ordered[int(0.95 * (len(ordered) - 1))], 2),
-        "p99_ms": round(1000 * ordered[int(0.99 * (len(ordered) - 1))], 2),
+        "p50_ms": round(1000 * percentile(latencies, 50), 2),
+        "p95_ms": round(1000 * percentile(latencies, 95), 2),
+        "p99_ms": round(1000 * percentile(latencies, 99), 2),
         "errors": 0,
         "client_cpu_share": 0.0,
         "rss_mb_per_worker": round(rss),

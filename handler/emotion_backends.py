@@ -24,8 +24,9 @@ class HandlerSettings:
         max_length: Truncation length in tokens; default the model directory's tokenizer setting.
         max_text_chars: Longest accepted text; longer ones get a 413.
         threads: torch intra-op threads per worker; ``0`` keeps torch's default.
-        sort_by_length: Sort the batch by token count and run it in micro-batches of
-            ``micro_batch_size`` texts, so short texts are not padded to the longest.
+        sort_by_length: Sort the batch by text length (characters, a cheap proxy for tokens) and
+            run it in micro-batches of ``micro_batch_size`` texts, so short texts are not padded
+            to the longest.
         micro_batch_size: See ``sort_by_length``.
         compile: Wrap the model in ``torch.compile`` (first requests pay the compile time).
     """

@@ -18,15 +18,9 @@ from pathlib import Path
 
 import requests
 
-from loadtest.closed_loop import ClosedLoop
+from loadtest.closed_loop import ClosedLoop, percentile
 from loadtest.settings import PROJECT_ROOT, LoadTestSettings
 from serving.server import TorchServe
-
-
-def p95(values: list[float]) -> float:
-    """95th percentile (nearest rank) of the values."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
 def measure(server: TorchServe, texts: list[str], concurrency: int, warmup: float, duration: float) -> dict:
@@ -43,7 +37,7 @@ def measure(server: TorchServe, texts: list[str], concurrency: int, warmup: floa
     return {
         "requests_per_s": round(len(window) / elapsed, 1),
         "p50_ms": round(1000 * statistics.median(window), 1),
-        "p95_ms": round(1000 * p95(window), 1),
+        "p95_ms": round(1000 * percentile(window, 95), 1),
         "failed": failed,
     }
 

@@ -39,6 +39,14 @@ def test_settings_refuse_remote_hosts_and_oversized_steps(tmp_path):
         )
 
 
+def test_percentile_is_nearest_rank():
+    from loadtest.closed_loop import percentile
+
+    values = list(range(100, 0, -1))  # 1..100, unsorted
+    assert (percentile(values, 50), percentile(values, 95), percentile(values, 100)) == (50, 95, 100)
+    assert percentile([7.0], 99) == 7.0
+
+
 def test_default_config_is_valid():
     settings = LoadTestSettings.load()
     assert settings.duration > 0 and settings.p95_budget_ms > 0
