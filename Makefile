@@ -27,11 +27,12 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt requirements-serve.txt
 
 venv: $(BIN)/.installed ## Create the virtualenv and install the pinned requirements
 
-system-deps: ## Install Java 17 (TorchServe), Prometheus and wrk with apt when missing
+system-deps: ## Install Java 17 (TorchServe), Prometheus, wrk and nginx with apt when missing
 	@command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
 	@command -v prometheus >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
 	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx)
 
 data/processed/stats.json: $(BIN)/.installed training/prepare.py training/data.py
 	$(BIN)/python -m training.prepare
@@ -66,6 +67,9 @@ serve: system-deps $(ARCHIVE) ## Main job: data -> train -> archive -> TorchServ
 	$(BIN)/torchserve --start --ncs --ts-config config.properties --models emotion=emotion.mar >> logs/console.log 2>&1
 	$(BIN)/python -m serving.server wait
 
+gateway: system-deps ## Retrying nginx gateway on 127.0.0.1:8090 in front of `make serve` (scale down safely)
+	$(BIN)/python -m serving.gateway --port 8090
+
 stop: ## Stop TorchServe started by `make serve`
 	$(BIN)/torchserve --stop
 
@@ -99,4 +103,4 @@ test-fast: $(BIN)/.installed ## Tests not marked slow
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps data train train-speed profile repro archive serve stop loadtest monitor bench batching lint format test test-fast clean
+.PHONY: help venv system-deps data train train-speed profile repro archive serve gateway stop loadtest monitor bench batching lint format test test-fast clean

@@ -21,13 +21,36 @@ import yaml
 from bench.run import drive, torchserve_setup_server
 from loadtest.settings import PROJECT_ROOT
 
-SETTINGS: dict[str, dict] = {
-    "fp32 (baseline)": {"precision": "fp32"},
-    "bf16": {"precision": "bf16"},
-    "int8 dynamic quantisation": {"precision": "int8"},
-    "fp32, sort batch by length": {"precision": "fp32", "sort_by_length": True, "micro_batch_size": 8},
-    "bf16, sort batch by length": {"precision": "bf16", "sort_by_length": True, "micro_batch_size": 8},
-    "fp32, max_length 64": {"precision": "fp32", "max_length": 64},
+# name -> (handler section changes, model-config.yaml top-level changes)
+SETTINGS: dict[str, tuple[dict, dict]] = {
+    "torch fp32 (baseline)": ({"backend": "torch", "precision": "fp32"}, {}),
+    "torch bf16": ({"backend": "torch", "precision": "bf16"}, {}),
+    "torch int8 (per tensor)": ({"backend": "torch", "precision": "int8"}, {}),
+    "torch bf16, torch.compile": ({"backend": "torch", "precision": "bf16", "compile": True}, {}),
+    "torch fp32, sort batch by length": (
+        {"backend": "torch", "precision": "fp32", "sort_by_length": True, "micro_batch_size": 8},
+        {},
+    ),
+    "torch bf16, sort batch by length": (
+        {"backend": "torch", "precision": "bf16", "sort_by_length": True, "micro_batch_size": 8},
+        {},
+    ),
+    "torch fp32, max_length 64": ({"backend": "torch", "precision": "fp32", "max_length": 64}, {}),
+    "onnx fp32": ({"backend": "onnx", "precision": "fp32"}, {}),
+    "onnx int8 (per channel)": ({"backend": "onnx", "precision": "int8"}, {}),
+    "onnx int8, sort batch by length": (
+        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "micro_batch_size": 8},
+        {},
+    ),
+    "onnx int8, 1 worker x 1 thread": ({"backend": "onnx", "precision": "int8", "threads": 1}, {}),
+    "onnx int8, 2 workers x 1 thread": (
+        {"backend": "onnx", "precision": "int8", "threads": 1},
+        {"minWorkers": 2, "maxWorkers": 2},
+    ),
+    "onnx int8, 2 workers x 2 threads": (
+        {"backend": "onnx", "precision": "int8", "threads": 2},
+        {"minWorkers": 2, "maxWorkers": 2},
+    ),
 }
 
 
@@ -54,14 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=15)
     parser.add_argument("--warmup", type=float, default=4)
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "results" / "settings.json")
+    parser.add_argument("--only", nargs="+", choices=list(SETTINGS), help="run these settings only")
     args = parser.parse_args(argv)
     base = yaml.safe_load((PROJECT_ROOT / "handler" / "model-config.yaml").read_text())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         texts_file = Path(tmp) / "texts.txt"
         texts_file.write_text("\n".join(line.rsplit(";", 1)[0] for line in args.val_file.read_text().splitlines()))
-        for index, (name, handler) in enumerate(SETTINGS.items()):
-            config = {**base, "handler": {**base.get("handler", {}), **handler}}
+        chosen = {name: SETTINGS[name] for name in args.only} if args.only else SETTINGS
+        for index, (name, (handler, top_level)) in enumerate(chosen.items()):
+            handler = {"threads": 0, "sort_by_length": False, "compile": False, **handler}
+            config = {**base, **top_level, "handler": {**base.get("handler", {}), **handler}}
             with torchserve_setup_server(args.model_dir, config, Path(tmp) / str(index)) as (server, _):
                 url = f"{server.inference_url}/predictions/emotion"
                 speed = drive(url, texts_file, server.keys.get("inference"), args)
@@ -70,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "setting": name,
                     **handler,
+                    **top_level,
                     "requests_per_s": speed["requests_per_s"],
                     "p95_ms": speed["p95_ms"],
                     "errors": speed["errors"],

@@ -1,4 +1,5 @@
-"""Model backends the emotion handler can run: PyTorch (fp32, bf16, int8, fp16 on GPU)."""
+"""Model backends the emotion handler can run: PyTorch (fp32, bf16, int8; fp16 on a GPU) and
+ONNX Runtime (fp32, int8) on the graph exported when the archive is built."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ import torch
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "int8")
+BACKENDS = ("torch", "onnx")
+ONNX_PRECISIONS = ("fp32", "int8")
+
+
+def onnx_file_name(precision: str) -> str:
+    """Name of the exported ONNX graph for ``precision`` inside the archive."""
+    return f"model-{precision}.onnx"
 
 
 @dataclass(frozen=True)
@@ -19,8 +27,11 @@ class HandlerSettings:
     """The ``handler`` section of ``model-config.yaml``; every key is optional.
 
     Attributes:
-        precision: ``fp32``, ``bf16`` (AMX on CPUs that have it) or ``int8`` (dynamic quantisation).
-            On a GPU the model always runs in fp16.
+        backend: ``torch`` (PyTorch eager) or ``onnx`` (ONNX Runtime on the graph exported by
+            ``serving.archive``). On a GPU the torch backend always runs, in fp16.
+        precision: ``fp32``, ``bf16`` (AMX on CPUs that have it, torch only) or ``int8`` (dynamic
+            quantisation: torch quantises every Linear layer per tensor at load time, the ONNX
+            export quantises MatMul weights per output channel at archive time).
         max_length: Truncation length in tokens; default the model directory's tokenizer setting.
         max_text_chars: Longest accepted text; longer ones get a 413.
         threads: torch intra-op threads per worker; ``0`` keeps torch's default.
@@ -31,6 +42,7 @@ class HandlerSettings:
         compile: Wrap the model in ``torch.compile`` (first requests pay the compile time).
     """
 
+    backend: str = "torch"
     precision: str = "fp32"
     max_length: int | None = None
     max_text_chars: int = 2000
@@ -48,8 +60,14 @@ class HandlerSettings:
         if unknown:
             raise ValueError(f"model-config.yaml handler section: unknown keys {unknown}; known: {sorted(known)}")
         settings = cls(**section)
+        if settings.backend not in BACKENDS:
+            raise ValueError(f"handler.backend must be one of {BACKENDS}, not {settings.backend!r}")
         if settings.precision not in PRECISIONS:
             raise ValueError(f"handler.precision must be one of {PRECISIONS}, not {settings.precision!r}")
+        if settings.backend == "onnx" and settings.precision not in ONNX_PRECISIONS:
+            raise ValueError(f"handler.precision for the onnx backend must be one of {ONNX_PRECISIONS}")
+        if settings.backend == "onnx" and settings.compile:
+            raise ValueError("handler.compile applies to the torch backend only")
         return settings
 
 
@@ -80,3 +98,43 @@ class TorchBackend:
                 input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
             ).logits
         return logits.float().cpu()
+
+
+class OnnxBackend:
+    """ONNX Runtime on the archive's ``model-<precision>.onnx``, returning float32 logits.
+
+    Raises:
+        FileNotFoundError: The archive was built without the export for this precision.
+    """
+
+    def __init__(self, model_dir: Path, settings: HandlerSettings) -> None:
+        import onnxruntime
+        from transformers import AutoConfig
+
+        path = Path(model_dir) / onnx_file_name(settings.precision)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path.name} is not in the archive: rebuild it with `python -m serving.archive` "
+                f"and handler.backend: onnx, precision: {settings.precision} in model-config.yaml"
+            )
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = settings.threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.config = AutoConfig.from_pretrained(model_dir)
+        log.info("onnx backend: %s, %d thread(s)", path.name, options.intra_op_num_threads)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        feeds = {"input_ids": input_ids.cpu().numpy(), "attention_mask": attention_mask.cpu().numpy()}
+        (logits,) = self.session.run(["logits"], feeds)
+        return torch.from_numpy(logits).float()
+
+
+def load_backend(model_dir: Path, settings: HandlerSettings, device: torch.device) -> TorchBackend | OnnxBackend:
+    """The backend ``settings`` ask for; a GPU always gets the torch backend in fp16."""
+    if settings.backend == "onnx" and device.type == "cpu":
+        return OnnxBackend(model_dir, settings)
+    if settings.backend == "onnx":
+        log.warning("onnx backend is CPU-only here: running torch in fp16 on %s", device)
+    return TorchBackend(model_dir, settings, device)

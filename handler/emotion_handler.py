@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from emotion_backends import HandlerSettings, TorchBackend
+from emotion_backends import HandlerSettings, load_backend
 from emotion_inputs import Batch, InputError, extract_text
 from emotion_metrics import EmotionMetrics
 from ts.torch_handler.base_handler import BaseHandler
@@ -53,7 +53,7 @@ class EmotionHandler(BaseHandler):
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.max_length = self.settings.max_length or self.tokenizer.model_max_length
-        self.model = TorchBackend(model_dir, self.settings, self.device)
+        self.model = load_backend(model_dir, self.settings, self.device)
         config = self.model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
         self.emotion_metrics = EmotionMetrics(context.metrics, context.model_name)

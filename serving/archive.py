@@ -2,7 +2,9 @@
 
 ``python -m serving.archive [--model-dir models/emotion] [--version 1.0]`` packs
 the weights, tokenizer, model config, handler modules and ``model-config.yaml``
-with torch-model-archiver. Nothing the archive needs is fetched at serve time.
+with torch-model-archiver. When the config's handler section selects the ``onnx``
+backend, the model is exported to ONNX (and quantised for int8) and packed too.
+Nothing the archive needs is fetched at serve time.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
+
+from handler.emotion_backends import HandlerSettings
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,11 @@ def build_archive(
     extra = check_model_dir(model_dir) + [HANDLER_DIR / m for m in HANDLER_MODULES]
     if not model_config.is_file():
         raise ArchiveError(f"model config not found: {model_config}")
+    try:
+        # Fail here, not in every worker at serve time, on a bad handler section.
+        settings = HandlerSettings.from_yaml(yaml.safe_load(model_config.read_text()).get("handler"))
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError) as err:
+        raise ArchiveError(f"{model_config}: {err}") from err
     export_dir.mkdir(parents=True, exist_ok=True)
     archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or shutil.which(
         "torch-model-archiver"
@@ -78,6 +89,13 @@ def build_archive(
         raise ArchiveError("torch-model-archiver is not installed (pip install torch-model-archiver)")
     with tempfile.TemporaryDirectory() as tmp:
         # Build in a temporary folder so a failed run never leaves a half-written archive in the store.
+        if settings.backend == "onnx":
+            from serving.onnx_export import ExportError, export_onnx
+
+            try:
+                extra.append(export_onnx(model_dir, Path(tmp) / "onnx", settings.precision))
+            except ExportError as err:
+                raise ArchiveError(str(err)) from err
         command = [
             archiver,
             "--model-name",

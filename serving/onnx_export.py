@@ -1,0 +1,85 @@
+"""Export a trained model to ONNX for the handler's ``onnx`` backend (run when the archive is built).
+
+fp32: the PyTorch graph as is, checked against PyTorch on a sample batch.
+int8: the fp32 graph with MatMul weights quantised per output channel (ONNX Runtime's
+dynamic quantisation; activations are quantised on the fly).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from handler.emotion_backends import ONNX_PRECISIONS, onnx_file_name
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+# Two texts of different lengths, so the sample batch has padding like real traffic.
+SAMPLE_TEXTS = ("i feel wonderful today", "i am scared and i do not know what will happen to us tomorrow")
+# Largest |logit| difference between ONNX Runtime and PyTorch accepted for the fp32 graph.
+FP32_TOLERANCE = 1e-3
+
+
+class ExportError(RuntimeError):
+    """The ONNX graph could not be written or does not match the PyTorch model."""
+
+
+def export_onnx(model_dir: Path, out_dir: Path, precision: str = "fp32") -> Path:
+    """Write ``out_dir/model-<precision>.onnx`` for ``model_dir`` and return its path.
+
+    Raises:
+        ValueError: ``precision`` is not one the onnx backend runs.
+        ExportError: The exported fp32 graph's logits differ from PyTorch's.
+    """
+    import onnxruntime
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if precision not in ONNX_PRECISIONS:
+        raise ValueError(f"onnx precision must be one of {ONNX_PRECISIONS}, not {precision!r}")
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / onnx_file_name(precision)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    sample = tokenizer(list(SAMPLE_TEXTS), padding=True, return_tensors="pt")
+    inputs = (sample["input_ids"], sample["attention_mask"])
+    with torch.inference_mode():
+        expected = model(input_ids=inputs[0], attention_mask=inputs[1]).logits.numpy()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = Path(tmp) / onnx_file_name("fp32")
+        log.info("exporting %s to ONNX (opset %d)", model_dir, OPSET)
+        torch.onnx.export(
+            model,
+            inputs,
+            str(fp32_path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "tokens"},
+                "attention_mask": {0: "batch", 1: "tokens"},
+                "logits": {0: "batch"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        session = onnxruntime.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+        feeds = {"input_ids": inputs[0].numpy(), "attention_mask": inputs[1].numpy()}
+        difference = float(np.abs(session.run(["logits"], feeds)[0] - expected).max())
+        if difference > FP32_TOLERANCE:
+            raise ExportError(f"ONNX logits differ from PyTorch's by {difference:.2e} (> {FP32_TOLERANCE})")
+        log.info("fp32 graph matches PyTorch (max |logit difference| %.1e)", difference)
+        if precision == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(fp32_path, target, weight_type=QuantType.QInt8, per_channel=True)
+            log.info("quantised MatMul weights to int8 per channel")
+        else:
+            fp32_path.replace(target)
+    log.info("wrote %s (%.1f MB)", target, target.stat().st_size / 1e6)
+    return target

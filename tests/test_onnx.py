@@ -1,0 +1,95 @@
+"""The ONNX Runtime backend: export at archive time, same answers as PyTorch, clear errors."""
+
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+from emotion_backends import HandlerSettings
+from emotion_handler import EmotionHandler
+
+from serving.archive import ArchiveError, build_archive
+from serving.onnx_export import export_onnx
+from tests.test_handler import make_context, run_batch
+
+pytestmark = pytest.mark.slow
+
+TEXTS = [
+    ("i feel so glad", "text/plain"),
+    ("i was stunned when i heard it, really stunned", "text/plain"),
+    ("scared", "text/plain"),
+    ("", "text/plain"),
+]
+
+
+@pytest.fixture(scope="module")
+def onnx_model_dir(tiny_model_dir, tmp_path_factory):
+    """A copy of the tiny model directory with both ONNX exports beside the weights."""
+    import shutil
+
+    target = tmp_path_factory.mktemp("onnx") / "model"
+    shutil.copytree(tiny_model_dir, target)
+    for precision in ("fp32", "int8"):
+        export_onnx(target, target, precision)
+    return target
+
+
+def handler_for(model_dir, section):
+    context = make_context(model_dir, section)
+    handler = EmotionHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+def test_onnx_fp32_answers_like_torch(onnx_model_dir):
+    torch_results = run_batch(*handler_for(onnx_model_dir, {"precision": "fp32"}), TEXTS)
+    onnx_results = run_batch(*handler_for(onnx_model_dir, {"backend": "onnx", "precision": "fp32"}), TEXTS)
+    assert [status for status, _ in onnx_results] == [200, 200, 200, 400]
+    for (_, a), (_, b) in zip(onnx_results[:3], torch_results[:3], strict=True):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-4)
+
+
+def test_onnx_int8_stays_close_to_fp32(onnx_model_dir):
+    fp32 = run_batch(*handler_for(onnx_model_dir, {"backend": "onnx", "precision": "fp32"}), TEXTS[:3])
+    int8 = run_batch(*handler_for(onnx_model_dir, {"backend": "onnx", "precision": "int8"}), TEXTS[:3])
+    for (_, a), (_, b) in zip(int8, fp32, strict=True):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=0.05)
+    assert (onnx_model_dir / "model-int8.onnx").stat().st_size < 0.5 * (
+        onnx_model_dir / "model-fp32.onnx"
+    ).stat().st_size
+
+
+def test_missing_export_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(FileNotFoundError, match=r"model-int8\.onnx is not in the archive"):
+        handler_for(tiny_model_dir, {"backend": "onnx", "precision": "int8"})
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"backend": "tensorrt"}, "backend"),
+        ({"backend": "onnx", "precision": "bf16"}, "onnx backend"),
+        ({"backend": "onnx", "compile": True}, "torch backend only"),
+    ],
+)
+def test_settings_reject_combinations_the_backend_cannot_run(section, message):
+    with pytest.raises(ValueError, match=message):
+        HandlerSettings.from_yaml(section)
+
+
+def test_archive_exports_the_graph_its_config_selects(tiny_model_dir, tmp_path):
+    config = tmp_path / "model-config.yaml"
+    config.write_text("batchSize: 4\nmaxBatchDelay: 5\nhandler:\n  backend: onnx\n  precision: int8\n")
+    archive = build_archive(tiny_model_dir, tmp_path / "store", model_config=config)
+    with zipfile.ZipFile(archive) as packed:
+        names = set(packed.namelist())
+    assert "model-int8.onnx" in names
+    assert "model-fp32.onnx" not in names
+
+
+def test_archive_refuses_a_bad_handler_section(tiny_model_dir, tmp_path):
+    config = tmp_path / "model-config.yaml"
+    config.write_text("handler:\n  backend: onnx\n  precision: bf16\n")
+    with pytest.raises(ArchiveError, match="onnx backend"):
+        build_archive(tiny_model_dir, tmp_path / "store", model_config=config)
+    assert not (tmp_path / "store" / "emotion.mar").exists()
