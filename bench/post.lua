@@ -1,5 +1,6 @@
 -- wrk script: POST validation texts round-robin as text/plain, then print latency percentiles as JSON.
--- env: BENCH_TEXTS (one text per line), BENCH_AUTH (optional bearer key)
+-- env: BENCH_TEXTS (one text per line), BENCH_AUTH (optional bearer key),
+--      BENCH_THINK_MS (optional mean pause before each request, exponentially distributed: paced load)
 local texts = {}
 for line in io.lines(os.getenv("BENCH_TEXTS")) do texts[#texts + 1] = line end
 local counter = 0
@@ -7,6 +8,14 @@ wrk.method = "POST"
 wrk.headers["Content-Type"] = "text/plain"
 local key = os.getenv("BENCH_AUTH")
 if key and #key > 0 then wrk.headers["Authorization"] = "Bearer " .. key end
+
+local think = tonumber(os.getenv("BENCH_THINK_MS") or "0")
+if think > 0 then
+  math.randomseed(os.time())
+  delay = function()
+    return -think * math.log(1 - math.random())
+  end
+end
 
 request = function()
   counter = counter + 1

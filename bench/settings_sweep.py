@@ -2,8 +2,10 @@
 
 ``python -m bench.settings_sweep --model-dir models/emotion`` serves the model with the
 tuned batching of ``handler/model-config.yaml`` and one ``handler:`` setting changed at a
-time, measures throughput and p95 with wrk (same client as ``make bench``), then sends every
-validation text once and compares the answers with the gold labels. Writes
+time, measures throughput and p95 with wrk (same client as ``make bench``) and the worker's
+resident memory, then sends every validation text once and compares the answers with the
+gold labels. Several ``--model-dir`` values (e.g. a pruned model beside its parent) run every
+setting for each model in the same run; speed-ups are relative to the first row. Writes
 ``bench/results/settings.json`` and prints a Markdown table.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from bench.run import drive, torchserve_setup_server
+from bench.run import drive, torchserve_setup_server, worker_rss_mb
 from loadtest.settings import PROJECT_ROOT
 
 # name -> (handler section changes, model-config.yaml top-level changes)
@@ -26,7 +28,10 @@ SETTINGS: dict[str, tuple[dict, dict]] = {
     "torch fp32 (baseline)": ({"backend": "torch", "precision": "fp32"}, {}),
     "torch bf16": ({"backend": "torch", "precision": "bf16"}, {}),
     "torch int8 (per tensor)": ({"backend": "torch", "precision": "int8"}, {}),
-    "torch bf16, torch.compile": ({"backend": "torch", "precision": "bf16", "compile": True}, {}),
+    "torch bf16, torch.compile": (
+        {"backend": "torch", "precision": "bf16", "compile": True},
+        {"startupTimeout": 900, "responseTimeout": 120},
+    ),
     "torch fp32, sort batch by length": (
         {"backend": "torch", "precision": "fp32", "sort_by_length": True, "micro_batch_size": 8},
         {},
@@ -54,12 +59,18 @@ SETTINGS: dict[str, tuple[dict, dict]] = {
 }
 
 
+# Settings whose first requests are slower: longer warm-up (the handler compiles at load time).
+WARMUP_S = {"torch bf16, torch.compile": 180.0}
+
+
 def validation_accuracy(url: str, headers: dict[str, str], val_file: Path) -> float:
     """Share of validation texts whose served top label equals the gold label."""
     pairs = [line.rsplit(";", 1) for line in val_file.read_text(encoding="utf-8").splitlines() if line]
 
     def ask(text: str) -> str:
-        response = requests.post(url, data=text.encode(), headers={"Content-Type": "text/plain", **headers}, timeout=60)
+        response = requests.post(
+            url, data=text.encode(), headers={"Content-Type": "text/plain", **headers}, timeout=300
+        )
         response.raise_for_status()
         return response.json()["label"]
 
@@ -71,7 +82,7 @@ def validation_accuracy(url: str, headers: dict[str, str], val_file: Path) -> fl
 def main(argv: list[str] | None = None) -> int:
     """Run every setting and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "models" / "emotion")
+    parser.add_argument("--model-dir", type=Path, nargs="+", default=[PROJECT_ROOT / "models" / "emotion"])
     parser.add_argument("--val-file", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, default=15)
@@ -85,37 +96,48 @@ def main(argv: list[str] | None = None) -> int:
         texts_file = Path(tmp) / "texts.txt"
         texts_file.write_text("\n".join(line.rsplit(";", 1)[0] for line in args.val_file.read_text().splitlines()))
         chosen = {name: SETTINGS[name] for name in args.only} if args.only else SETTINGS
-        for index, (name, (handler, top_level)) in enumerate(chosen.items()):
+        runs = [(model_dir, *item) for model_dir in args.model_dir for item in chosen.items()]
+        for index, (model_dir, name, (handler, top_level)) in enumerate(runs):
             handler = {"threads": 0, "sort_by_length": False, "compile": False, **handler}
             config = {**base, **top_level, "handler": {**base.get("handler", {}), **handler}}
-            with torchserve_setup_server(args.model_dir, config, Path(tmp) / str(index)) as (server, _):
-                url = f"{server.inference_url}/predictions/emotion"
-                speed = drive(url, texts_file, server.keys.get("inference"), args)
-                accuracy = validation_accuracy(url, server.headers("inference"), args.val_file)
-            rows.append(
-                {
-                    "setting": name,
-                    **handler,
-                    **top_level,
-                    "requests_per_s": speed["requests_per_s"],
-                    "p95_ms": speed["p95_ms"],
-                    "errors": speed["errors"],
-                    "val_accuracy": accuracy,
-                }
-            )
+            warmup = argparse.Namespace(**{**vars(args), "warmup": WARMUP_S.get(name, args.warmup)})
+            if len(args.model_dir) > 1:
+                name = f"{model_dir.name}: {name}"
+            row = {"setting": name, "model_dir": str(model_dir), **handler, **top_level}
+            try:
+                with torchserve_setup_server(model_dir, config, Path(tmp) / str(index)) as (server, _):
+                    url = f"{server.inference_url}/predictions/emotion"
+                    speed = drive(url, texts_file, server.keys.get("inference"), warmup)
+                    accuracy = validation_accuracy(url, server.headers("inference"), args.val_file)
+                    rss = worker_rss_mb(server)
+            except Exception as err:  # one broken setting must not lose the others' measurements
+                row["error"] = f"{type(err).__name__}: {err}"
+            else:
+                row.update(
+                    requests_per_s=speed["requests_per_s"],
+                    p95_ms=speed["p95_ms"],
+                    errors=speed["errors"],
+                    val_accuracy=accuracy,
+                    rss_mb_per_worker=rss,
+                )
+            rows.append(row)
             print(rows[-1], flush=True)
     base_row = rows[0]
-    print("\n| setting | requests/s | speed-up | p95 (ms) | val accuracy | change (points) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| setting | requests/s | speed-up | p95 (ms) | RSS per worker (MB) | val accuracy | change (points) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
+        if "error" in row or "error" in base_row:
+            print(f"| {row['setting']} | failed: {row.get('error', 'baseline failed')} | | | | | |")
+            continue
         row["speedup"] = round(row["requests_per_s"] / base_row["requests_per_s"], 2)
         row["accuracy_change_points"] = round(100 * (row["val_accuracy"] - base_row["val_accuracy"]), 2)
         print(
             f"| {row['setting']} | {row['requests_per_s']} | {row['speedup']} | {row['p95_ms']:.0f} "
+            f"| {row['rss_mb_per_worker']} "
             f"| {100 * row['val_accuracy']:.2f}% | {row['accuracy_change_points']:+.2f} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model_dir": str(args.model_dir), "rows": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     return 0
 
 

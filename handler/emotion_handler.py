@@ -27,6 +27,9 @@ from ts.torch_handler.base_handler import BaseHandler
 
 log = logging.getLogger(__name__)
 
+# A single text and a padded pair: the shapes a dynamic torch.compile specialises on.
+WARM_UP_TEXTS = ("i feel fine", "i could not sleep because i was worried about what would happen tomorrow")
+
 
 class EmotionHandler(BaseHandler):
     """Tokenisation, batched inference and softmax for the six emotion labels."""
@@ -56,6 +59,7 @@ class EmotionHandler(BaseHandler):
         self.model = load_backend(model_dir, self.settings, self.device)
         config = self.model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
+        self._warm_up()
         self.emotion_metrics = EmotionMetrics(context.metrics, context.model_name)
         self.initialized = True
         log.info(
@@ -114,6 +118,16 @@ class EmotionHandler(BaseHandler):
             self.context.set_response_content_type(idx, "application/json")
             responses.append(json.dumps(body))
         return responses
+
+    def _warm_up(self) -> None:
+        """Forward passes at load time, inside TorchServe's startupTimeout: torch.compile compiles
+        here (minutes on a small CPU) instead of on the first requests, which would exceed
+        responseTimeout; the other backends allocate their buffers."""
+        for texts in (WARM_UP_TEXTS[:1], WARM_UP_TEXTS):
+            encoded = self.tokenizer(
+                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            self.model(encoded["input_ids"], encoded["attention_mask"])
 
     def _probabilities(self, texts: list[str]) -> torch.Tensor:
         start = time.perf_counter()

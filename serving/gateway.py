@@ -57,15 +57,24 @@ class Gateway:
     Args:
         upstream: TorchServe's inference address, ``host:port``.
         workdir: Folder for the rendered config, logs and nginx temp files.
-        port: Port the gateway listens on, on 127.0.0.1.
+        port: Port the gateway listens on.
         tries: Attempts per request (first try plus retries).
         attempt_timeout: Seconds without an answer after which an attempt is retried.
+        host: Address to listen on: 127.0.0.1, or 0.0.0.0 inside a container.
     """
 
-    def __init__(self, upstream: str, workdir: Path, port: int, tries: int = 3, attempt_timeout: int = 10) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        workdir: Path,
+        port: int,
+        tries: int = 3,
+        attempt_timeout: int = 10,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.workdir = Path(workdir).resolve()
         self.port = port
-        self.config = render(upstream, f"127.0.0.1:{port}", self.workdir, tries, attempt_timeout)
+        self.config = render(upstream, f"{host}:{port}", self.workdir, tries, attempt_timeout)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -137,16 +146,17 @@ class Gateway:
 def main(argv: list[str] | None = None) -> int:
     """Run the gateway in the foreground in front of ``config.properties``' inference address."""
     inference = read_properties(CONFIG_PROPERTIES)["inference_address"].split("//", 1)[-1]
-    parser = argparse.ArgumentParser(description="Retrying nginx gateway in front of TorchServe (127.0.0.1).")
+    parser = argparse.ArgumentParser(description="Retrying nginx gateway in front of TorchServe.")
     parser.add_argument("--upstream", default=inference, help=f"TorchServe inference host:port (default {inference})")
-    parser.add_argument("--port", type=int, default=8090, help="port on 127.0.0.1 (default 8090)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8090, help="port to listen on (default 8090)")
     parser.add_argument("--tries", type=int, default=3, help="attempts per request (default 3)")
     parser.add_argument("--attempt-timeout", type=int, default=10, help="seconds before an attempt is retried")
     parser.add_argument("--workdir", type=Path, default=PROJECT_ROOT / "outputs" / "gateway")
     args = parser.parse_args(argv)
-    gateway = Gateway(args.upstream, args.workdir, args.port, args.tries, args.attempt_timeout)
+    gateway = Gateway(args.upstream, args.workdir, args.port, args.tries, args.attempt_timeout, args.host)
     gateway.start()
-    print(f"gateway on {gateway.url} -> {args.upstream} ({args.tries} tries); logs in {args.workdir}. Ctrl-C stops it.")
+    print(f"gateway on {args.host}:{args.port} -> {args.upstream} ({args.tries} tries); logs in {args.workdir}. Ctrl-C stops it.")
     try:
         gateway.process.wait()
     except KeyboardInterrupt:

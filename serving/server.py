@@ -42,6 +42,17 @@ def write_properties(path: Path, props: dict[str, str]) -> None:
     path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
 
 
+def absolute_log_config(vmargs: str) -> str:
+    """``vmargs`` with a relative ``-Dlog4j.configurationFile`` made absolute from the repository root."""
+    prefix = "-Dlog4j.configurationFile="
+    parts = []
+    for part in vmargs.split():
+        if part.startswith(prefix) and not Path(part[len(prefix) :]).is_absolute():
+            part = prefix + str(PROJECT_ROOT / part[len(prefix) :])
+        parts.append(part)
+    return " ".join(parts)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -126,6 +137,7 @@ class TorchServe:
             # Workers talk to the front end over /tmp/.ts.sock.<port>: a private range avoids
             # clashing with another TorchServe on the same machine.
             initial_worker_port=str(free_port()),
+            vmargs=absolute_log_config(self.props.get("vmargs", "")),
         )
         self.props.update(overrides or {})
         self.process: subprocess.Popen | None = None

@@ -64,5 +64,22 @@ def test_deploy_creates_gpu_vm_and_publishes_only_inference_and_metrics(fake_clo
 
 
 def test_shell_scripts_parse():
-    for script in [*ROOT.glob("deploy/gcp/*.sh"), ROOT / "docker" / "build-base.sh", ROOT / ".ci" / "run"]:
+    for script in [*ROOT.glob("deploy/gcp/*.sh"), *ROOT.glob("docker/*.sh"), ROOT / ".ci" / "run"]:
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+
+
+def test_serving_image_puts_the_gateway_in_front_of_torchserve():
+    from serving.server import read_properties
+
+    props = read_properties(ROOT / "docker" / "config.properties")
+    entrypoint = (ROOT / "docker" / "serve-entrypoint.sh").read_text()
+    dockerfile = (ROOT / "docker" / "serve.Dockerfile").read_text()
+    torchserve_port = props["inference_address"].rsplit(":", 1)[1]
+    assert props["inference_address"].startswith("http://127.0.0.1:")
+    assert f"--upstream 127.0.0.1:{torchserve_port}" in entrypoint
+    assert "--host 0.0.0.0 --port 8080" in entrypoint
+    assert "EXPOSE 8080 8082" in dockerfile
+    for path in ("gateway/nginx.conf", "serving/gateway.py", "docker/serve-entrypoint.sh"):
+        assert path in dockerfile.replace(
+            "serving/__init__.py serving/server.py serving/gateway.py", "serving/gateway.py"
+        )

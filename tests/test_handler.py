@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from emotion_backends import HandlerSettings
 from emotion_handler import EmotionHandler
 from emotion_inputs import InputError, extract_text
@@ -19,12 +20,13 @@ METRICS_YAML = Path(__file__).resolve().parents[1] / "monitoring" / "metrics.yam
 pytestmark = pytest.mark.slow
 
 
-def make_context(model_dir: Path, handler_section: dict | None = None) -> Context:
+def make_context(model_dir: Path, handler_section: dict | None = None, gpu: int | None = None) -> Context:
+    """A TorchServe worker context; ``gpu`` is the gpu_id TorchServe would hand the worker."""
     metrics = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
     metrics.initialize_cache()
     yaml_config = {"batchSize": 8, "handler": handler_section or {}}
     return Context(
-        "emotion", str(model_dir), {"model": {}}, 8, None, "0.12.0", metrics=metrics, model_yaml_config=yaml_config
+        "emotion", str(model_dir), {"model": {}}, 8, gpu, "0.12.0", metrics=metrics, model_yaml_config=yaml_config
     )
 
 
@@ -152,3 +154,29 @@ def test_extract_text_without_body():
     with pytest.raises(InputError) as info:
         extract_text({}, None, 100)
     assert info.value.status == 400
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_gpu_id_without_cuda_runs_on_cpu(tiny_model_dir):
+    context = make_context(tiny_model_dir, gpu=0)
+    handler = EmotionHandler()
+    handler.initialize(context)
+    assert handler.device.type == "cpu"
+    assert run_batch(handler, context, [("i feel glad", "text/plain")])[0][0] == 200
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_gpu_worker_runs_half_precision_on_cuda(tiny_model_dir, loaded, backend):
+    context = make_context(tiny_model_dir, {"backend": backend, "precision": "fp32"}, gpu=0)
+    handler = EmotionHandler()
+    handler.initialize(context)
+    assert handler.device.type == "cuda"
+    assert next(handler.model.model.parameters()).dtype == torch.float16
+    texts = [("i feel so glad", "text/plain"), ("i am scared of the dark", "text/plain")]
+    on_gpu = run_batch(handler, context, texts)
+    on_cpu = run_batch(*loaded, texts)
+    for (status, a), (_, b) in zip(on_gpu, on_cpu, strict=True):
+        assert status == 200
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-2)

@@ -57,3 +57,35 @@ def test_missing_data_file_fails_with_clear_message(tmp_path):
     cfg = compose(tiny_overrides(tmp_path, f"data.train_file={tmp_path / 'nope.txt'}"))
     with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
         train(cfg)
+
+
+def test_pruned_fine_tune_starts_from_a_trained_model_and_keeps_its_lowest_layers(tiny_model_dir, tmp_path):
+    cfg = compose(
+        tiny_overrides(tmp_path, "experiment=pruned", f"model.pretrained={tiny_model_dir}", "model.keep_layers=2")
+    )
+    train(cfg)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+    with (
+        safe_open(tmp_path / "model" / "model.safetensors", "pt") as weights,
+        safe_open(tiny_model_dir / "model.safetensors", "pt") as parent,
+    ):
+        names = set(weights.keys())
+        assert any(".layer.1." in name for name in names)
+        assert not any(".layer.2." in name for name in names)
+        assert "classifier.weight" in names
+        assert (
+            parent.get_tensor("bert.embeddings.word_embeddings.weight").shape
+            == weights.get_tensor("bert.embeddings.word_embeddings.weight").shape
+        )
+
+
+@pytest.mark.parametrize("count", [0, 7])
+def test_pruning_rejects_impossible_layer_counts(tiny_model_dir, count):
+    from transformers import AutoModelForSequenceClassification
+
+    from training.pruning import keep_bottom_layers
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match="between 1 and 6"):
+        keep_bottom_layers(model, count)

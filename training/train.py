@@ -53,6 +53,11 @@ def build_model(cfg: DictConfig):
         label2id={name: i for i, name in enumerate(LABELS)},
         hidden_dropout_prob=cfg.model.dropout,
     )
+    keep_layers = cfg.model.get("keep_layers")
+    if keep_layers is not None:
+        from training.pruning import keep_bottom_layers
+
+        keep_bottom_layers(model, keep_layers)
     return tokenizer, model
 
 

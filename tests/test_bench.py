@@ -1,0 +1,101 @@
+"""The benchmark's wrk client: closed loop, paced load, and its result fields."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from bench.run import at_rate, wrk
+from serving.server import free_port
+
+pytestmark = pytest.mark.integration
+
+
+class Echo(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    bodies: list[bytes] = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.bodies.append(body)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def echo_url():
+    Echo.bodies = []
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/predictions/emotion"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def texts_file(tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_text("i feel fine\ni am scared\n")
+    return path
+
+
+def test_closed_loop_run_sends_the_texts_and_reports_percentiles(echo_url, texts_file):
+    result = wrk(echo_url, texts_file, None, concurrency=2, seconds=1)
+    assert result["errors"] == 0
+    assert result["requests_per_s"] > 0
+    assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
+    assert set(Echo.bodies) == {b"i feel fine", b"i am scared"}
+
+
+def test_paced_load_stays_near_the_asked_rate(echo_url, texts_file):
+    args = argparse.Namespace(concurrency=4, warmup=2, duration=3)
+    result = at_rate(echo_url, texts_file, None, rate=40, args=args)
+    assert result["errors"] == 0
+    assert result["target_requests_per_s"] == 40
+    # Exponential pauses over a few seconds: loose bounds, far below the closed-loop rate.
+    assert 20 <= result["requests_per_s"] <= 60
+
+
+@pytest.mark.slow
+def test_settings_sweep_measures_speed_memory_and_accuracy(tiny_model_dir, tmp_path):
+    from bench.settings_sweep import main
+    from tests.conftest import FIXTURE_DATA
+
+    out = tmp_path / "settings.json"
+    argv = ["--model-dir", str(tiny_model_dir), "--val-file", str(FIXTURE_DATA / "val.txt"), "--out", str(out)]
+    argv += ["--only", "torch fp32 (baseline)", "onnx int8 (per channel)", "--duration", "2", "--warmup", "1"]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["setting"] for row in rows] == ["torch fp32 (baseline)", "onnx int8 (per channel)"]
+    for row in rows:
+        assert row["errors"] == 0 and row["requests_per_s"] > 0
+        assert 0 <= row["val_accuracy"] <= 1
+        assert row["rss_mb_per_worker"] > 100
+    assert rows[0]["speedup"] == 1.0
+
+
+@pytest.mark.slow
+def test_benchmark_runs_every_setup_and_prints_the_checks(tiny_model_dir, tmp_path, capsys):
+    from bench.run import main
+    from tests.conftest import FIXTURE_DATA
+
+    argv = ["--model-dir", str(tiny_model_dir), "--texts-file", str(FIXTURE_DATA / "val.txt"), "--out", str(tmp_path)]
+    assert main([*argv, "--duration", "2", "--warmup", "1", "--concurrency", "4"]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report["results"]) == {"a", "b", "c", "d"}
+    assert all(row["requests_per_s"] > 0 for row in report["results"].values())
+    assert set(report["ratios"]) == {"d/a", "d/b", "d/c"}
+    printed = capsys.readouterr().out
+    for check in report["checks"]:
+        assert f": {check}" in printed
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
