@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("wrk is not installed (make system-deps)")
     settings = LoadTestSettings.load()
     if args.texts_file:
-        settings.texts_file = str(args.texts_file.resolve())
+        settings = dataclasses.replace(settings, texts_file=str(args.texts_file.resolve()))
     texts = settings.texts()
     tuned = yaml.safe_load((PROJECT_ROOT / "handler" / "model-config.yaml").read_text())
     stock = {

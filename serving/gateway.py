@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     gateway = Gateway(args.upstream, args.workdir, args.port, args.tries, args.attempt_timeout, args.host)
     gateway.start()
-    print(f"gateway on {args.host}:{args.port} -> {args.upstream} ({args.tries} tries); logs in {args.workdir}. Ctrl-C stops it.")
+    print(f"gateway on {args.host}:{args.port} -> {args.upstream} ({args.tries} tries); logs in {args.workdir}.")
+    print("Ctrl-C stops it.")
     try:
         gateway.process.wait()
     except KeyboardInterrupt:

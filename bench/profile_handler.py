@@ -1,0 +1,96 @@
+"""Where the worker's time goes: the handler on batches of validation texts, under cProfile.
+
+``python -m bench.profile_handler --model-dir models/emotion [--section '{precision: bf16}']``
+runs the real handler (through a TorchServe ``Context``, no server) on batches of 16
+validation texts, prints the share of time spent in the model's forward pass and the top
+functions, and times one of the model's linear layers to show the matrix-product rate the
+CPU reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from loadtest.settings import PROJECT_ROOT, LoadTestSettings
+
+sys.path.insert(0, str(PROJECT_ROOT / "handler"))
+
+
+def linear_gflops(dtype: torch.dtype, tokens: int = 480, hidden: int = 384, ffn: int = 1536) -> float:
+    """GFLOP/s of a ``tokens x hidden`` by ``hidden x ffn`` product (MiniLM's feed-forward shape)."""
+    layer = torch.nn.Linear(hidden, ffn).to(dtype)
+    x = torch.randn(tokens, hidden, dtype=dtype)
+    with torch.inference_mode():
+        for _ in range(10):
+            layer(x)
+        start = time.perf_counter()
+        for _ in range(200):
+            layer(x)
+        seconds = (time.perf_counter() - start) / 200
+    return 2 * tokens * hidden * ffn / seconds / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Profile the handler and print the findings."""
+    from emotion_handler import EmotionHandler
+    from ts.context import Context, RequestProcessor
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "models" / "emotion")
+    parser.add_argument("--section", default="{backend: torch, precision: bf16}", help="handler section (YAML)")
+    parser.add_argument("--batches", type=int, default=100)
+    args = parser.parse_args(argv)
+    texts = LoadTestSettings.load().texts()
+    section = yaml.safe_load(args.section)
+    context = Context(
+        "emotion", str(args.model_dir), {"model": {}}, 16, None, "0.12.0", model_yaml_config={"handler": section}
+    )
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    context.metrics = MetricsCacheYamlImpl(config_file_path=str(PROJECT_ROOT / "monitoring" / "metrics.yaml"))
+    context.metrics.initialize_cache()
+    handler = EmotionHandler()
+    handler.initialize(context)
+
+    def run(batch: list[str]) -> None:
+        context.request_processor = [RequestProcessor({"body": {"content-type": "text/plain"}}) for _ in batch]
+        context.request_ids = {i: str(i) for i in range(len(batch))}
+        context.metrics.request_ids = context.request_ids
+        handler.handle([{"body": text} for text in batch], context)
+
+    batches = [texts[(16 * i) % len(texts) :][:16] for i in range(args.batches)]
+    run(batches[0])
+    profile = cProfile.Profile()
+    start = time.perf_counter()
+    profile.enable()
+    for batch in batches:
+        run(batch)
+    profile.disable()
+    seconds = time.perf_counter() - start
+    stats = pstats.Stats(profile)
+    model_seconds = sum(
+        entry[3] for func, entry in stats.stats.items() if func[2] == "__call__" and "emotion_backends" in func[0]
+    )
+    print(
+        f"{section}: {sum(map(len, batches)) / seconds:.1f} texts/s, "
+        f"{100 * model_seconds / seconds:.0f}% of the time in the model's forward pass"
+    )
+    stats.sort_stats("cumulative").print_stats(12)
+    for dtype in (torch.float32, torch.bfloat16):
+        print(
+            f"linear 480x384 by 384x1536, {dtype}: {linear_gflops(dtype):.0f} GFLOP/s "
+            f"on {torch.get_num_threads()} threads"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
