@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED := 1
 export WANDB_SILENT := true
 
 TRAIN_SOURCES := $(wildcard training/*.py training/conf/*.yaml training/conf/*/*.yaml)
-HANDLER_SOURCES := $(wildcard handler/*.py handler/*.yaml serving/archive.py)
+HANDLER_SOURCES := $(wildcard handler/*.py handler/*.yaml serving/archive.py serving/onnx_export.py)
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F ':.*?## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
