@@ -54,15 +54,27 @@ def load(server, concurrency: int = 4, base_url: str | None = None) -> ClosedLoo
     return ClosedLoop(url, server.headers("inference"), TEXTS, concurrency)
 
 
-def scale(server, workers: int) -> None:
+def scale(server, workers: int, timeout: float = 120) -> None:
     """Scale asynchronously, then wait until exactly ``workers`` are READY.
 
-    (TorchServe 0.12's synchronous scale-down reply can fail with a ConcurrentModificationException
-    under load although the scaling itself goes through.)
+    Under load, TorchServe 0.12's reply to a scale call can be a 500 ConcurrentModificationException
+    (its worker list changed while the reply was built), whether or not the scaling went through.
+    The call sets an absolute worker count, so it is repeated until the describe API shows it.
     """
-    management(server, "PUT", "/models/emotion", min_worker=workers, max_worker=workers)
-    assert wait_for(lambda: ready_workers(server) == workers), f"expected {workers} READY workers"
-    assert len(describe(server)[0]["workers"]) == workers
+    deadline = time.monotonic() + timeout
+    while True:
+        response = requests.put(
+            f"{server.management_url}/models/emotion",
+            params={"min_worker": workers, "max_worker": workers},
+            headers=server.headers("management"),
+            timeout=180,
+        )
+        assert response.status_code in (200, 202) or "ConcurrentModificationException" in response.text, (
+            f"scale to {workers}: {response.status_code} {response.text}"
+        )
+        if wait_for(lambda: ready_workers(server) == workers and len(describe(server)[0]["workers"]) == workers, 30):
+            return
+        assert time.monotonic() < deadline, f"expected {workers} READY workers"
 
 
 def test_scaling_up_under_load_loses_no_request(torchserve):
