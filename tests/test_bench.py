@@ -4,42 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from bench.run import at_rate, wrk
-from serving.server import free_port
+from tests.conftest import ScriptedHandler, loopback_http_server
 
 pytestmark = pytest.mark.integration
 
 
-class Echo(BaseHTTPRequestHandler):
+class Echo(ScriptedHandler):
     protocol_version = "HTTP/1.1"
     bodies: list[bytes] = []
 
     def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = self.read_body()
         self.bodies.append(body)
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.answer(200, body)
 
 
 @pytest.fixture
 def echo_url():
     Echo.bodies = []
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Echo)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/predictions/emotion"
-    server.shutdown()
-    server.server_close()
+    with loopback_http_server(Echo) as address:
+        yield f"http://{address}/predictions/emotion"
 
 
 @pytest.fixture

@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
 from serving.gateway import Gateway, render
 from serving.server import free_port
+from tests.conftest import ScriptedHandler, loopback_http_server
 
 pytestmark = pytest.mark.integration
 
 
-class FlakyUpstream(BaseHTTPRequestHandler):
+class FlakyUpstream(ScriptedHandler):
     """Answers by path: /fail-once fails its first attempt with 500, /hang-once never answers its
     first attempt, /always-500 always fails and /bad is always a 400."""
 
     attempts: dict[str, int] = {}
 
     def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = self.read_body()
         count = self.attempts[self.path] = self.attempts.get(self.path, 0) + 1
         if self.path == "/hang-once" and count == 1:
             time.sleep(3)  # longer than the gateway's attempt timeout
@@ -33,25 +32,14 @@ class FlakyUpstream(BaseHTTPRequestHandler):
             status = 500
         else:
             status = 500 if count == 1 else 200
-        payload = body if status == 200 else b'{"message": "Worker scaled down."}'
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
+        self.answer(status, body if status == 200 else b'{"message": "Worker scaled down."}')
 
 
 @pytest.fixture
 def upstream():
     FlakyUpstream.attempts = {}
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), FlakyUpstream)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with loopback_http_server(FlakyUpstream) as address:
+        yield address
 
 
 @pytest.fixture
