@@ -85,13 +85,23 @@ class Gateway:
     def access_log(self) -> Path:
         return self.workdir / "access.log"
 
-    def retried(self) -> int:
-        """Requests that needed more than one attempt so far (from the access log)."""
-        if not self.access_log.exists():
-            return 0
+    def _log_lines(self) -> list[str]:
+        return self.access_log.read_text().splitlines() if self.access_log.exists() else []
+
+    def retried(self, answered: int = 0, timeout: float = 5.0) -> int:
+        """Requests that needed more than one attempt so far (from the access log).
+
+        nginx writes a request's log line only after the client has its answer, so a caller that
+        has just received ``answered`` answers passes that count to wait (up to ``timeout``
+        seconds) until their lines are in the log.
+        """
+        deadline = time.monotonic() + timeout
+        lines = self._log_lines()
+        while len(lines) < answered and time.monotonic() < deadline:
+            time.sleep(0.05)
+            lines = self._log_lines()
         return sum(
-            "upstream=[" in line and "," in line.split("upstream=[", 1)[1].split("]")[0]
-            for line in self.access_log.read_text().splitlines()
+            "upstream=[" in line and "," in line.split("upstream=[", 1)[1].split("]")[0] for line in lines
         )
 
     def start(self, timeout: float = 15) -> None:

@@ -53,7 +53,7 @@ def test_a_failed_attempt_is_retried_and_the_body_resent(gateway):
     assert answer.status_code == 200
     assert answer.content == b"i feel fine"
     assert FlakyUpstream.attempts["/fail-once"] == 2
-    assert gateway.retried() == 1
+    assert gateway.retried(answered=1) == 1
 
 
 def test_an_unanswered_attempt_is_retried_after_the_attempt_timeout(gateway):
@@ -61,12 +61,14 @@ def test_an_unanswered_attempt_is_retried_after_the_attempt_timeout(gateway):
     assert answer.status_code == 200
     assert answer.content == b"i feel fine"
     assert FlakyUpstream.attempts["/hang-once"] == 2
+    assert gateway.retried(answered=1) == 1
 
 
 def test_client_errors_pass_through_without_retry(gateway):
     answer = requests.post(f"{gateway.url}/bad", data=b"x", timeout=10)
     assert answer.status_code == 400
     assert FlakyUpstream.attempts["/bad"] == 1
+    assert gateway.retried(answered=1) == 0
 
 
 def test_attempts_are_bounded(gateway):
