@@ -23,6 +23,6 @@ async def predict(request: Request) -> dict:
     """Classify the text/plain body."""
     text = (await request.body()).decode("utf-8")
     with torch.inference_mode():
-        probs = torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits[0], dim=-1).tolist()
+        probs = torch.softmax(model(**tokenizer(text, truncation=True, return_tensors="pt")).logits[0], dim=-1).tolist()
     best = max(range(len(probs)), key=probs.__getitem__)
     return {"label": labels[best], "score": probs[best], "probabilities": dict(zip(labels, probs, strict=True))}

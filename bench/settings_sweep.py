@@ -32,28 +32,37 @@ SETTINGS: dict[str, tuple[dict, dict]] = {
         {"backend": "torch", "precision": "bf16", "compile": True},
         {"startupTimeout": 900, "responseTimeout": 120},
     ),
-    "torch fp32, sort batch by length": (
-        {"backend": "torch", "precision": "fp32", "sort_by_length": True, "micro_batch_size": 8},
-        {},
-    ),
-    "torch bf16, sort batch by length": (
-        {"backend": "torch", "precision": "bf16", "sort_by_length": True, "micro_batch_size": 8},
-        {},
-    ),
-    "torch fp32, max_length 64": ({"backend": "torch", "precision": "fp32", "max_length": 64}, {}),
+    "torch fp32, passes by length": ({"backend": "torch", "precision": "fp32", "sort_by_length": True}, {}),
+    "torch bf16, passes by length": ({"backend": "torch", "precision": "bf16", "sort_by_length": True}, {}),
     "onnx fp32": ({"backend": "onnx", "precision": "fp32"}, {}),
     "onnx int8 (per channel)": ({"backend": "onnx", "precision": "int8"}, {}),
-    "onnx int8, sort batch by length": (
-        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "micro_batch_size": 8},
+    "onnx int8, passes by length": ({"backend": "onnx", "precision": "int8", "sort_by_length": True}, {}),
+    "onnx int8, passes by length, pass cost 4": (
+        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "pass_cost_tokens": 4},
         {},
     ),
-    "onnx int8, 1 worker x 1 thread": ({"backend": "onnx", "precision": "int8", "threads": 1}, {}),
-    "onnx int8, 2 workers x 1 thread": (
-        {"backend": "onnx", "precision": "int8", "threads": 1},
+    "onnx int8, passes by length, pass cost 64": (
+        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "pass_cost_tokens": 64},
+        {},
+    ),
+    "onnx int8, passes by length, max_length 32": (
+        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "max_length": 32},
+        {},
+    ),
+    "onnx int8, passes by length, spin_wait": (
+        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "spin_wait": True},
+        {},
+    ),
+    "onnx int8, passes by length, 1 worker x 1 thread": (
+        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "threads": 1},
+        {},
+    ),
+    "onnx int8, passes by length, 2 workers x 1 thread": (
+        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "threads": 1},
         {"minWorkers": 2, "maxWorkers": 2},
     ),
-    "onnx int8, 2 workers x 2 threads": (
-        {"backend": "onnx", "precision": "int8", "threads": 2},
+    "onnx int8, passes by length, 2 workers x 2 threads": (
+        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "threads": 2},
         {"minWorkers": 2, "maxWorkers": 2},
     ),
 }
@@ -98,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {name: SETTINGS[name] for name in args.only} if args.only else SETTINGS
         runs = [(model_dir, *item) for model_dir in args.model_dir for item in chosen.items()]
         for index, (model_dir, name, (handler, top_level)) in enumerate(runs):
-            handler = {"threads": 0, "sort_by_length": False, "compile": False, **handler}
+            handler = {"threads": 0, "sort_by_length": False, "compile": False, "spin_wait": False, **handler}
             config = {**base, **top_level, "handler": {**base.get("handler", {}), **handler}}
             warmup = argparse.Namespace(**{**vars(args), "warmup": WARMUP_S.get(name, args.warmup)})
             if len(args.model_dir) > 1:

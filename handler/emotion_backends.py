@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,12 @@ class HandlerSettings:
         max_text_chars: Longest accepted text; longer ones get a 413.
         threads: Intra-op threads per worker (torch, or ONNX Runtime's pool); ``0`` keeps torch's
             default.
-        sort_by_length: Sort the batch by text length (characters, a cheap proxy for tokens) and
-            run it in micro-batches of ``micro_batch_size`` texts, so short texts are not padded
-            to the longest.
-        micro_batch_size: See ``sort_by_length``.
+        sort_by_length: Run the batch as several forward passes of texts of similar token length,
+            chosen to minimise padded tokens plus ``pass_cost_tokens`` per pass
+            (``emotion_inputs.plan_passes``), instead of one pass padded to the longest text.
+        pass_cost_tokens: The fixed cost of one forward pass, in tokens, for ``sort_by_length``.
+        spin_wait: Let ONNX Runtime's idle threads spin waiting for the next run (its default)
+            instead of sleeping; pays off only on cores the worker does not share.
         compile: Wrap the model in ``torch.compile``; the handler compiles while loading, so worker
             start takes longer (about 85 s here) and no request waits for it.
     """
@@ -50,8 +53,9 @@ class HandlerSettings:
     max_text_chars: int = 2000
     threads: int = 0
     sort_by_length: bool = False
-    micro_batch_size: int = 16
+    pass_cost_tokens: int = 16
     compile: bool = False
+    spin_wait: bool = False
 
     @classmethod
     def from_yaml(cls, section: dict[str, Any] | None) -> HandlerSettings:
@@ -68,13 +72,21 @@ class HandlerSettings:
             raise ValueError(f"handler.precision must be one of {PRECISIONS}, not {settings.precision!r}")
         if settings.backend == "onnx" and settings.precision not in ONNX_PRECISIONS:
             raise ValueError(f"handler.precision for the onnx backend must be one of {ONNX_PRECISIONS}")
+        if settings.pass_cost_tokens < 0:
+            raise ValueError(f"handler.pass_cost_tokens must be >= 0, not {settings.pass_cost_tokens}")
         if settings.backend == "onnx" and settings.compile:
             raise ValueError("handler.compile applies to the torch backend only")
+        if settings.backend == "torch" and settings.spin_wait:
+            raise ValueError("handler.spin_wait applies to the onnx backend only")
         return settings
 
 
 class TorchBackend:
-    """A Hugging Face sequence classifier in the requested precision, returning float32 logits."""
+    """A Hugging Face sequence classifier in the requested precision.
+
+    Called with int64 ``input_ids`` and ``attention_mask`` arrays, returns float32 logits as NumPy
+    arrays, like ``OnnxBackend``.
+    """
 
     def __init__(self, model_dir: Path, settings: HandlerSettings, device: torch.device) -> None:
         from transformers import AutoModelForSequenceClassification
@@ -94,12 +106,13 @@ class TorchBackend:
         self.config = model.config
         log.info("torch backend: %s on %s", settings.precision if device.type == "cpu" else "fp16", device)
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             logits = self.forward(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+                input_ids=torch.from_numpy(input_ids).to(self.device),
+                attention_mask=torch.from_numpy(attention_mask).to(self.device),
             ).logits
-        return logits.float().cpu()
+        return logits.float().cpu().numpy()
 
 
 class OnnxBackend:
@@ -122,15 +135,17 @@ class OnnxBackend:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = settings.threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # Idle pool threads spinning for the next run take CPU the front end and this worker's own
+        # Python thread need when the cores are shared (README, "Speed-ups").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spin_wait else "0")
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.config = AutoConfig.from_pretrained(model_dir)
         log.info("onnx backend: %s, %d thread(s)", path.name, options.intra_op_num_threads)
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        feeds = {"input_ids": input_ids.cpu().numpy(), "attention_mask": attention_mask.cpu().numpy()}
-        (logits,) = self.session.run(["logits"], feeds)
-        return torch.from_numpy(logits).float()
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        (logits,) = self.session.run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})
+        return logits.astype(np.float32, copy=False)
 
 
 def load_backend(model_dir: Path, settings: HandlerSettings, device: torch.device) -> TorchBackend | OnnxBackend:

@@ -2,8 +2,8 @@
 
 Everything is loaded from the archive's model directory: weights, tokenizer,
 and the label order (``id2label`` in the model config). The whole TorchServe
-batch is tokenised at once with dynamic padding, run under
-``torch.inference_mode`` and turned into probabilities with softmax. A request
+batch is tokenised at once, padded per forward pass, run by the configured
+backend (PyTorch or ONNX Runtime) and turned into probabilities with softmax. A request
 that cannot be read gets its own 4xx answer; the rest of the batch is served.
 
 Response for each good request::
@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from emotion_backends import HandlerSettings, load_backend
-from emotion_inputs import Batch, InputError, extract_text
+from emotion_inputs import Batch, InputError, extract_text, plan_passes
 from emotion_metrics import EmotionMetrics
 from ts.torch_handler.base_handler import BaseHandler
 
@@ -38,6 +40,7 @@ class EmotionHandler(BaseHandler):
         super().__init__()
         self.settings = HandlerSettings()
         self.labels: list[str] = []
+        self._model_ms = 0.0  # model time of the batch being served, summed over its passes
 
     def initialize(self, context) -> None:
         """Load tokenizer and model from ``model_dir`` and read the handler settings."""
@@ -56,6 +59,7 @@ class EmotionHandler(BaseHandler):
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.max_length = self.settings.max_length or self.tokenizer.model_max_length
+        self.pad_token_id = self.tokenizer.pad_token_id or 0
         self.model = load_backend(model_dir, self.settings, self.device)
         config = self.model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
@@ -80,36 +84,46 @@ class EmotionHandler(BaseHandler):
         return batch
 
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
-        """Tokenise the valid texts together and compute their label probabilities."""
+        """Tokenise the valid texts together and compute their label probabilities.
+
+        With ``sort_by_length`` the batch runs as several forward passes of texts of similar length
+        (see ``plan_passes``); otherwise as one pass padded to its longest text.
+        """
         if not batch.texts:
             return batch
         indices = list(batch.texts)
-        texts = [batch.texts[i] for i in indices]
-        if self.settings.sort_by_length and len(texts) > self.settings.micro_batch_size:
-            order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
-            step = self.settings.micro_batch_size
-            groups = [order[s : s + step] for s in range(0, len(order), step)]
+        start = time.perf_counter()
+        token_ids = self.tokenizer(
+            [batch.texts[i] for i in indices], truncation=True, max_length=self.max_length
+        )["input_ids"]
+        tokenize_ms = 1000 * (time.perf_counter() - start)
+        lengths = [len(ids) for ids in token_ids]
+        if self.settings.sort_by_length:
+            passes = plan_passes(lengths, self.settings.pass_cost_tokens)
         else:
-            groups = [list(range(len(texts)))]
-        for group in groups:
-            probabilities = self._probabilities([texts[k] for k in group])
-            for k, row in zip(group, probabilities.tolist(), strict=True):
+            passes = [list(range(len(indices)))]
+        for rows in passes:
+            probabilities = self._probabilities([token_ids[k] for k in rows])
+            for k, row in zip(rows, probabilities.tolist(), strict=True):
                 batch.probabilities[indices[k]] = row
+        self.emotion_metrics.batch(sum(lengths), tokenize_ms, self._model_ms)
+        self._model_ms = 0.0
         return batch
 
     def postprocess(self, batch: Batch) -> list[str]:
         """One JSON body per request, in request order, with per-request status codes."""
         responses = []
+        labels, rejected = Counter(), Counter()
         for idx in range(batch.size):
             if idx in batch.errors:
                 error = batch.errors[idx]
                 self.context.set_response_status(code=error.status, phrase=error.kind, idx=idx)
-                self.emotion_metrics.rejected(error.kind)
+                rejected[error.kind] += 1
                 body = error.to_response()
             else:
                 row = batch.probabilities[idx]
                 best = max(range(len(row)), key=row.__getitem__)
-                self.emotion_metrics.prediction(self.labels[best])
+                labels[self.labels[best]] += 1
                 body = {
                     "label": self.labels[best],
                     "score": row[best],
@@ -117,6 +131,8 @@ class EmotionHandler(BaseHandler):
                 }
             self.context.set_response_content_type(idx, "application/json")
             responses.append(json.dumps(body))
+        self.emotion_metrics.predictions(labels)
+        self.emotion_metrics.rejected(rejected)
         return responses
 
     def _warm_up(self) -> None:
@@ -124,20 +140,22 @@ class EmotionHandler(BaseHandler):
         here (minutes on a small CPU) instead of on the first requests, which would exceed
         responseTimeout; the other backends allocate their buffers."""
         for texts in (WARM_UP_TEXTS[:1], WARM_UP_TEXTS):
-            encoded = self.tokenizer(
-                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-            self.model(encoded["input_ids"], encoded["attention_mask"])
+            self._probabilities(self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"])
+        self._model_ms = 0.0
 
-    def _probabilities(self, texts: list[str]) -> torch.Tensor:
+    def _probabilities(self, token_ids: list[list[int]]) -> np.ndarray:
+        """Softmax over one forward pass of the given token sequences, padded to the longest."""
+        longest = max(len(ids) for ids in token_ids)
+        input_ids = np.full((len(token_ids), longest), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(token_ids), longest), dtype=np.int64)
+        for row, ids in enumerate(token_ids):
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
         start = time.perf_counter()
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        tokenized = time.perf_counter()
-        logits = self.model(encoded["input_ids"], encoded["attention_mask"])
-        done = time.perf_counter()
-        tokens = int(encoded["attention_mask"].sum())
-        self.emotion_metrics.batch(tokens, 1000 * (tokenized - start), 1000 * (done - tokenized))
-        return torch.softmax(logits, dim=-1)
+        logits = self.model(input_ids, attention_mask)
+        self._model_ms += 1000 * (time.perf_counter() - start)
+        exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return exp / exp.sum(axis=-1, keepdims=True)
 
     def _content_type(self, idx: int) -> str | None:
         """The body's content type as TorchServe recorded it (parameter- or request-level)."""

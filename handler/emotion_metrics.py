@@ -2,10 +2,12 @@
 
 All are counters, so rates and ratios of rates are what dashboards and alerts use:
 mean tokens per text is ``rate(EmotionInputTokens) / rate(EmotionPredictions)``,
-mean model time per batch ``rate(EmotionModelMs)`` against request rate, and so on.
+model milliseconds per text ``rate(EmotionModelMs) / rate(EmotionPredictions)``, and so on.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 from ts.metrics.metric_type_enum import MetricTypes
 
@@ -27,16 +29,18 @@ class EmotionMetrics:
         self._tokenize_ms = counter("EmotionTokenizeMs", "ms", [])
         self._model_ms = counter("EmotionModelMs", "ms", [])
 
-    def prediction(self, label: str) -> None:
-        """Count one answered request by its top label."""
-        self._predictions.add_or_update(1, [self.model_name, label])
+    def predictions(self, labels: Counter[str]) -> None:
+        """Count a batch's answered requests by top label (one metric line per label, not per request)."""
+        for label, count in labels.items():
+            self._predictions.add_or_update(count, [self.model_name, label])
 
-    def rejected(self, reason: str) -> None:
-        """Count one request refused with a 4xx, by error type."""
-        self._rejected.add_or_update(1, [self.model_name, reason])
+    def rejected(self, reasons: Counter[str]) -> None:
+        """Count a batch's requests refused with a 4xx, by error type."""
+        for reason, count in reasons.items():
+            self._rejected.add_or_update(count, [self.model_name, reason])
 
     def batch(self, tokens: int, tokenize_ms: float, model_ms: float) -> None:
-        """Record one forward pass: real (unpadded) tokens and time in each stage."""
+        """Record one batch: real (unpadded) tokens and time in each stage, summed over its passes."""
         self._tokens.add_or_update(tokens, [self.model_name])
         self._tokenize_ms.add_or_update(tokenize_ms, [self.model_name])
         self._model_ms.add_or_update(model_ms, [self.model_name])

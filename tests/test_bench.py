@@ -61,10 +61,10 @@ def test_settings_sweep_measures_speed_memory_and_accuracy(tiny_model_dir, tmp_p
 
     out = tmp_path / "settings.json"
     argv = ["--model-dir", str(tiny_model_dir), "--val-file", str(FIXTURE_DATA / "val.txt"), "--out", str(out)]
-    argv += ["--only", "torch fp32 (baseline)", "onnx int8 (per channel)", "--duration", "2", "--warmup", "1"]
+    argv += ["--only", "torch fp32 (baseline)", "onnx int8, passes by length", "--duration", "2", "--warmup", "1"]
     assert main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [row["setting"] for row in rows] == ["torch fp32 (baseline)", "onnx int8 (per channel)"]
+    assert [row["setting"] for row in rows] == ["torch fp32 (baseline)", "onnx int8, passes by length"]
     for row in rows:
         assert row["errors"] == 0 and row["requests_per_s"] > 0
         assert 0 <= row["val_accuracy"] <= 1

@@ -114,27 +114,33 @@ def test_batched_probabilities_match_single_requests(loaded):
         assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-4)
 
 
-def test_sorted_micro_batches_give_the_same_answers(tiny_model_dir, loaded):
+@pytest.mark.parametrize("pass_cost_tokens", [0, 4, 1000])
+def test_passes_by_length_give_the_same_answers(tiny_model_dir, loaded, pass_cost_tokens):
     handler, context = loaded
-    sorted_context = make_context(tiny_model_dir, {"sort_by_length": True, "micro_batch_size": 2})
+    sorted_context = make_context(tiny_model_dir, {"sort_by_length": True, "pass_cost_tokens": pass_cost_tokens})
     sorted_handler = EmotionHandler()
     sorted_handler.initialize(sorted_context)
-    texts = [("a " * n + "happy", "text/plain") for n in (9, 1, 5, 3, 7)]
+    texts = [("a " * n + "happy", "text/plain") for n in (9, 1, 5, 3, 7)] + [("", "text/plain")]
     expected = run_batch(handler, context, texts)
-    for (s1, a), (s2, b) in zip(run_batch(sorted_handler, sorted_context, texts), expected, strict=True):
-        assert s1 == s2 == 200
+    results = run_batch(sorted_handler, sorted_context, texts)
+    assert [r[0] for r in results] == [r[0] for r in expected] == [200] * 5 + [400]
+    for (_, a), (_, b) in zip(results[:5], expected[:5], strict=True):
+        assert a["label"] == b["label"]
         assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-4)
 
 
 def test_handler_emits_its_metrics(loaded, caplog):
     handler, context = loaded
     with caplog.at_level("INFO", logger="ts.metrics.caching_metric"):
-        results = run_batch(handler, context, [("i feel glad", "text/plain"), ("", "text/plain")])
+        results = run_batch(
+            handler, context, [("i feel glad", "text/plain"), ("", "text/plain"), ("i feel glad", "text/plain")]
+        )
     lines = [r.getMessage() for r in caplog.records]
     label = results[0][1]["label"]
-    assert any(
-        line.startswith("[METRICS]EmotionPredictions.Count:1|#ModelName:emotion,Label:" + label) for line in lines
-    )
+    # one line per label and batch, carrying the batch's count
+    predictions = [line for line in lines if line.startswith("[METRICS]EmotionPredictions.Count:")]
+    assert len(predictions) == 1
+    assert predictions[0].startswith("[METRICS]EmotionPredictions.Count:2|#ModelName:emotion,Label:" + label)
     assert any(
         line.startswith("[METRICS]EmotionRejected.Count:1|#ModelName:emotion,Reason:EmptyText") for line in lines
     )
@@ -147,6 +153,8 @@ def test_settings_reject_unknown_keys_and_precisions():
         HandlerSettings.from_yaml({"presicion": "bf16"})
     with pytest.raises(ValueError, match="precision"):
         HandlerSettings.from_yaml({"precision": "fp8"})
+    with pytest.raises(ValueError, match="pass_cost_tokens"):
+        HandlerSettings.from_yaml({"sort_by_length": True, "pass_cost_tokens": -1})
     assert HandlerSettings.from_yaml(None) == HandlerSettings()
 
 

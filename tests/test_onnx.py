@@ -59,6 +59,13 @@ def test_onnx_int8_stays_close_to_fp32(onnx_model_dir):
     ).stat().st_size
 
 
+@pytest.mark.parametrize(("spin_wait", "allowed"), [(False, "0"), (True, "1")])
+def test_idle_threads_spin_only_when_asked(onnx_model_dir, spin_wait, allowed):
+    handler, _ = handler_for(onnx_model_dir, {"backend": "onnx", "precision": "fp32", "spin_wait": spin_wait})
+    options = handler.model.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == allowed
+
+
 def test_missing_export_is_a_clear_error(tiny_model_dir):
     with pytest.raises(FileNotFoundError, match=r"model-int8\.onnx is not in the archive"):
         handler_for(tiny_model_dir, {"backend": "onnx", "precision": "int8"})
@@ -70,6 +77,7 @@ def test_missing_export_is_a_clear_error(tiny_model_dir):
         ({"backend": "tensorrt"}, "backend"),
         ({"backend": "onnx", "precision": "bf16"}, "onnx backend"),
         ({"backend": "onnx", "compile": True}, "torch backend only"),
+        ({"backend": "torch", "spin_wait": True}, "onnx backend only"),
     ],
 )
 def test_settings_reject_combinations_the_backend_cannot_run(section, message):
