@@ -1,12 +1,15 @@
 """Each handler speed-up measured for throughput and validation accuracy, one run.
 
-``python -m bench.settings_sweep --model-dir models/emotion`` serves the model with the
-tuned batching of ``handler/model-config.yaml`` and one ``handler:`` setting changed at a
-time, measures throughput and p95 with wrk (same client as ``make bench``) and the worker's
-resident memory, then sends every validation text once and compares the answers with the
-gold labels. Several ``--model-dir`` values (e.g. a pruned model beside its parent) run every
-setting for each model in the same run; speed-ups are relative to the first row. Writes
-``bench/results/settings.json`` and prints a Markdown table.
+``python -m bench.settings_sweep --model-dir models/emotion`` serves the model with one
+worker taking batches of up to 16 within 20 ms (``SWEEP_BATCHING``: the best topology for
+the PyTorch backend, whose threads contend when two workers share two cores) and one
+``handler:`` setting changed at a time; the last rows change workers and batching on top, up
+to the shipped ``handler/model-config.yaml``. It measures throughput and p95 with wrk (same
+client as ``make bench``) and the worker's resident memory, then sends every validation text
+once and compares the answers with the gold labels. Several ``--model-dir`` values (e.g. a
+pruned model beside its parent) run every setting for each model in the same run; speed-ups
+are relative to the first row. Writes ``bench/results/settings.json`` and prints a Markdown
+table.
 """
 
 from __future__ import annotations
@@ -22,6 +25,14 @@ import yaml
 
 from bench.run import drive, torchserve_setup_server, worker_rss_mb
 from loadtest.settings import PROJECT_ROOT
+
+# Batching every setting runs with unless its row changes it.
+SWEEP_BATCHING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 16, "maxBatchDelay": 20}
+# The shipped handler/model-config.yaml as a row: its batching and handler section, unchanged.
+SHIPPED = "shipped model-config.yaml"
+SHIPPED_SPIN = "shipped, spin_wait: true"
+# Rows whose changes apply to the shipped configuration instead of SWEEP_BATCHING.
+ON_SHIPPED = {SHIPPED, SHIPPED_SPIN}
 
 # name -> (handler section changes, model-config.yaml top-level changes)
 SETTINGS: dict[str, tuple[dict, dict]] = {
@@ -65,6 +76,8 @@ SETTINGS: dict[str, tuple[dict, dict]] = {
         {"backend": "onnx", "precision": "int8", "sort_by_length": True, "threads": 2},
         {"minWorkers": 2, "maxWorkers": 2},
     ),
+    SHIPPED: ({}, {}),
+    SHIPPED_SPIN: ({"spin_wait": True}, {}),
 }
 
 
@@ -107,12 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {name: SETTINGS[name] for name in args.only} if args.only else SETTINGS
         runs = [(model_dir, *item) for model_dir in args.model_dir for item in chosen.items()]
         for index, (model_dir, name, (handler, top_level)) in enumerate(runs):
-            handler = {"threads": 0, "sort_by_length": False, "compile": False, "spin_wait": False, **handler}
-            config = {**base, **top_level, "handler": {**base.get("handler", {}), **handler}}
+            if name in ON_SHIPPED:
+                handler = {**base["handler"], **handler}
+                config = {**base, **top_level, "handler": handler}
+            else:
+                handler = {"threads": 0, "sort_by_length": False, "compile": False, "spin_wait": False, **handler}
+                config = {**base, **SWEEP_BATCHING, **top_level, "handler": {**base["handler"], **handler}}
             warmup = argparse.Namespace(**{**vars(args), "warmup": WARMUP_S.get(name, args.warmup)})
             if len(args.model_dir) > 1:
                 name = f"{model_dir.name}: {name}"
             row = {"setting": name, "model_dir": str(model_dir), **handler, **top_level}
+            row.update({key: config[key] for key in SWEEP_BATCHING})
             try:
                 with torchserve_setup_server(model_dir, config, Path(tmp) / str(index)) as (server, _):
                     url = f"{server.inference_url}/predictions/emotion"

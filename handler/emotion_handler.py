@@ -93,9 +93,8 @@ class EmotionHandler(BaseHandler):
             return batch
         indices = list(batch.texts)
         start = time.perf_counter()
-        token_ids = self.tokenizer(
-            [batch.texts[i] for i in indices], truncation=True, max_length=self.max_length
-        )["input_ids"]
+        texts = [batch.texts[i] for i in indices]
+        token_ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         tokenize_ms = 1000 * (time.perf_counter() - start)
         lengths = [len(ids) for ids in token_ids]
         if self.settings.sort_by_length:

@@ -100,9 +100,7 @@ class Gateway:
         while len(lines) < answered and time.monotonic() < deadline:
             time.sleep(0.05)
             lines = self._log_lines()
-        return sum(
-            "upstream=[" in line and "," in line.split("upstream=[", 1)[1].split("]")[0] for line in lines
-        )
+        return sum("upstream=[" in line and "," in line.split("upstream=[", 1)[1].split("]")[0] for line in lines)
 
     def start(self, timeout: float = 15) -> None:
         """Start nginx and wait until it accepts connections."""

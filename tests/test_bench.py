@@ -6,8 +6,10 @@ import argparse
 import json
 
 import pytest
+import yaml
 
 from bench.run import at_rate, wrk
+from loadtest.settings import PROJECT_ROOT
 from tests.conftest import ScriptedHandler, loopback_http_server
 
 pytestmark = pytest.mark.integration
@@ -61,15 +63,19 @@ def test_settings_sweep_measures_speed_memory_and_accuracy(tiny_model_dir, tmp_p
 
     out = tmp_path / "settings.json"
     argv = ["--model-dir", str(tiny_model_dir), "--val-file", str(FIXTURE_DATA / "val.txt"), "--out", str(out)]
-    argv += ["--only", "torch fp32 (baseline)", "onnx int8, passes by length", "--duration", "2", "--warmup", "1"]
+    argv += ["--only", "torch fp32 (baseline)", "shipped model-config.yaml", "--duration", "2", "--warmup", "1"]
     assert main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [row["setting"] for row in rows] == ["torch fp32 (baseline)", "onnx int8, passes by length"]
+    assert [row["setting"] for row in rows] == ["torch fp32 (baseline)", "shipped model-config.yaml"]
     for row in rows:
         assert row["errors"] == 0 and row["requests_per_s"] > 0
         assert 0 <= row["val_accuracy"] <= 1
         assert row["rss_mb_per_worker"] > 100
     assert rows[0]["speedup"] == 1.0
+    shipped = yaml.safe_load((PROJECT_ROOT / "handler" / "model-config.yaml").read_text())
+    assert (rows[0]["backend"], rows[0]["maxWorkers"], rows[0]["batchSize"]) == ("torch", 1, 16)
+    assert rows[1]["backend"] == shipped["handler"]["backend"]
+    assert (rows[1]["maxWorkers"], rows[1]["batchSize"]) == (shipped["maxWorkers"], shipped["batchSize"])
 
 
 @pytest.mark.slow

@@ -78,6 +78,7 @@ def scale(server, workers: int, timeout: float = 120) -> None:
 
 
 def test_scaling_up_under_load_loses_no_request(torchserve):
+    scale(torchserve, 1)
     with load(torchserve) as client:
         for workers in (2, 3):
             scale(torchserve, workers)

@@ -22,7 +22,7 @@ def every_split(order: list[int]):
                 passes.append(current)
                 current = []
             current.append(index)
-        yield passes + [current]
+        yield [*passes, current]
 
 
 def test_every_text_runs_exactly_once_shortest_first():

@@ -7,7 +7,9 @@ import time
 
 import pytest
 import requests
+import yaml
 
+from loadtest.settings import PROJECT_ROOT
 from training.data import LABELS
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -99,9 +101,10 @@ def scale(server, workers: int, timeout: float = 120) -> None:
 
 
 def test_scale_workers_up_and_down(torchserve):
-    assert worker_count(torchserve) == 1
-    scale(torchserve, 2)
-    assert worker_count(torchserve) == 2
+    configured = yaml.safe_load((PROJECT_ROOT / "handler" / "model-config.yaml").read_text())["minWorkers"]
+    assert worker_count(torchserve) == configured
+    scale(torchserve, configured + 1)
+    assert worker_count(torchserve) == configured + 1
     assert_good_answer(predict(torchserve, GOOD))
     scale(torchserve, 1)
     deadline = time.monotonic() + 30
