@@ -40,7 +40,6 @@ class EmotionHandler(BaseHandler):
         super().__init__()
         self.settings = HandlerSettings()
         self.labels: list[str] = []
-        self._model_ms = 0.0  # model time of the batch being served, summed over its passes
 
     def initialize(self, context) -> None:
         """Load tokenizer and model from ``model_dir`` and read the handler settings."""
@@ -101,12 +100,13 @@ class EmotionHandler(BaseHandler):
             passes = plan_passes(lengths, self.settings.pass_cost_tokens)
         else:
             passes = [list(range(len(indices)))]
+        model_ms = 0.0
         for rows in passes:
-            probabilities = self._probabilities([token_ids[k] for k in rows])
+            probabilities, pass_ms = self._forward([token_ids[k] for k in rows])
+            model_ms += pass_ms
             for k, row in zip(rows, probabilities.tolist(), strict=True):
                 batch.probabilities[indices[k]] = row
-        self.emotion_metrics.batch(sum(lengths), tokenize_ms, self._model_ms)
-        self._model_ms = 0.0
+        self.emotion_metrics.batch(sum(lengths), tokenize_ms, model_ms)
         return batch
 
     def postprocess(self, batch: Batch) -> list[str]:
@@ -139,11 +139,11 @@ class EmotionHandler(BaseHandler):
         here (minutes on a small CPU) instead of on the first requests, which would exceed
         responseTimeout; the other backends allocate their buffers."""
         for texts in (WARM_UP_TEXTS[:1], WARM_UP_TEXTS):
-            self._probabilities(self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"])
-        self._model_ms = 0.0
+            self._forward(self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"])
 
-    def _probabilities(self, token_ids: list[list[int]]) -> np.ndarray:
-        """Softmax over one forward pass of the given token sequences, padded to the longest."""
+    def _forward(self, token_ids: list[list[int]]) -> tuple[np.ndarray, float]:
+        """One forward pass of the token sequences, padded to the longest: their label
+        probabilities (softmax) and the milliseconds the model took."""
         longest = max(len(ids) for ids in token_ids)
         input_ids = np.full((len(token_ids), longest), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(token_ids), longest), dtype=np.int64)
@@ -152,9 +152,9 @@ class EmotionHandler(BaseHandler):
             attention_mask[row, : len(ids)] = 1
         start = time.perf_counter()
         logits = self.model(input_ids, attention_mask)
-        self._model_ms += 1000 * (time.perf_counter() - start)
+        model_ms = 1000 * (time.perf_counter() - start)
         exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return exp / exp.sum(axis=-1, keepdims=True)
+        return exp / exp.sum(axis=-1, keepdims=True), model_ms
 
     def _content_type(self, idx: int) -> str | None:
         """The body's content type as TorchServe recorded it (parameter- or request-level)."""
