@@ -15,6 +15,7 @@ table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ import requests
 import yaml
 
 from bench.run import drive, torchserve_setup_server, worker_rss_mb
+from handler.emotion_backends import HandlerSettings
 from loadtest.settings import PROJECT_ROOT
 
 # Batching every setting runs with unless its row changes it.
@@ -124,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                 handler = {**base["handler"], **handler}
                 config = {**base, **top_level, "handler": handler}
             else:
-                handler = {"threads": 0, "sort_by_length": False, "compile": False, "spin_wait": False, **handler}
-                config = {**base, **SWEEP_BATCHING, **top_level, "handler": {**base["handler"], **handler}}
+                # every other handler key at its HandlerSettings default, so only the row's changes apply
+                handler = {**dataclasses.asdict(HandlerSettings()), **handler}
+                config = {**base, **SWEEP_BATCHING, **top_level, "handler": handler}
             warmup = argparse.Namespace(**{**vars(args), "warmup": WARMUP_S.get(name, args.warmup)})
             if len(args.model_dir) > 1:
                 name = f"{model_dir.name}: {name}"
