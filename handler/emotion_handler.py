@@ -3,12 +3,16 @@
 Everything is loaded from the archive's model directory: weights, tokenizer,
 and the label order (``id2label`` in the model config). The whole TorchServe
 batch is tokenised at once, padded per forward pass, run by the configured
-backend (PyTorch or ONNX Runtime) and turned into probabilities with softmax. A request
-that cannot be read gets its own 4xx answer; the rest of the batch is served.
+backend (PyTorch or ONNX Runtime) and turned into probabilities with softmax.
 
-Response for each good request::
+No request can change another's answer: a request that cannot be read, tokenised or run gets
+its own 4xx answer and the rest of the batch is served; client headers cannot switch the
+handler into another mode (``handle`` is this class's own).
 
-    {"label": "joy", "score": 0.97, "probabilities": {"sadness": 0.01, ..., "surprise": 0.0}}
+Response for each good request (``truncated``: the text was longer than the model's window and
+only its beginning was classified)::
+
+    {"label": "joy", "score": 0.97, "probabilities": {"sadness": 0.01, ..., "surprise": 0.0}, "truncated": false}
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from emotion_backends import HandlerSettings, load_backend
 from emotion_inputs import Batch, InputError, extract_text, plan_passes
 from emotion_metrics import EmotionMetrics
 from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
 
 log = logging.getLogger(__name__)
 
@@ -72,40 +77,55 @@ class EmotionHandler(BaseHandler):
             torch.get_num_threads(),
         )
 
+    def handle(self, data: list[dict[str, Any]], context) -> list[str]:
+        """TorchServe's entry point for one batch: preprocess, inference, postprocess.
+
+        Owned here rather than inherited: BaseHandler's ``handle`` switches to describe or explain
+        modes on request headers, which would let one client change the answers of every request
+        in its batch. Every request gets exactly one answer, its own.
+        """
+        start = time.perf_counter()
+        self.context = context
+        responses = self.postprocess(self.inference(self.preprocess(data)))
+        context.metrics.add_time("HandlerTime", round(1000 * (time.perf_counter() - start), 2), None, "ms")
+        return responses
+
     def preprocess(self, data: list[dict[str, Any]]) -> Batch:
         """Read one text per request; unreadable requests are set aside with their error."""
         batch = Batch(size=len(data))
         for idx, request in enumerate(data):
             try:
-                batch.texts[idx] = extract_text(request, self._content_type(idx), self.settings.max_text_chars)
+                batch.texts[idx] = extract_text(request, self._headers(idx), self.settings.max_text_chars)
             except InputError as err:
                 batch.errors[idx] = err
+            except Exception:  # a request nobody foresaw still fails alone
+                log.exception("request %d of the batch could not be read", idx)
+                batch.errors[idx] = InputError(400, "UnreadableInput", "the request could not be read")
         return batch
 
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
         """Tokenise the valid texts together and compute their label probabilities.
 
         With ``sort_by_length`` the batch runs as several forward passes of texts of similar length
-        (see ``plan_passes``); otherwise as one pass padded to its longest text.
+        (see ``plan_passes``); otherwise as one pass padded to its longest text. A text the
+        tokenizer or the model fails on fails alone (see ``_tokenize`` and ``_run_pass``).
         """
-        if not batch.texts:
-            return batch
-        indices = list(batch.texts)
         start = time.perf_counter()
-        texts = [batch.texts[i] for i in indices]
-        token_ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        token_ids = self._tokenize(batch)
         tokenize_ms = 1000 * (time.perf_counter() - start)
-        lengths = [len(ids) for ids in token_ids]
+        if not token_ids:
+            return batch
+        indices = list(token_ids)
+        lengths = [len(token_ids[i]) for i in indices]
         if self.settings.sort_by_length:
-            passes = plan_passes(lengths, self.settings.pass_cost_tokens)
+            passes = [[indices[k] for k in rows] for rows in plan_passes(lengths, self.settings.pass_cost_tokens)]
         else:
-            passes = [list(range(len(indices)))]
-        model_ms = 0.0
-        for rows in passes:
-            probabilities, pass_ms = self._forward([token_ids[k] for k in rows])
-            model_ms += pass_ms
-            for k, row in zip(rows, probabilities.tolist(), strict=True):
-                batch.probabilities[indices[k]] = row
+            passes = [indices]
+        model_ms = sum(self._run_pass(batch, token_ids, rows) for rows in passes)
+        failed = [e for e in batch.errors.values() if e.kind == "UnprocessableText"]
+        if len(failed) > 1 and not batch.probabilities:
+            # Not one text went through: the model itself is broken, not the requests.
+            raise PredictionException("the model failed on every text of the batch", 500)
         self.emotion_metrics.batch(sum(lengths), tokenize_ms, model_ms)
         return batch
 
@@ -127,12 +147,76 @@ class EmotionHandler(BaseHandler):
                     "label": self.labels[best],
                     "score": row[best],
                     "probabilities": dict(zip(self.labels, row, strict=True)),
+                    "truncated": idx in batch.truncated,
                 }
             self.context.set_response_content_type(idx, "application/json")
             responses.append(json.dumps(body))
         self.emotion_metrics.predictions(labels)
         self.emotion_metrics.rejected(rejected)
         return responses
+
+    def _tokenize(self, batch: Batch) -> dict[int, list[int]]:
+        """Token ids of each readable text, truncated to the model's window (recorded in
+        ``batch.truncated``). The batch is tokenised at once; if that fails, text by text, and a
+        text the tokenizer cannot take gets its own 400."""
+        indices = list(batch.texts)
+        if not indices:
+            return {}
+        try:
+            return dict(zip(indices, self._token_ids(batch, indices), strict=True))
+        except Exception:
+            log.warning("tokenising the batch failed; tokenising its %d texts one by one", len(indices), exc_info=True)
+        token_ids = {}
+        for idx in indices:
+            try:
+                token_ids[idx] = self._token_ids(batch, [idx])[0]
+            except Exception:
+                log.exception("the tokenizer failed on request %d", idx)
+                batch.errors[idx] = InputError(400, "UntokenizableText", "the text could not be tokenised")
+                del batch.texts[idx]
+        return token_ids
+
+    def _token_ids(self, batch: Batch, indices: list[int]) -> list[list[int]]:
+        encoded = self.tokenizer(
+            [batch.texts[i] for i in indices],
+            truncation=True,
+            max_length=self.max_length,
+            return_overflowing_tokens=self.tokenizer.is_fast,
+        )
+        if not self.tokenizer.is_fast:  # slow tokenizers have no overflow mapping: count untruncated
+            for i in indices:
+                if len(self.tokenizer(batch.texts[i])["input_ids"]) > self.max_length:
+                    batch.truncated.add(i)
+            return encoded["input_ids"]
+        rows: dict[int, list[int]] = {}
+        for row, sample in zip(encoded["input_ids"], encoded["overflow_to_sample_mapping"], strict=True):
+            if sample in rows:  # an overflow row: the text did not fit in the window
+                batch.truncated.add(indices[sample])
+            else:
+                rows[sample] = row
+        return [rows[k] for k in range(len(indices))]
+
+    def _run_pass(self, batch: Batch, token_ids: dict[int, list[int]], rows: list[int]) -> float:
+        """One forward pass over ``rows`` (request indices); returns its model milliseconds.
+
+        If the pass fails, each of its texts is run alone, so that a text the model fails on fails
+        only its own request (422), and the others are answered. If every text of the batch fails
+        alone, the model is what is broken: ``inference`` then fails the batch with a 500, which the
+        gateway retries on another worker.
+        """
+        try:
+            probabilities, model_ms = self._forward([token_ids[i] for i in rows])
+        except Exception:
+            if len(rows) > 1:
+                log.warning("a forward pass of %d texts failed; running them one by one", len(rows), exc_info=True)
+                return sum(self._run_pass(batch, token_ids, [i]) for i in rows)
+            log.exception("the model failed on request %d", rows[0])
+            batch.errors[rows[0]] = InputError(422, "UnprocessableText", "the model failed on this text")
+            del batch.texts[rows[0]]
+            return 0.0
+        for i, row in zip(rows, probabilities.tolist(), strict=True):
+            batch.probabilities[i] = row
+        return model_ms
 
     def _warm_up(self) -> None:
         """Forward passes at load time, inside TorchServe's startupTimeout: torch.compile compiles
@@ -156,16 +240,9 @@ class EmotionHandler(BaseHandler):
         exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return exp / exp.sum(axis=-1, keepdims=True), model_ms
 
-    def _content_type(self, idx: int) -> str | None:
-        """The body's content type as TorchServe recorded it (parameter- or request-level)."""
+    def _headers(self, idx: int) -> dict[str, Any]:
+        """The request's headers as TorchServe recorded them (request- and parameter-level)."""
         try:
-            headers = self.context.get_all_request_header(idx) or {}
+            return dict(self.context.get_all_request_header(idx) or {})
         except (AttributeError, IndexError, KeyError, TypeError):
-            return None
-        for name in ("body", "data"):
-            if isinstance(headers.get(name), dict):
-                return headers[name].get("content-type")
-        for key, value in headers.items():
-            if key.lower() == "content-type":
-                return value
-        return None
+            return {}

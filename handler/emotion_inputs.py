@@ -1,11 +1,17 @@
 """Turning one TorchServe request into one text, or a client error.
 
-TorchServe hands the handler each request as a dict whose ``body`` (or ``data``)
-is already decoded: a ``str`` for ``text/*`` bodies, a ``dict``/``list`` for valid
-JSON, and the raw ``bytes`` when its own decoding failed. This module accepts:
+TorchServe hands the handler each request as a dict of its parameters: a raw body under
+``body`` (already decoded by TorchServe to a ``str`` for ``text/*`` bodies that are valid UTF-8,
+to a ``dict``/``list`` for ``application/json`` it could parse, and the raw bytes otherwise), or the
+fields of a form. The request's own HTTP headers come separately. This module accepts:
 
-* ``text/plain`` (or any non-JSON type): the body is the text;
-* ``application/json``: an object ``{"text": "..."}``.
+* ``text/plain`` (any ``text/*`` but ``text/json``), ``application/octet-stream`` or no content
+  type: the body is the text, in the ``charset`` the content type names (default UTF-8);
+* ``application/json``, ``text/json`` or any ``+json`` type: an object ``{"text": "..."}``;
+* ``multipart/form-data`` or ``application/x-www-form-urlencoded`` with a field ``text``.
+
+Everything else is refused with a typed :class:`InputError` that becomes this request's own
+4xx JSON answer; nothing a request carries can raise past :func:`extract_text`.
 
 One request carries one text. A JSON list of texts is refused with a 400:
 TorchServe already batches concurrent requests server-side, and one text per
@@ -14,11 +20,20 @@ request keeps per-request status codes, latency and metrics meaningful.
 
 from __future__ import annotations
 
+import codecs
 import json
+import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 JSON_TYPES = ("application/json", "text/json")
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+RAW_TYPES = ("", "application/octet-stream")
+HOW_TO_SEND = 'send the text as text/plain, or JSON {"text": "..."} as application/json'
+# Unicode categories that carry meaning: letters, numbers, symbols (emoji are symbols, "So").
+VISIBLE_CATEGORIES = ("L", "N", "S")
 
 
 class InputError(Exception):
@@ -35,19 +50,92 @@ class InputError(Exception):
         return {"code": self.status, "type": self.kind, "message": self.message}
 
 
-def request_payload(request: dict[str, Any]) -> Any:
-    """The request's payload: TorchServe puts a raw body under ``body``, form fields under ``data``."""
-    for key in ("body", "data"):
-        if request.get(key) is not None:
-            return request[key]
-    raise InputError(400, "EmptyInput", 'the request has no body; send the text as text/plain or JSON {"text": ...}')
+@dataclass(frozen=True)
+class MediaType:
+    """A parsed ``Content-Type`` header: lower-case ``type/subtype`` and its ``charset``, if any."""
+
+    essence: str = ""
+    charset: str | None = None
+
+    @classmethod
+    def parse(cls, header: str | None) -> MediaType:
+        """Parse a header value; a missing or empty header is the empty type."""
+        if not header:
+            return cls()
+        essence, *params = str(header).split(";")
+        charset = None
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "charset":
+                charset = value.strip().strip('"').lower() or None
+        return cls(essence.strip().lower(), charset)
+
+    @property
+    def is_json(self) -> bool:
+        return self.essence in JSON_TYPES or self.essence.endswith("+json")
+
+    @property
+    def is_form(self) -> bool:
+        return self.essence in FORM_TYPES
+
+    @property
+    def is_text(self) -> bool:
+        return self.essence in RAW_TYPES or (self.essence.startswith("text/") and not self.is_json)
 
 
-def _decode(raw: bytes | bytearray) -> str:
+def header_map(headers: Mapping[str, Any] | None) -> dict[str, str]:
+    """The request's HTTP headers with lower-case names (TorchServe keeps the client's spelling)."""
+    return {str(k).lower(): v for k, v in (headers or {}).items() if isinstance(v, str)}
+
+
+def _codec(media: MediaType) -> str:
+    """The codec name for the body's charset; refuses charsets Python does not know."""
+    if media.charset is None:
+        return "utf-8"
     try:
-        return bytes(raw).decode("utf-8")
+        return codecs.lookup(media.charset).name
+    except LookupError:
+        raise InputError(
+            415, "UnsupportedCharset", f"unknown charset {media.charset!r}: send UTF-8 (charset=utf-8)"
+        ) from None
+
+
+def _raw_bytes(payload: Any) -> bytes | None:
+    """The body's bytes as the client sent them, or None when TorchServe already parsed JSON."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return bytes(payload)
+    if isinstance(payload, str):  # TorchServe decoded a text/* body as UTF-8: encoding restores it
+        return payload.encode("utf-8", "surrogatepass")
+    return None
+
+
+def _decode(raw: bytes, codec: str) -> str:
+    try:
+        return raw.decode(codec)
     except UnicodeDecodeError as err:
-        raise InputError(400, "InvalidEncoding", f"the body is not valid UTF-8 (byte {err.start})") from None
+        raise InputError(400, "InvalidEncoding", f"the body is not valid {codec} (byte {err.start})") from None
+
+
+def _parse_json(text: str) -> Any:
+    # Integers become Decimals: Python refuses to convert integers of more than 4,300 digits, and
+    # a huge number in a field this service ignores must not make the request unreadable.
+    try:
+        return json.loads(text, parse_int=Decimal)
+    except json.JSONDecodeError as err:
+        raise InputError(400, "MalformedJSON", f"the body is not valid JSON: {err.msg} at char {err.pos}") from None
+    except RecursionError:
+        raise InputError(400, "MalformedJSON", "the JSON body is nested too deeply") from None
+    except ValueError as err:
+        raise InputError(400, "MalformedJSON", f"the body is not valid JSON: {err}") from None
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float, Decimal)):
+        return "number"
+    return {dict: "object", list: "array", str: "string", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _from_json(value: Any) -> str:
@@ -56,49 +144,105 @@ def _from_json(value: Any) -> str:
             400, "UnsupportedInput", 'a JSON list is not accepted: send one text per request as {"text": "..."}'
         )
     if not isinstance(value, dict):
-        raise InputError(400, "InvalidInput", f'expected a JSON object {{"text": ...}}, got {type(value).__name__}')
+        raise InputError(400, "InvalidInput", f'expected a JSON object {{"text": ...}}, got {json_type(value)}')
     if "text" not in value:
         raise InputError(400, "MissingField", 'the JSON object has no "text" field')
     text = value["text"]
     if not isinstance(text, str):
-        raise InputError(400, "InvalidType", f'"text" must be a string, got {type(text).__name__}')
+        raise InputError(400, "InvalidType", f'"text" must be a string, got {json_type(text)}')
     return text
 
 
-def extract_text(request: dict[str, Any], content_type: str | None, max_chars: int) -> str:
+def _body(request: Mapping[str, Any]) -> Any:
+    for key in ("body", "data"):
+        if request.get(key) is not None:
+            return request[key]
+    raise InputError(400, "EmptyInput", f"the request has no body; {HOW_TO_SEND}")
+
+
+def _form_text(request: Mapping[str, Any], media: MediaType) -> str:
+    if request.get("text") is None:
+        raise InputError(
+            415,
+            "UnsupportedMediaType",
+            f"a {media.essence} body needs a field named 'text'; or {HOW_TO_SEND}",
+        )
+    value = request["text"]
+    return value if isinstance(value, str) else _decode(_raw_bytes(value) or b"", "utf-8")
+
+
+def _body_text(request: Mapping[str, Any], media: MediaType) -> str:
+    payload = _body(request)
+    codec = _codec(media)
+    raw = _raw_bytes(payload)
+    if media.is_json:
+        value = payload if raw is None else _parse_json(_decode(raw, codec))
+        return _from_json(value)
+    if raw is None:  # parsed JSON under a non-JSON content type
+        raise InputError(
+            415, "UnsupportedMediaType", f"a JSON body needs Content-Type: application/json; {HOW_TO_SEND}"
+        )
+    return _decode(raw, codec)
+
+
+def check_text(text: str, max_chars: int) -> str:
+    """The text stripped of surrounding whitespace, if it is one the model can classify.
+
+    Raises:
+        InputError: Unpaired surrogates (not Unicode text), nothing visible (no letter, digit,
+            symbol or emoji: only whitespace, control, format or punctuation characters), or more
+            than ``max_chars`` characters.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(
+            400, "InvalidText", f"the text is not valid Unicode (unpaired surrogate at {err.start})"
+        ) from None
+    text = text.strip()
+    if not any(unicodedata.category(char)[0] in VISIBLE_CATEGORIES for char in text):
+        raise InputError(400, "EmptyText", "the text has no letter, digit, symbol or emoji to classify")
+    if len(text) > max_chars:
+        raise InputError(413, "TextTooLong", f"the text has {len(text)} characters; the limit is {max_chars}")
+    return text
+
+
+def extract_text(request: Mapping[str, Any], headers: Mapping[str, Any] | None, max_chars: int) -> str:
     """The text of one request.
 
     Args:
-        request: One element of the batch TorchServe passes to ``handle``.
-        content_type: The body's content type, if known.
+        request: One element of the batch TorchServe passes to ``handle`` (its parameters).
+        headers: The request's headers as TorchServe records them (``Content-Type``, ``explain``,
+            and per parameter a ``{"content-type": ...}`` dict); any spelling of the names.
         max_chars: Longest text accepted, in characters.
 
     Returns:
         The text, stripped of surrounding whitespace.
 
     Raises:
-        InputError: Empty body, invalid UTF-8, malformed JSON, a missing or
-            non-string ``text``, a JSON list, or a text over ``max_chars``.
+        InputError: Anything that keeps the request from being one readable text: an
+            unsupported endpoint, media type or charset, an empty body, invalid encoding,
+            malformed JSON, a missing or non-string ``text``, a JSON list, a text with nothing
+            visible, or a text over ``max_chars``.
     """
-    payload = request_payload(request)
-    is_json = bool(content_type) and content_type.split(";")[0].strip().lower() in JSON_TYPES
-    if isinstance(payload, (bytes, bytearray)):
-        payload = _decode(payload)
-        if is_json:
-            try:
-                payload = json.loads(payload)
-            except json.JSONDecodeError as err:
-                raise InputError(
-                    400, "MalformedJSON", f"the body is not valid JSON: {err.msg} at char {err.pos}"
-                ) from None
-    # With a JSON content type, a bare JSON string is refused too: only {"text": ...} is the contract.
-    text = _from_json(payload) if is_json or not isinstance(payload, str) else payload
-    text = text.strip()
-    if not text:
-        raise InputError(400, "EmptyText", "the text is empty or whitespace only")
-    if len(text) > max_chars:
-        raise InputError(413, "TextTooLong", f"the text has {len(text)} characters; the limit is {max_chars}")
-    return text
+    names = header_map(headers)
+    if names.get("explain", "").lower() == "true":
+        raise InputError(404, "UnsupportedEndpoint", "explanations are not served: use /predictions/<model>")
+    content_type = names.get("content-type")
+    if content_type is None:  # parameter-level content type, as TorchServe records it per field
+        for key in ("body", "data"):
+            value = (headers or {}).get(key)
+            if isinstance(value, dict):
+                content_type = value.get("content-type")
+                break
+    media = MediaType.parse(content_type)
+    if media.is_form:
+        text = _form_text(request, media)
+    elif media.is_json or media.is_text:
+        text = _body_text(request, media)
+    else:
+        raise InputError(415, "UnsupportedMediaType", f"content type {media.essence!r} is not accepted; {HOW_TO_SEND}")
+    return check_text(text, max_chars)
 
 
 @dataclass
@@ -112,6 +256,7 @@ class Batch:
     texts: dict[int, str] = field(default_factory=dict)  # request index -> text
     errors: dict[int, InputError] = field(default_factory=dict)
     probabilities: dict[int, list[float]] = field(default_factory=dict)
+    truncated: set[int] = field(default_factory=set)  # texts longer than the model's token window
 
 
 def plan_passes(lengths: list[int], pass_cost_tokens: int) -> list[list[int]]:

@@ -1,0 +1,177 @@
+"""The input contract of one request (handler/emotion_inputs.py), property-based.
+
+``extract_text`` either returns the text or raises ``InputError`` with a 4xx status, whatever the
+request's bytes, content type and headers: that is what keeps one request from failing its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+
+import pytest
+from emotion_inputs import InputError, MediaType, check_text, extract_text
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+LIMIT = 2000
+
+# Texts a user could mean: at least one letter, digit, symbol or emoji somewhere.
+visible_char = st.characters(categories=["L", "N", "S"])
+any_char = st.characters(codec="utf-8")
+texts = st.builds(
+    lambda a, b, c: a + b + c, st.text(any_char, max_size=40), visible_char, st.text(any_char, max_size=40)
+)
+# Nothing to classify: whitespace, control and format characters (NUL, zero-width, bidi marks), punctuation.
+invisible = st.text(st.characters(categories=["Z", "Cc", "Cf", "P"], codec="utf-8"), max_size=60)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=20,
+)
+content_types = st.sampled_from(
+    [
+        "",
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "TEXT/PLAIN; Charset=UTF-8",
+        "application/json",
+        "application/json; charset=utf-8",
+        "text/json",
+        "application/vnd.api+json",
+        "application/octet-stream",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "text/plain; charset=latin-1",
+        "text/plain; charset=no-such-charset",
+        "image/png",
+        "text/html",
+        ";;;",
+        "application/json; charset",
+    ]
+)
+
+
+def as_torchserve(body: bytes, content_type: str) -> dict:
+    """What a TorchServe worker hands the handler for ``body``: decoded as its front end decodes it."""
+    essence = content_type.split(";")[0].strip()
+    if essence == "application/json":
+        try:
+            return {"body": json.loads(body.decode("utf-8"))}
+        except Exception:
+            return {"body": bytearray(body)}
+    if essence.startswith("text"):
+        try:
+            return {"body": body.decode("utf-8")}
+        except UnicodeDecodeError:
+            return {"body": bytearray(body)}
+    return {"body": bytearray(body)}
+
+
+def headers_for(content_type: str) -> dict:
+    return {"Content-Type": content_type, "explain": "False"} if content_type else {"explain": "False"}
+
+
+@given(text=texts)
+def test_any_visible_text_is_read_back_as_plain_text_and_as_json(text):
+    expected = text.strip()
+    if len(expected) > LIMIT:
+        return
+    plain = as_torchserve(text.encode("utf-8"), "text/plain")
+    assert extract_text(plain, headers_for("text/plain; charset=utf-8"), LIMIT) == expected
+    for content_type in ("application/json", "text/json", "application/json; charset=utf-8"):
+        body = json.dumps({"text": text}).encode()
+        assert extract_text(as_torchserve(body, content_type), headers_for(content_type), LIMIT) == expected
+
+
+@given(text=texts, extra=st.dictionaries(st.text(max_size=8).filter(lambda k: k != "text"), json_values, max_size=3))
+def test_extra_json_fields_never_change_the_text(text, extra):
+    body = json.dumps({**extra, "text": text}).encode()
+    assert extract_text(as_torchserve(body, "application/json"), headers_for("application/json"), LIMIT) == text.strip()
+
+
+@given(text=invisible, content_type=st.sampled_from(["text/plain", "application/json"]))
+def test_text_without_anything_visible_is_empty(text, content_type):
+    body = json.dumps({"text": text}).encode() if "json" in content_type else text.encode()
+    with pytest.raises(InputError) as info:
+        extract_text(as_torchserve(body, content_type), headers_for(content_type), LIMIT)
+    assert (info.value.status, info.value.kind) == (400, "EmptyText")
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    body=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()),
+    content_type=content_types,
+    explain=st.sampled_from(["False", "True", "false", ""]),
+    other_headers=st.dictionaries(st.text(max_size=12), st.text(max_size=12), max_size=3),
+)
+def test_any_request_gives_a_text_or_a_client_error(body, content_type, explain, other_headers):
+    headers = {**other_headers, **headers_for(content_type), "explain": explain}
+    try:
+        text = extract_text(as_torchserve(body, content_type), headers, LIMIT)
+    except InputError as err:
+        assert 400 <= err.status < 500
+        assert err.kind and err.message
+        assert json.loads(json.dumps(err.to_response()))["code"] == err.status
+    else:
+        assert text == text.strip() and 0 < len(text) <= LIMIT
+        assert any(unicodedata.category(c)[0] in "LNS" for c in text)
+        text.encode("utf-8")  # always valid Unicode
+
+
+@given(text=texts, charset=st.sampled_from(["latin-1", "cp1252", "utf-16", "utf-8", "iso-8859-15", "shift_jis"]))
+def test_the_declared_charset_is_honoured(text, charset):
+    try:
+        body = text.encode(charset)
+    except UnicodeEncodeError:
+        return
+    content_type = f"text/plain; charset={charset}"
+    if len(text.strip()) <= LIMIT:
+        assert extract_text(as_torchserve(body, content_type), headers_for(content_type), LIMIT) == text.strip()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "kind"),
+    [
+        (b'{"text": "\\ud800 hi"}', "application/json", 400, "InvalidText"),
+        (b'{"text": "hi", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 400, "MalformedJSON"),
+        (b"\x00\x00\x01\x02", "text/plain", 400, "EmptyText"),
+        ("\u200b\u200e\u202e\ufeff".encode(), "text/plain", 400, "EmptyText"),
+        (b"hi", "text/plain; charset=klingon", 415, "UnsupportedCharset"),
+        (b"hi", "image/png", 415, "UnsupportedMediaType"),
+        (b"i feel great", "application/x-www-form-urlencoded", 415, "UnsupportedMediaType"),
+        (b"x" * (LIMIT + 1), "text/plain", 413, "TextTooLong"),
+        (b"", "text/plain", 400, "EmptyText"),
+        (b"{}", "application/json", 400, "MissingField"),
+        (b'{"text": 7}', "application/json", 400, "InvalidType"),
+        (b'["a"]', "application/json", 400, "UnsupportedInput"),
+    ],
+)
+def test_hostile_requests_get_their_documented_errors(body, content_type, status, kind):
+    request = {} if "form" in content_type else as_torchserve(body, content_type)
+    with pytest.raises(InputError) as info:
+        extract_text(request, headers_for(content_type), LIMIT)
+    assert (info.value.status, info.value.kind) == (status, kind)
+
+
+def test_a_huge_number_in_an_ignored_field_does_not_make_the_request_unreadable():
+    body = b'{"digits": ' + b"9" * 5000 + b', "text": "i feel calm"}'
+    assert (
+        extract_text(as_torchserve(body, "application/json"), headers_for("application/json"), LIMIT) == "i feel calm"
+    )
+
+
+def test_form_fields_and_the_explanations_endpoint():
+    form = "application/x-www-form-urlencoded"
+    assert extract_text({"text": bytearray(b"i feel great")}, headers_for(form), LIMIT) == "i feel great"
+    with pytest.raises(InputError) as info:
+        extract_text({"body": "i feel great"}, {"Content-Type": "text/plain", "explain": "True"}, LIMIT)
+    assert (info.value.status, info.value.kind) == (404, "UnsupportedEndpoint")
+
+
+def test_media_type_parsing():
+    assert MediaType.parse('Text/Plain; CHARSET="Latin-1"') == MediaType("text/plain", "latin-1")
+    assert MediaType.parse(None) == MediaType()
+    assert MediaType.parse("application/problem+json").is_json
+    assert not MediaType.parse("text/json").is_text
+    assert check_text("  i feel ok \n", 100) == "i feel ok"
