@@ -100,13 +100,11 @@ def _codec(media: MediaType) -> str:
         ) from None
 
 
-def _raw_bytes(payload: Any) -> bytes | None:
-    """The body's bytes as the client sent them, or None when TorchServe already parsed JSON."""
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        return bytes(payload)
-    if isinstance(payload, str):  # TorchServe decoded a text/* body as UTF-8: encoding restores it
+def _raw_bytes(payload: Any) -> bytes:
+    """The body's bytes as the client sent them (TorchServe decodes valid UTF-8 ``text/*`` bodies)."""
+    if isinstance(payload, str):
         return payload.encode("utf-8", "surrogatepass")
-    return None
+    return bytes(payload)
 
 
 def _decode(raw: bytes, codec: str) -> str:
@@ -168,21 +166,20 @@ def _form_text(request: Mapping[str, Any], media: MediaType) -> str:
             f"a {media.essence} body needs a field named 'text'; or {HOW_TO_SEND}",
         )
     value = request["text"]
-    return value if isinstance(value, str) else _decode(_raw_bytes(value) or b"", "utf-8")
+    return value if isinstance(value, str) else _decode(_raw_bytes(value), "utf-8")
 
 
-def _body_text(request: Mapping[str, Any], media: MediaType) -> str:
+def _body_text(request: Mapping[str, Any], media: MediaType, parsed: bool) -> str:
     payload = _body(request)
     codec = _codec(media)
-    raw = _raw_bytes(payload)
-    if media.is_json:
-        value = payload if raw is None else _parse_json(_decode(raw, codec))
-        return _from_json(value)
-    if raw is None:  # parsed JSON under a non-JSON content type
+    if parsed and not isinstance(payload, (bytes, bytearray, memoryview)):
+        return _from_json(payload)  # TorchServe parsed the application/json body itself
+    if not isinstance(payload, (bytes, bytearray, memoryview, str)):
         raise InputError(
             415, "UnsupportedMediaType", f"a JSON body needs Content-Type: application/json; {HOW_TO_SEND}"
         )
-    return _decode(raw, codec)
+    text = _decode(_raw_bytes(payload), codec)
+    return _from_json(_parse_json(text)) if media.is_json else text
 
 
 def check_text(text: str, max_chars: int) -> str:
@@ -228,18 +225,17 @@ def extract_text(request: Mapping[str, Any], headers: Mapping[str, Any] | None, 
     names = header_map(headers)
     if names.get("explain", "").lower() == "true":
         raise InputError(404, "UnsupportedEndpoint", "explanations are not served: use /predictions/<model>")
-    content_type = names.get("content-type")
-    if content_type is None:  # parameter-level content type, as TorchServe records it per field
-        for key in ("body", "data"):
-            value = (headers or {}).get(key)
-            if isinstance(value, dict):
-                content_type = value.get("content-type")
-                break
-    media = MediaType.parse(content_type)
+    # TorchServe records the body's media type per parameter, without its parameters, and parses
+    # the body itself when that type is exactly application/json.
+    parameter_type = next(
+        (v.get("content-type") for k, v in (headers or {}).items() if k in ("body", "data") and isinstance(v, dict)),
+        None,
+    )
+    media = MediaType.parse(names.get("content-type", parameter_type))
     if media.is_form:
         text = _form_text(request, media)
     elif media.is_json or media.is_text:
-        text = _body_text(request, media)
+        text = _body_text(request, media, parsed=MediaType.parse(parameter_type).essence == "application/json")
     else:
         raise InputError(415, "UnsupportedMediaType", f"content type {media.essence!r} is not accepted; {HOW_TO_SEND}")
     return check_text(text, max_chars)

@@ -1,91 +1,234 @@
-"""Run the retrying nginx gateway (``gateway/nginx.conf``) in front of TorchServe's inference API.
+"""The nginx front door in front of TorchServe's inference API (``gateway/nginx.conf``).
 
-TorchServe fails the batch a worker was running when the worker is scaled down or
-dies (HTTP 500). The gateway retries such answers on TorchServe's other workers, so
-scaling down under load loses no request. ``python -m serving.gateway`` runs it in
-the foreground in front of the server that ``make serve`` started.
+:class:`Gateway` renders the config, runs nginx with :class:`serving.process.ManagedProcess`,
+and exposes what the stack's supervisor changes while it runs: the front-door keys and
+TorchServe's key (included files, applied with a graceful reload), the health files that
+``/ready`` and the prediction route read, and log reopening after rotation.
+``python -m serving.stack`` runs it together with TorchServe.
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
+import signal
 import socket
-import subprocess
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from serving.server import CONFIG_PROPERTIES, PROJECT_ROOT, read_properties
+import yaml
 
+from serving.process import ManagedProcess
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = PROJECT_ROOT / "gateway" / "nginx.conf"
+MODEL_CONFIG = PROJECT_ROOT / "handler" / "model-config.yaml"
 
 
-def render(upstream: str, listen: str, prefix: Path, tries: int = 3, attempt_timeout: int = 10) -> str:
-    """The gateway's nginx config for ``upstream`` (``host:port``), listening on ``listen``.
+def response_timeout(model_config: Path = MODEL_CONFIG) -> int:
+    """TorchServe's ``responseTimeout`` (seconds) from the model config; 120, its default, if unset."""
+    return int((yaml.safe_load(model_config.read_text()) or {}).get("responseTimeout", 120))
 
-    Args:
-        tries: Attempts per request (first try plus retries).
-        attempt_timeout: Seconds without an answer after which an attempt is retried.
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """How the front door listens, retries and limits.
+
+    Attributes:
+        host: Address to listen on: 127.0.0.1, or 0.0.0.0 inside a container.
+        port: Port of the front door.
+        metrics_port: Port of its Prometheus metrics (always on 127.0.0.1).
+        tries: Attempts per request (first try plus retries) for answers from a removed worker,
+            refused connections and unanswered attempts.
+        attempt_timeout: Seconds without an answer before an attempt is given up; default
+            TorchServe's ``responseTimeout``.
+        rate: Requests per second accepted from one client address (beyond ``burst``: 429).
+        burst: Requests above ``rate`` one client may send at once.
+        connections: Open connections allowed from one client address.
+        retry_after: Seconds in the ``Retry-After`` header of 429 and 503 answers.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    metrics_port: int = 8083
+    tries: int = 3
+    attempt_timeout: int | None = None
+    rate: int = 5000
+    burst: int = 5000
+    connections: int = 1024
+    retry_after: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port", "tries", "rate", "burst", "connections", "retry_after"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"gateway {name} must be >= 1, not {getattr(self, name)}")
+        if self.attempt_timeout is not None and self.attempt_timeout < 1:
+            raise ValueError(f"gateway attempt_timeout must be >= 1, not {self.attempt_timeout}")
+
+
+def _check_address(address: str) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected host:port, got {address!r}")
+
+
+def render(upstream: str, prefix: Path, settings: GatewaySettings) -> str:
+    """The gateway's nginx config for ``upstream`` (``host:port`` of TorchServe's inference API).
 
     Raises:
-        ValueError: ``tries`` or ``attempt_timeout`` is below 1, or an address is not ``host:port``.
+        ValueError: ``upstream`` is not ``host:port``.
     """
-    if tries < 1 or attempt_timeout < 1:
-        raise ValueError(f"tries and attempt_timeout must be >= 1, got {tries} and {attempt_timeout}")
-    for address in (upstream, listen):
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"expected host:port, got {address!r}")
-    servers = "\n".join(f"        server {upstream} max_fails=0;" for _ in range(tries))
-    text = TEMPLATE.read_text()
-    for name, value in {
+    _check_address(upstream)
+    servers = "\n".join(f"        server {upstream} max_fails=0;" for _ in range(settings.tries))
+    values = {
         "SERVERS": servers,
-        "UPSTREAM": upstream,
-        "LISTEN": listen,
+        "LISTEN": f"{settings.host}:{settings.port}",
+        "METRICS_LISTEN": f"127.0.0.1:{settings.metrics_port}",
         "PREFIX": str(prefix),
-        "TRIES": str(tries),
-        "ATTEMPT_TIMEOUT": str(attempt_timeout),
-    }.items():
+        "HEALTH": str(prefix / "health"),
+        "TRIES": str(settings.tries),
+        "ATTEMPT_TIMEOUT": str(settings.attempt_timeout or response_timeout()),
+        "RATE": str(settings.rate),
+        "BURST": str(settings.burst),
+        "CONNECTIONS": str(settings.connections),
+        "RETRY_AFTER": str(settings.retry_after),
+    }
+    text = TEMPLATE.read_text()
+    for name, value in values.items():
         text = text.replace(f"@@{name}@@", value)
     return text
 
 
+def client_keys_map(keys: list[str] | None) -> str:
+    """nginx ``map`` setting ``$client_authorized`` to 1 for a valid ``Bearer`` key (None: keys off)."""
+    lines = ["map $http_authorization $client_authorized {"]
+    if keys is None:
+        lines.append("    default 1;")
+    else:
+        lines.append("    default 0;")
+        # Front-door keys are URL-safe base64: no character needs escaping in the pattern.
+        lines += [f'    "~*^Bearer +{key} *$" 1;' for key in keys]
+    return "\n".join([*lines, "}"]) + "\n"
+
+
+def upstream_auth_map(key: str | None) -> str:
+    """nginx ``map`` setting ``$upstream_authorization`` to TorchServe's inference key."""
+    value = f"Bearer {key}" if key else ""
+    return f'map $host $upstream_authorization {{\n    default "{value}";\n}}\n'
+
+
 class Gateway:
-    """An nginx process with its config, logs and temp folders under ``workdir``.
+    """An nginx process with its config, logs, health files and temp folders under ``workdir``.
 
     Args:
         upstream: TorchServe's inference address, ``host:port``.
-        workdir: Folder for the rendered config, logs and nginx temp files.
-        port: Port the gateway listens on.
-        tries: Attempts per request (first try plus retries).
-        attempt_timeout: Seconds without an answer after which an attempt is retried.
-        host: Address to listen on: 127.0.0.1, or 0.0.0.0 inside a container.
+        workdir: Folder for the rendered config, logs, health files and nginx temp files.
+        settings: Listening address, retries and limits.
+        client_keys: Front-door keys clients may send (None: no key needed).
+        upstream_key: TorchServe's inference key (None: TorchServe runs without token auth).
     """
 
     def __init__(
         self,
         upstream: str,
         workdir: Path,
-        port: int,
-        tries: int = 3,
-        attempt_timeout: int = 10,
-        host: str = "127.0.0.1",
+        settings: GatewaySettings | None = None,
+        client_keys: list[str] | None = None,
+        upstream_key: str | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
-        self.port = port
-        self.config = render(upstream, f"{host}:{port}", self.workdir, tries, attempt_timeout)
-        self.process: subprocess.Popen | None = None
+        self.settings = settings or GatewaySettings()
+        self.config = render(upstream, self.workdir, self.settings)
+        self.client_keys = client_keys
+        self.upstream_key = upstream_key
+        self.process: ManagedProcess | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
 
     @property
     def access_log(self) -> Path:
         return self.workdir / "access.log"
 
-    def _log_lines(self) -> list[str]:
+    @property
+    def health_dir(self) -> Path:
+        return self.workdir / "health"
+
+    def set_health(self, up: bool, ready: bool) -> None:
+        """Open or close the prediction route (``up``) and ``/ready`` (``ready``)."""
+        for name, state in (("up", up), ("ready", ready)):
+            path = self.health_dir / name
+            if state:
+                path.touch()
+            else:
+                path.unlink(missing_ok=True)
+
+    def _write_includes(self) -> None:
+        (self.workdir / "client_keys.conf").write_text(client_keys_map(self.client_keys))
+        (self.workdir / "upstream_auth.conf").write_text(upstream_auth_map(self.upstream_key))
+
+    def update_keys(self, client_keys: list[str] | None, upstream_key: str | None) -> bool:
+        """Apply new keys with a graceful reload (connections in flight finish on the old config).
+
+        Returns whether anything changed.
+        """
+        if (client_keys, upstream_key) == (self.client_keys, self.upstream_key):
+            return False
+        self.client_keys, self.upstream_key = client_keys, upstream_key
+        self._write_includes()
+        if self.process is not None:
+            self.process.send_signal(signal.SIGHUP)
+        return True
+
+    def reopen_logs(self) -> None:
+        """Have nginx reopen its log files (after they were renamed by rotation)."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGUSR1)
+
+    def start(self, timeout: float = 15) -> None:
+        """Start nginx and wait until it accepts connections.
+
+        Raises:
+            FileNotFoundError: nginx is not installed.
+            RuntimeError: nginx exited (for example, the port is taken).
+        """
+        binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+        if binary is None:
+            raise FileNotFoundError("nginx is not installed (make system-deps, or apt-get install nginx)")
+        self.health_dir.mkdir(parents=True, exist_ok=True)
+        config_path = self.workdir / "nginx.conf"
+        config_path.write_text(self.config)
+        self._write_includes()
+        command = [binary, "-p", str(self.workdir), "-c", str(config_path), "-e", str(self.workdir / "error.log")]
+        self.process = ManagedProcess("nginx", command, self.workdir / "nginx.out")
+        self.process.start()
+
+        def accepting() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.settings.port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        try:
+            self.process.wait_until(accepting, timeout, "accepting connections")
+        except Exception:
+            self.stop()
+            raise
+
+    def stop(self, timeout: float = 30) -> None:
+        """Graceful stop (SIGQUIT: answers in flight are finished), then kill; safe to call twice."""
+        if self.process is not None:
+            self.process.stop(timeout, sig=signal.SIGQUIT)
+            self.process = None
+
+    def log_lines(self) -> list[str]:
+        """The access log's lines so far."""
         return self.access_log.read_text().splitlines() if self.access_log.exists() else []
 
     def retried(self, answered: int = 0, timeout: float = 5.0) -> int:
@@ -96,52 +239,11 @@ class Gateway:
         seconds) until their lines are in the log.
         """
         deadline = time.monotonic() + timeout
-        lines = self._log_lines()
+        lines = self.log_lines()
         while len(lines) < answered and time.monotonic() < deadline:
             time.sleep(0.05)
-            lines = self._log_lines()
-        return sum("upstream=[" in line and "," in line.split("upstream=[", 1)[1].split("]")[0] for line in lines)
-
-    def start(self, timeout: float = 15) -> None:
-        """Start nginx and wait until it accepts connections."""
-        binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
-        if binary is None:
-            raise FileNotFoundError("nginx is not installed (make system-deps, or apt-get install nginx)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config_path = self.workdir / "nginx.conf"
-        config_path.write_text(self.config)
-        self.log = (self.workdir / "nginx.out").open("w")
-        self.process = subprocess.Popen(
-            [binary, "-p", str(self.workdir), "-c", str(config_path), "-e", str(self.workdir / "error.log")],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.close()
-                output = (self.workdir / "nginx.out").read_text()
-                raise RuntimeError(f"nginx exited with code {self.process.returncode}: {output[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"gateway on {self.url} not accepting connections after {timeout} s")
-
-    def stop(self) -> None:
-        """Stop nginx (graceful quit, then kill); safe to call twice."""
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-        self.log.close()
+            lines = self.log_lines()
+        return sum(attempts(line) > 1 for line in lines)
 
     def __enter__(self) -> Gateway:
         self.start()
@@ -151,29 +253,10 @@ class Gateway:
         self.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the gateway in the foreground in front of ``config.properties``' inference address."""
-    inference = read_properties(CONFIG_PROPERTIES)["inference_address"].split("//", 1)[-1]
-    parser = argparse.ArgumentParser(description="Retrying nginx gateway in front of TorchServe.")
-    parser.add_argument("--upstream", default=inference, help=f"TorchServe inference host:port (default {inference})")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8090, help="port to listen on (default 8090)")
-    parser.add_argument("--tries", type=int, default=3, help="attempts per request (default 3)")
-    parser.add_argument("--attempt-timeout", type=int, default=10, help="seconds before an attempt is retried")
-    parser.add_argument("--workdir", type=Path, default=PROJECT_ROOT / "outputs" / "gateway")
-    args = parser.parse_args(argv)
-    gateway = Gateway(args.upstream, args.workdir, args.port, args.tries, args.attempt_timeout, args.host)
-    gateway.start()
-    print(f"gateway on {args.host}:{args.port} -> {args.upstream} ({args.tries} tries); logs in {args.workdir}.")
-    print("Ctrl-C stops it.")
-    try:
-        gateway.process.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        gateway.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def attempts(line: str) -> int:
+    """Upstream attempts recorded in one access-log line (``upstream=[500, 200]`` is two; nginx
+    separates attempts within a location by commas and across an internal redirect by colons)."""
+    if "upstream=[" not in line:
+        return 0
+    statuses = line.split("upstream=[", 1)[1].split("]", 1)[0]
+    return sum(1 for part in statuses.replace(":", ",").split(",") if part.strip() not in ("", "-"))

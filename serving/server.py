@@ -1,29 +1,26 @@
-"""Start, wait for and stop TorchServe.
+"""TorchServe as a managed process, configured from the repository's ``config.properties``.
 
-:class:`TorchServe` runs a private server on free loopback ports in its own work
-folder (tests, benchmarks). ``python -m serving.server wait`` waits for the server
-that ``make serve`` started from the repository's ``config.properties`` and prints
-how to call it.
+:class:`TorchServe` derives a configuration for one server (free loopback ports for tests and
+benchmarks, or the configured addresses for ``make serve`` and the container), runs it with
+:class:`serving.process.ManagedProcess` in its own work folder, and talks to it through
+:class:`serving.client.TorchServeClient`. ``serving.stack`` puts it behind the gateway.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import requests
+from serving.client import TorchServeClient, auth_header, read_keys
+from serving.process import ManagedProcess
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_PROPERTIES = PROJECT_ROOT / "config.properties"
+__all__ = ["CONFIG_PROPERTIES", "PROJECT_ROOT", "TorchServe", "auth_header", "free_port", "read_keys"]
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -60,60 +57,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def read_keys(workdir: Path) -> dict[str, str]:
-    """The inference and management keys from ``key_file.json`` (token authorization)."""
-    path = workdir / "key_file.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):  # not written yet, or being written
-        return {}
-    return {name: entry["key"] for name, entry in data.items() if isinstance(entry, dict) and "key" in entry}
-
-
-def auth_header(keys: dict[str, str], api: str) -> dict[str, str]:
-    """``Authorization`` header for the ``inference`` or ``management`` API (empty without token auth)."""
-    return {"Authorization": f"Bearer {keys[api]}"} if api in keys else {}
-
-
-def wait_ready(
-    inference: str, management: str, model: str | None, keys: dict[str, str], timeout: float, process=None
-) -> float:
-    """Poll ``/ping`` (and the model's worker status) until healthy; returns seconds waited.
-
-    Raises:
-        TimeoutError: Not ready within ``timeout`` seconds.
-        RuntimeError: ``process`` exited while waiting.
-    """
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"TorchServe exited with code {process.returncode} before becoming ready")
-        try:
-            ping = requests.get(f"{inference}/ping", headers=auth_header(keys, "inference"), timeout=2)
-            ready = ping.status_code == 200 and ping.json().get("status") == "Healthy"
-            if ready and model:
-                status = requests.get(
-                    f"{management}/models/{model}", headers=auth_header(keys, "management"), timeout=2
-                )
-                ready = status.status_code == 200 and any(
-                    w.get("status") == "READY" for v in status.json() for w in v.get("workers", [])
-                )
-            if ready:
-                return time.monotonic() - start
-        except (requests.RequestException, ValueError):
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"TorchServe at {inference} not ready after {timeout:.0f} s")
-
-
 class TorchServe:
-    """A TorchServe process on free 127.0.0.1 ports, isolated in ``workdir``.
+    """A TorchServe process isolated in ``workdir``.
 
     Args:
         model_store: Folder holding the archives.
-        workdir: Folder for the derived config, logs, pid file and key file.
+        workdir: Folder for the derived config, logs and key file (TorchServe's working directory).
         models: ``--models`` argument, e.g. ``emotion=emotion.mar`` (None: start empty).
         overrides: Properties that replace the repository's ``config.properties`` values.
+        free_ports: Listen on free 127.0.0.1 ports (tests, benchmarks) instead of the configured
+            addresses (``make serve``, the container).
     """
 
     def __init__(
@@ -122,26 +75,32 @@ class TorchServe:
         workdir: Path,
         models: str | None = "emotion=emotion.mar",
         overrides: dict[str, str] | None = None,
+        free_ports: bool = True,
     ) -> None:
         self.model_store = Path(model_store).resolve()
         self.workdir = Path(workdir).resolve()
         self.models = models
-        self.ports = {name: free_port() for name in ("inference", "management", "metrics")}
         self.props = read_properties(CONFIG_PROPERTIES)
         self.props.update(
-            inference_address=f"http://127.0.0.1:{self.ports['inference']}",
-            management_address=f"http://127.0.0.1:{self.ports['management']}",
-            metrics_address=f"http://127.0.0.1:{self.ports['metrics']}",
             model_store=str(self.model_store),
             metrics_config=str(PROJECT_ROOT / self.props.get("metrics_config", "monitoring/metrics.yaml")),
-            # Workers talk to the front end over /tmp/.ts.sock.<port>: a private range avoids
-            # clashing with another TorchServe on the same machine.
-            initial_worker_port=str(free_port()),
             vmargs=absolute_log_config(self.props.get("vmargs", "")),
         )
+        if free_ports:
+            self.props.update(
+                inference_address=f"http://127.0.0.1:{free_port()}",
+                management_address=f"http://127.0.0.1:{free_port()}",
+                metrics_address=f"http://127.0.0.1:{free_port()}",
+                # Workers talk to the front end over /tmp/.ts.sock.<port>: a private range avoids
+                # clashing with another TorchServe on the same machine.
+                initial_worker_port=str(free_port()),
+            )
         self.props.update(overrides or {})
-        self.process: subprocess.Popen | None = None
-        self.keys: dict[str, str] = {}
+        token_auth = self.props.get("disable_token_authorization", "false").lower() != "true"
+        self.client = TorchServeClient(
+            self.inference_url, self.management_url, self.workdir / "key_file.json" if token_auth else None
+        )
+        self.process: ManagedProcess | None = None
 
     @property
     def inference_url(self) -> str:
@@ -155,14 +114,20 @@ class TorchServe:
     def metrics_url(self) -> str:
         return self.props["metrics_address"]
 
+    @property
+    def keys(self) -> dict[str, str]:
+        """The current keys by API (``inference``, ``management``, ``API``)."""
+        return self.client.keys
+
     def headers(self, api: str = "inference") -> dict[str, str]:
         """Authorization header for the ``inference`` or ``management`` API (empty without token auth)."""
-        return auth_header(self.keys, api)
+        return self.client.headers(api)
 
     def start(self, timeout: float = 120, wait_model: str | None = "emotion") -> float:
         """Start TorchServe and wait until ``wait_model`` has a ready worker; returns the seconds taken."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
+        (self.workdir / "key_file.json").unlink(missing_ok=True)  # the keys of an earlier run
         config = self.workdir / "config.properties"
         write_properties(config, self.props)
         executable = shutil.which("torchserve", path=str(Path(sys.executable).parent)) or "torchserve"
@@ -175,43 +140,20 @@ class TorchServe:
             LOG_LOCATION=str(self.workdir / "logs"),
             METRICS_LOCATION=str(self.workdir / "logs"),
         )
-        self.log_file = (self.workdir / "logs" / "console.log").open("w")
+        (self.workdir / "logs" / "console.log").unlink(missing_ok=True)
+        self.process = ManagedProcess("TorchServe", command, self.workdir / "logs" / "console.log", self.workdir, env)
         started = time.monotonic()
-        # A new session: stop() signals TorchServe, its JVM and all Python workers together.
-        self.process = subprocess.Popen(
-            command, cwd=self.workdir, env=env, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = started + timeout
-        while not self.keys and self.process.poll() is None and time.monotonic() < deadline:
-            self.keys = read_keys(self.workdir)
-            time.sleep(0.1)
-        wait_ready(
-            self.inference_url,
-            self.management_url,
-            wait_model,
-            self.keys,
-            max(deadline - time.monotonic(), 1),
-            self.process,
-        )
+        self.process.start()
+        if self.client.key_file is not None:
+            self.process.wait_until(lambda: bool(self.keys), timeout, "writing its keys")
+        self.client.wait_ready(wait_model, max(timeout - (time.monotonic() - started), 1), self.process)
         return time.monotonic() - started
 
     def stop(self, timeout: float = 30) -> None:
         """Stop the server and every process it started; safe to call twice."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-            except ProcessLookupError:
-                pass
-        with contextlib.suppress(ProcessLookupError, PermissionError):  # workers may outlive the launcher
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process = None
-        self.log_file.close()
+        if self.process is not None:
+            self.process.stop(timeout)
+            self.process = None
 
     def log_tail(self, lines: int = 60) -> str:
         """Last lines of the console log, for failure messages."""
@@ -223,47 +165,3 @@ class TorchServe:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI for the server that ``make serve`` started from ./config.properties.
-
-    ``wait``: wait until the model is ready and print a sample request.
-    ``key inference|management|API``: print a key from key_file.json (for curl).
-    """
-    parser = argparse.ArgumentParser(description="Wait for TorchServe, or print its keys.")
-    parser.add_argument("command", choices=["wait", "key"])
-    parser.add_argument("api", nargs="?", default="inference", choices=["inference", "management", "API"])
-    parser.add_argument("--model", default="emotion")
-    parser.add_argument("--timeout", type=float, default=180)
-    args = parser.parse_args(argv)
-    props = read_properties(CONFIG_PROPERTIES)
-    keys = read_keys(PROJECT_ROOT)
-    if args.command == "key":
-        if args.api not in keys:
-            print("no key_file.json here: is TorchServe running (make serve)?", file=sys.stderr)
-            return 1
-        print(keys[args.api])
-        return 0
-    inference, management = props["inference_address"], props["management_address"]
-    deadline = time.monotonic() + args.timeout
-    while not keys and props.get("disable_token_authorization") != "true" and time.monotonic() < deadline:
-        time.sleep(0.2)
-        keys = read_keys(PROJECT_ROOT)
-    try:
-        seconds = wait_ready(inference, management, args.model, keys, max(deadline - time.monotonic(), 1))
-    except TimeoutError as err:
-        print(f"{err}; see logs/model_log.log and logs/ts_log.log", file=sys.stderr)
-        return 1
-    print(f"TorchServe is ready ({seconds:.1f} s). Try:\n")
-    print("  KEY=$(.venv/bin/python -m serving.server key inference)")
-    print(
-        f"  curl -H \"Authorization: Bearer $KEY\" -H 'Content-Type: text/plain' \\\n"
-        f"       --data 'i feel wonderful today' {inference}/predictions/{args.model}\n"
-    )
-    print("Stop it with: make stop")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -69,7 +69,9 @@ def as_torchserve(body: bytes, content_type: str) -> dict:
 
 
 def headers_for(content_type: str) -> dict:
-    return {"Content-Type": content_type, "explain": "False"} if content_type else {"explain": "False"}
+    """Headers as TorchServe records them: the request's own, and the body's media type."""
+    headers = {"explain": "False", "body": {"content-type": content_type.split(";")[0].strip()}}
+    return {**headers, "Content-Type": content_type} if content_type else headers
 
 
 @given(text=texts)

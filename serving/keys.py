@@ -1,0 +1,92 @@
+"""Front-door keys: the bearer keys clients send to the gateway.
+
+They live in a JSON file (``{"keys": [{"key": ..., "created": ..., "expires": ...}]}``) that an
+operator owns: on a machine it is created with one key at the first start, in Kubernetes it is
+mounted from a Secret. Several keys are valid at once, which is what makes rotation free of
+downtime: :func:`rotate` adds a new key and gives the old ones a grace period in which clients
+switch; the gateway drops a key when it expires. TorchServe's own keys never leave the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class FrontDoorKey:
+    """One key; ``expires`` is a Unix time, or None for no expiry."""
+
+    key: str
+    created: float
+    expires: float | None = None
+
+    def valid(self, now: float) -> bool:
+        return self.expires is None or now < self.expires
+
+
+def new_key() -> str:
+    """A random URL-safe key (192 bits)."""
+    return secrets.token_urlsafe(24)
+
+
+def load(path: Path) -> list[FrontDoorKey]:
+    """The keys in ``path``.
+
+    Raises:
+        ValueError: The file is not a keys file (the message names it).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+        keys = [FrontDoorKey(**entry) for entry in data["keys"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a front-door keys file ({err})") from None
+    for entry in keys:
+        if not entry.key or not all(c.isalnum() or c in "-_" for c in entry.key):
+            raise ValueError(f"{path}: keys must be non-empty and URL-safe (letters, digits, - and _)")
+    return keys
+
+
+def save(path: Path, keys: list[FrontDoorKey]) -> None:
+    """Write ``keys`` atomically, readable by the owner only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".keys-")
+    with os.fdopen(fd, "w") as out:
+        json.dump({"keys": [asdict(k) for k in keys]}, out, indent=2)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def ensure(path: Path) -> list[FrontDoorKey]:
+    """The keys in ``path``, creating the file with one new key if it does not exist."""
+    if not Path(path).exists():
+        save(path, [FrontDoorKey(new_key(), time.time())])
+    return load(path)
+
+
+def valid_keys(path: Path, now: float | None = None) -> list[str]:
+    """The keys of ``path`` that have not expired, newest first."""
+    now = time.time() if now is None else now
+    return [k.key for k in sorted(load(path), key=lambda k: k.created, reverse=True) if k.valid(now)]
+
+
+def rotate(path: Path, grace_s: float) -> str:
+    """Add a new key; keys without an earlier expiry stay valid for ``grace_s`` more seconds.
+
+    Expired keys are removed from the file. Returns the new key.
+    """
+    now = time.time()
+    kept = [
+        FrontDoorKey(k.key, k.created, now + grace_s if k.expires is None else min(k.expires, now + grace_s))
+        for k in ensure(path)
+        if k.valid(now)
+    ]
+    key = new_key()
+    save(path, [FrontDoorKey(key, now), *kept])
+    return key
