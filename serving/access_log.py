@@ -13,6 +13,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
+from typing import BinaryIO
 
 from serving.gateway import attempts
 
@@ -37,27 +38,41 @@ class AccessLog:
         self.responses: Counter[str] = Counter()
         self.attempts = 0
         self.retried = 0
-        self._offset = 0
-        self._inode: int | None = None
+        self._handle: BinaryIO | None = None
         self._partial = ""
 
     def poll(self) -> int:
-        """Count the complete lines written since the last call; returns how many."""
+        """Count the complete lines written since the last call; returns how many.
+
+        The log is read through an open handle, so lines written to it after a rotation renamed
+        it, until nginx reopened the new file, are still counted.
+        """
+        count = self._read()
         try:
-            stat = self.path.stat()
+            inode = self.path.stat().st_ino
         except FileNotFoundError:
+            return count
+        if self._handle is None or inode != os.fstat(self._handle.fileno()).st_ino:
+            if self._handle is not None:
+                self._handle.close()
+            self._handle, self._partial = self.path.open("rb"), ""
+            count += self._read()
+        return count
+
+    def _read(self) -> int:
+        if self._handle is None:
             return 0
-        if stat.st_ino != self._inode or stat.st_size < self._offset:
-            self._inode, self._offset, self._partial = stat.st_ino, 0, ""
-        with self.path.open("rb") as log:
-            log.seek(self._offset)
-            chunk = log.read()
-        self._offset += len(chunk)
-        text = self._partial + chunk.decode("utf-8", "replace")
+        text = self._partial + self._handle.read().decode("utf-8", "replace")
         *lines, self._partial = text.split("\n")
         for line in lines:
             self._count(line)
         return len(lines)
+
+    def close(self) -> None:
+        """Close the log handle."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
     def _count(self, line: str) -> None:
         match = STATUS.search(line)

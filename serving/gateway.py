@@ -9,6 +9,8 @@ TorchServe's key (included files, applied with a graceful reload), the health fi
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import signal
 import socket
@@ -81,6 +83,9 @@ def render(upstream: str, prefix: Path, settings: GatewaySettings) -> str:
     _check_address(upstream)
     servers = "\n".join(f"        server {upstream} max_fails=0;" for _ in range(settings.tries))
     values = {
+        # Started as root, nginx runs its worker as "nobody", which could not read the health
+        # files in the stack's folder: keep the worker under the user that runs the stack.
+        "USER": f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else "",
         "SERVERS": servers,
         "LISTEN": f"{settings.host}:{settings.port}",
         "METRICS_LISTEN": f"127.0.0.1:{settings.metrics_port}",

@@ -94,6 +94,8 @@ class TorchServe:
                 # Workers talk to the front end over /tmp/.ts.sock.<port>: a private range avoids
                 # clashing with another TorchServe on the same machine.
                 initial_worker_port=str(free_port()),
+                grpc_inference_port=str(free_port()),
+                grpc_management_port=str(free_port()),
             )
         self.props.update(overrides or {})
         token_auth = self.props.get("disable_token_authorization", "false").lower() != "true"

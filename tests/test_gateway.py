@@ -1,4 +1,4 @@
-"""The retrying nginx gateway: 5xx answers are retried, 4xx pass through, the config is validated."""
+"""The nginx front door against a scripted upstream: what it retries, refuses, rewrites and reports."""
 
 from __future__ import annotations
 
@@ -7,92 +7,213 @@ import time
 import pytest
 import requests
 
-from serving.gateway import Gateway, render
+from serving.access_log import AccessLog
+from serving.gateway import Gateway, GatewaySettings, attempts, client_keys_map, render
 from serving.server import free_port
 from tests.conftest import ScriptedHandler, loopback_http_server
 
 pytestmark = pytest.mark.integration
 
+KEY = "front-door-key_1"
 
-class FlakyUpstream(ScriptedHandler):
-    """Answers by path: /fail-once fails its first attempt with 500, /hang-once never answers its
-    first attempt, /always-500 always fails and /bad is always a 400."""
+
+class ScriptedUpstream(ScriptedHandler):
+    """Answers by model name: ``fail-once`` fails its first attempt with 500, ``died-once`` with
+    TorchServe's 507, ``hang-once`` never answers its first attempt, ``busy`` is always a
+    queue-full 503, ``always-500`` always fails, ``bad`` is always a 400; others echo. Every
+    answer carries the Authorization and Content-Type headers the upstream received."""
 
     attempts: dict[str, int] = {}
 
     def do_POST(self):
         body = self.read_body()
-        count = self.attempts[self.path] = self.attempts.get(self.path, 0) + 1
-        if self.path == "/hang-once" and count == 1:
+        name = self.path.rsplit("/", 1)[-1]
+        count = self.attempts[name] = self.attempts.get(name, 0) + 1
+        if name == "hang-once" and count == 1:
             time.sleep(3)  # longer than the gateway's attempt timeout
             return
-        if self.path == "/bad":
-            status = 400
-        elif self.path == "/always-500":
-            status = 500
-        else:
-            status = 500 if count == 1 else 200
-        self.answer(status, body if status == 200 else b'{"message": "Worker scaled down."}')
+        status = {"bad": 400, "always-500": 500, "busy": 503}.get(name, 200)
+        if count == 1 and name in ("fail-once", "died-once"):
+            status = 500 if name == "fail-once" else 507
+        self.send_response(status)
+        payload = body if status == 200 else b'{"message": "scripted failure"}'
+        self.send_header("X-Seen-Authorization", self.headers.get("Authorization", ""))
+        self.send_header("X-Seen-Content-Type", self.headers.get("Content-Type", ""))
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
 
 
 @pytest.fixture
 def upstream():
-    FlakyUpstream.attempts = {}
-    with loopback_http_server(FlakyUpstream) as address:
+    ScriptedUpstream.attempts = {}
+    with loopback_http_server(ScriptedUpstream) as address:
         yield address
+
+
+def start_gateway(upstream: str, workdir, **settings) -> Gateway:
+    config = GatewaySettings(port=free_port(), metrics_port=free_port(), attempt_timeout=1, **settings)
+    gateway = Gateway(upstream, workdir, config, client_keys=[KEY], upstream_key="torchserve-key")
+    gateway.start()
+    gateway.set_health(up=True, ready=True)
+    return gateway
 
 
 @pytest.fixture
 def gateway(upstream, tmp_path):
-    with Gateway(upstream, tmp_path / "gateway", free_port(), tries=3, attempt_timeout=1) as running:
-        yield running
+    running = start_gateway(upstream, tmp_path / "gateway")
+    yield running
+    running.stop()
 
 
-def test_a_failed_attempt_is_retried_and_the_body_resent(gateway):
-    answer = requests.post(f"{gateway.url}/fail-once", data=b"i feel fine", timeout=10)
+def post(gateway: Gateway, model: str, body: bytes = b"i feel fine", key: str | None = KEY, **headers):
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(f"{gateway.url}/predictions/{model}", data=body, headers={**auth, **headers}, timeout=10)
+
+
+@pytest.mark.parametrize("model", ["fail-once", "died-once", "hang-once"])
+def test_a_dead_removed_or_silent_worker_is_retried_and_the_body_resent(gateway, model):
+    answer = post(gateway, model)
     assert answer.status_code == 200
     assert answer.content == b"i feel fine"
-    assert FlakyUpstream.attempts["/fail-once"] == 2
+    assert ScriptedUpstream.attempts[model] == 2
     assert gateway.retried(answered=1) == 1
 
 
-def test_an_unanswered_attempt_is_retried_after_the_attempt_timeout(gateway):
-    answer = requests.post(f"{gateway.url}/hang-once", data=b"i feel fine", timeout=10)
-    assert answer.status_code == 200
-    assert answer.content == b"i feel fine"
-    assert FlakyUpstream.attempts["/hang-once"] == 2
-    assert gateway.retried(answered=1) == 1
+def test_a_queue_full_refusal_is_not_retried_and_says_when_to_retry(gateway):
+    answer = post(gateway, "busy")
+    assert answer.status_code == 503
+    assert answer.headers["Retry-After"] == "1"
+    assert ScriptedUpstream.attempts["busy"] == 1
 
 
 def test_client_errors_pass_through_without_retry(gateway):
-    answer = requests.post(f"{gateway.url}/bad", data=b"x", timeout=10)
+    answer = post(gateway, "bad")
     assert answer.status_code == 400
-    assert FlakyUpstream.attempts["/bad"] == 1
-    assert gateway.retried(answered=1) == 0
+    assert ScriptedUpstream.attempts["bad"] == 1
+    assert "Retry-After" not in answer.headers
 
 
 def test_attempts_are_bounded(gateway):
-    answer = requests.post(f"{gateway.url}/always-500", data=b"x", timeout=10)
-    assert answer.status_code == 500
-    assert FlakyUpstream.attempts["/always-500"] == 3
+    assert post(gateway, "always-500").status_code == 500
+    assert ScriptedUpstream.attempts["always-500"] == 3
 
 
-@pytest.mark.parametrize(
-    ("upstream_address", "listen", "tries", "attempt_timeout"),
-    [
-        ("127.0.0.1", "127.0.0.1:1", 3, 10),
-        ("127.0.0.1:80", "nowhere", 3, 10),
-        ("127.0.0.1:80", "127.0.0.1:1", 0, 10),
-        ("127.0.0.1:80", "127.0.0.1:1", 3, 0),
-    ],
-)
-def test_render_rejects_bad_settings(upstream_address, listen, tries, attempt_timeout, tmp_path):
-    with pytest.raises(ValueError):
-        render(upstream_address, listen, tmp_path, tries, attempt_timeout)
+def test_clients_need_a_front_door_key_and_never_see_torchserves(gateway):
+    refused = post(gateway, "echo", key=None)
+    assert refused.status_code == 401 and refused.json()["type"] == "Unauthorized"
+    assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    assert post(gateway, "echo", key="wrong").status_code == 401
+    answer = post(gateway, "echo")
+    assert answer.status_code == 200
+    assert answer.headers["X-Seen-Authorization"] == "Bearer torchserve-key"
+    assert ScriptedUpstream.attempts == {"echo": 1}
 
 
-def test_render_lists_the_upstream_once_per_attempt(tmp_path):
-    config = render("127.0.0.1:8080", "127.0.0.1:8090", tmp_path, tries=4)
-    assert config.count("server 127.0.0.1:8080 max_fails=0;") == 4
-    assert "listen 127.0.0.1:8090;" in config
+def test_keys_change_without_a_restart(gateway):
+    gateway.update_keys(["new-key", KEY], "rotated")
+    time.sleep(0.5)  # graceful reload
+    assert post(gateway, "echo", key="new-key").headers["X-Seen-Authorization"] == "Bearer rotated"
+    gateway.update_keys(["new-key"], "rotated")
+    time.sleep(0.5)
+    assert post(gateway, "echo").status_code == 401
+    assert post(gateway, "echo", key="new-key").status_code == 200
+
+
+def test_curl_default_form_body_is_read_as_text(gateway):
+    answer = post(gateway, "echo", body=b"i feel great", **{"Content-Type": "application/x-www-form-urlencoded"})
+    assert answer.status_code == 200
+    assert answer.headers["X-Seen-Content-Type"] == "text/plain; charset=utf-8"
+    assert answer.content == b"i feel great"
+
+
+def test_health_gates_predictions_and_readiness(gateway):
+    assert requests.get(f"{gateway.url}/ready", timeout=5).status_code == 200
+    assert requests.get(f"{gateway.url}/live", timeout=5).status_code == 200
+    gateway.set_health(up=True, ready=False)
+    assert requests.get(f"{gateway.url}/ready", timeout=5).status_code == 503
+    assert post(gateway, "echo").status_code == 200  # draining: still served
+    gateway.set_health(up=False, ready=False)
+    start = time.monotonic()
+    refused = post(gateway, "echo")
+    assert time.monotonic() - start < 1
+    assert refused.status_code == 503 and refused.json()["type"] == "NotReady"
+    assert refused.headers["Retry-After"] == "1"
+    assert "echo" not in ScriptedUpstream.attempts or ScriptedUpstream.attempts["echo"] == 1
+
+
+def test_an_upstream_that_is_down_is_a_503_with_retry_after(tmp_path):
+    gateway = start_gateway(f"127.0.0.1:{free_port()}", tmp_path / "gateway")
+    try:
+        start = time.monotonic()
+        answer = post(gateway, "echo")
+        assert time.monotonic() - start < 2
+        assert answer.status_code == 503 and answer.json()["type"] == "Unavailable"
+        assert answer.headers["Retry-After"] == "1"
+    finally:
+        gateway.stop()
+
+
+def test_refusals_are_json_and_other_paths_are_not_served(gateway):
+    too_large = post(gateway, "echo", body=b"x" * (2**20 + 1))
+    assert too_large.status_code == 413 and too_large.json()["type"] == "BodyTooLarge"
+    for method, path in (("POST", "/explanations/emotion"), ("GET", "/ping"), ("GET", "/models"), ("POST", "/")):
+        answer = requests.request(method, f"{gateway.url}{path}", timeout=5)
+        assert answer.status_code == 404 and answer.json()["type"] == "NotFound"
+    assert requests.get(f"{gateway.url}/predictions/echo", timeout=5).status_code == 405
+    assert ScriptedUpstream.attempts == {}
+
+
+def test_a_client_over_its_rate_is_refused_with_429(upstream, tmp_path):
+    gateway = start_gateway(upstream, tmp_path / "gateway", rate=1, burst=1)
+    try:
+        statuses = [post(gateway, "echo").status_code for _ in range(5)]
+        assert statuses[0] == 200 and 429 in statuses
+        refused = post(gateway, "echo")
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+        assert refused.json()["type"] == "TooManyRequests"
+    finally:
+        gateway.stop()
+
+
+def test_access_log_counts_rotates_and_renders_metrics(gateway):
+    for model in ("echo", "died-once", "bad"):
+        post(gateway, model)
+    log = AccessLog(gateway.access_log, max_bytes=1, backups=2)
+    gateway.retried(answered=3)
+    assert log.poll() == 3
+    assert log.responses == {"200": 2, "400": 1}
+    assert (log.attempts, log.retried) == (4, 1)
+    assert log.rotate_if_needed()
+    gateway.reopen_logs()
+    post(gateway, "echo")
+    deadline = time.monotonic() + 5
+    while log.poll() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.responses["200"] == 3
+    assert gateway.access_log.with_name("access.log.1").exists()
+    text = log.metrics(ready=True, up=True, ready_workers=2)
+    assert 'emotion_gateway_responses_total{code="400"} 1' in text
+    assert "emotion_gateway_upstream_attempts_total 5" in text
+
+
+def test_attempts_parsing():
+    assert attempts('"POST /predictions/x HTTP/1.1" 200 upstream=[500, 200] seconds=0') == 2
+    assert attempts('"POST /predictions/x HTTP/1.1" 200 upstream=[507 : 200] seconds=0') == 2
+    assert attempts('"GET /ready HTTP/1.1" 503 upstream=[-] seconds=0') == 0
+
+
+def test_render_validates_and_fills_every_placeholder(tmp_path):
+    settings = GatewaySettings(port=8090, metrics_port=8093, tries=4, attempt_timeout=7)
+    config = render("127.0.0.1:8085", tmp_path, settings)
+    assert config.count("server 127.0.0.1:8085 max_fails=0;") == 4
+    assert "listen 127.0.0.1:8090;" in config and "listen 127.0.0.1:8093;" in config
+    assert "proxy_read_timeout 7s;" in config
     assert "@@" not in config
+    with pytest.raises(ValueError):
+        render("nowhere", tmp_path, settings)
+    for bad in ({"tries": 0}, {"port": 0}, {"attempt_timeout": 0}, {"rate": 0}):
+        with pytest.raises(ValueError):
+            GatewaySettings(**bad)
+    assert "default 1;" in client_keys_map(None)
+    assert "default 0;" in client_keys_map(["k"])

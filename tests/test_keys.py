@@ -1,0 +1,43 @@
+"""Front-door keys: creation, rotation with a grace period, expiry, and bad files."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+from serving import keys
+
+
+def test_the_first_start_creates_one_private_key(tmp_path):
+    path = tmp_path / "keys.json"
+    created = keys.ensure(path)
+    assert len(created) == 1 and len(created[0].key) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert keys.ensure(path) == created  # a second start keeps it
+
+
+def test_rotation_keeps_old_keys_for_the_grace_period_only(tmp_path):
+    path = tmp_path / "keys.json"
+    old = keys.ensure(path)[0].key
+    new = keys.rotate(path, grace_s=60)
+    assert new != old
+    assert keys.valid_keys(path) == [new, old]  # newest first: what `key` prints
+    later = keys.load(path)[1].expires + 1
+    assert keys.valid_keys(path, now=later) == [new]
+    newest = keys.rotate(path, grace_s=0)
+    assert keys.valid_keys(path)[0] == newest
+    assert old not in keys.valid_keys(path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["not json", json.dumps({"nokeys": []}), json.dumps({"keys": [{"key": "has space", "created": 0}]}),
+     json.dumps({"keys": [{"key": "", "created": 0}]}), json.dumps({"keys": [{"created": 0}]})],
+)  # fmt: skip
+def test_a_bad_keys_file_is_named_in_the_error(tmp_path, content):
+    path = tmp_path / "keys.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="keys.json"):
+        keys.load(path)
