@@ -39,5 +39,5 @@ def test_rotation_keeps_old_keys_for_the_grace_period_only(tmp_path):
 def test_a_bad_keys_file_is_named_in_the_error(tmp_path, content):
     path = tmp_path / "keys.json"
     path.write_text(content)
-    with pytest.raises(ValueError, match="keys.json"):
+    with pytest.raises(ValueError, match=r"keys\.json"):
         keys.load(path)
