@@ -207,7 +207,15 @@ def run(args: argparse.Namespace) -> int:
     """Run the stack in the foreground until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     keys_file = None if args.no_keys else args.keys_file
-    stack = Stack(args.model_store, args.workdir, _settings(args), keys_file=keys_file, drain=args.drain)
+    stack = Stack(
+        args.model_store,
+        args.workdir,
+        _settings(args),
+        models=args.models,
+        keys_file=keys_file,
+        free_ports=args.ts_free_ports,
+        drain=args.drain,
+    )
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
@@ -304,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["run", "start", "stop", "key", "rotate-key"])
     parser.add_argument("--workdir", type=Path, default=WORKDIR)
     parser.add_argument("--model-store", type=Path, default=PROJECT_ROOT / "model_store")
+    parser.add_argument("--models", default="emotion=emotion.mar", help="TorchServe's --models")
+    parser.add_argument("--ts-free-ports", action="store_true", help="TorchServe on free loopback ports")
     parser.add_argument("--keys-file", type=Path, default=None, help="front-door keys (default <workdir>/keys.json)")
     parser.add_argument("--no-keys", action="store_true", help="no front-door key (behind another authenticator)")
     parser.add_argument("--host", default="127.0.0.1", help="front-door address (0.0.0.0 in a container)")

@@ -1,0 +1,232 @@
+"""Faults under load through the front door: the real TorchServe behind the real gateway.
+
+A worker killed mid-load, overload, an archive that cannot load, TorchServe restarted behind the
+gateway, key rotation, and the lifecycle of ``python -m serving.stack``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from loadtest.closed_loop import ClosedLoop, percentile
+from serving import keys as frontdoor_keys
+from serving.gateway import GatewaySettings
+from serving.health import GOLDEN_TEXT
+from serving.server import PROJECT_ROOT, free_port
+from serving.stack import Stack
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+TEXTS = ["i feel so delighted today", "i am terrified of the dark", "i feel lonely tonight", "i am furious at him"]
+
+
+def make_stack(model_store: Path, workdir: Path, models: str = "emotion=emotion.mar", **ts_overrides) -> Stack:
+    settings = GatewaySettings(port=free_port(), metrics_port=free_port())
+    return Stack(
+        model_store,
+        workdir,
+        settings,
+        models=models,
+        keys_file=workdir / "keys.json",
+        free_ports=True,
+        ts_overrides=ts_overrides or None,
+        drain=0.5,
+    )
+
+
+def start_ready(stack: Stack) -> Stack:
+    """Start, teach the readiness check what the tiny test model says of the golden text, wait."""
+    stack.start()
+    stack.torchserve.client.wait_ready("emotion", 120, stack.torchserve.process)
+    stack.readiness.golden_label = stack.torchserve.client.predict(GOLDEN_TEXT).json()["label"]
+    stack.wait_ready(60)
+    return stack
+
+
+@pytest.fixture
+def stack(model_store, tmp_path):
+    running = make_stack(model_store, tmp_path / "stack")
+    try:
+        yield start_ready(running)
+    finally:
+        running.stop()
+
+
+def predict(stack: Stack, text: str = TEXTS[0], **kwargs) -> requests.Response:
+    headers = {"Content-Type": "text/plain", **stack.headers(), **kwargs.pop("headers", {})}
+    return requests.post(f"{stack.url}/predictions/emotion", data=text.encode(), headers=headers, timeout=30, **kwargs)
+
+
+def load(stack: Stack, concurrency: int = 6) -> ClosedLoop:
+    return ClosedLoop(f"{stack.url}/predictions/emotion", stack.headers(), TEXTS, concurrency)
+
+
+def wait_for(predicate, timeout: float) -> float | None:
+    """Seconds until ``predicate()`` held, or None (a refused connection counts as not yet)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            if predicate():
+                return time.monotonic() - start
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    return None
+
+
+def test_a_worker_killed_mid_load_costs_no_request_and_comes_back(stack):
+    client = stack.torchserve.client
+    workers = len(client.workers())
+    with load(stack) as running:
+        time.sleep(2)
+        victim = client.workers()[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        back = wait_for(
+            lambda: client.ready_workers() == workers and victim not in {w["pid"] for w in client.workers()}, 30
+        )
+        time.sleep(1)
+    result = running.result
+    stack.supervise_once()
+    print(f"{len(result.statuses)} requests, {stack.access_log.retried} retried; worker back after {back} s")
+    assert back is not None and back <= 10, "the killed worker was not replaced within 10 s"
+    assert len(result.statuses) > 20
+    assert result.failed == 0, result.errors[:5]
+
+
+def test_overload_is_refused_fast_without_retries_and_recovers(model_store, tmp_path):
+    # A short queue makes TorchServe refuse at a load this machine's client can produce.
+    stack = start_ready(make_stack(model_store, tmp_path / "stack", job_queue_size="8"))
+    try:
+        with load(stack, 4) as base:
+            time.sleep(8)
+        capacity = base.result.statuses.count(200) / 8
+        stack.supervise_once()
+        before = (sum(stack.access_log.responses.values()), stack.access_log.attempts)
+        with load(stack, 48) as over:
+            time.sleep(10)
+        result = over.result
+        stack.supervise_once()
+        requests_seen = sum(stack.access_log.responses.values()) - before[0]
+        attempts = stack.access_log.attempts - before[1]
+        refusals = [lat for s, lat in zip(result.statuses, result.latencies, strict=True) if s in (429, 503)]
+        goodput = result.statuses.count(200) / 10
+        print(
+            f"capacity {capacity:.0f}/s, goodput {goodput:.0f}/s, {len(refusals)} refusals, "
+            f"{attempts / requests_seen:.2f} attempts per request"
+        )
+        assert set(result.statuses) <= {200, 503}, set(result.statuses)
+        assert refusals, "no refusal: the load did not overload"
+        assert percentile(refusals, 95) < 0.2
+        assert attempts / requests_seen <= 1.2
+        assert goodput >= 0.8 * capacity
+        start = time.monotonic()
+        assert predict(stack).status_code == 200 and time.monotonic() - start < 1  # recovered at once
+    finally:
+        stack.stop()
+
+
+def test_an_archive_that_cannot_load_is_not_ready_and_refuses_at_once(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    handler = tmp_path / "broken_handler.py"
+    handler.write_text(
+        "from ts.torch_handler.base_handler import BaseHandler\n\n\n"
+        "class Broken(BaseHandler):\n"
+        "    def initialize(self, context):\n"
+        "        raise RuntimeError('this model cannot load')\n"
+    )
+    archiver = Path(sys.executable).with_name("torch-model-archiver")
+    subprocess.run(
+        [archiver, "--model-name", "broken", "--version", "1.0", "--handler", handler, "--export-path", store],
+        check=True,
+    )
+    stack = make_stack(store, tmp_path / "stack", models="emotion=broken.mar")
+    try:
+        stack.start()
+        time.sleep(3)
+        assert requests.get(f"{stack.url}/ready", timeout=5).status_code == 503
+        start = time.monotonic()
+        answer = predict(stack)
+        assert time.monotonic() - start < 1
+        assert answer.status_code == 503 and answer.json()["type"] == "NotReady"
+        assert answer.headers["Retry-After"]
+    finally:
+        stack.stop()
+
+
+def test_torchserve_restarted_behind_the_gateway(stack):
+    assert predict(stack).status_code == 200
+    stack.torchserve.stop()
+    answers = []
+    for _ in range(5):
+        start = time.monotonic()
+        answer = predict(stack)
+        answers.append((answer.status_code, answer.headers.get("Retry-After"), time.monotonic() - start))
+        time.sleep(0.3)
+    assert all(status == 503 and retry_after and seconds < 2 for status, retry_after, seconds in answers), answers
+    assert requests.get(f"{stack.url}/ready", timeout=5).status_code == 503
+    stack.torchserve.start(timeout=120)  # new TorchServe keys: the gateway follows them
+    assert wait_for(lambda: requests.get(f"{stack.url}/ready", timeout=5).status_code == 200, 60) is not None
+    assert predict(stack).status_code == 200
+
+
+def test_front_door_keys_rotate_without_downtime(stack):
+    old_headers = stack.headers()
+    with ClosedLoop(f"{stack.url}/predictions/emotion", old_headers, TEXTS, 3) as old_clients:
+        new_key = frontdoor_keys.rotate(stack.keys_file, grace_s=4)
+        new_headers = {"Authorization": f"Bearer {new_key}"}
+        assert wait_for(lambda: predict(stack, headers=new_headers).status_code == 200, 5) is not None
+        time.sleep(1)
+    assert old_clients.result.statuses.count(200) > 10
+    assert old_clients.result.failed == 0, old_clients.result.errors[:5]  # served through the grace period
+    assert wait_for(lambda: predict(stack, headers=old_headers).status_code == 401, 10) is not None
+    assert predict(stack, headers=new_headers).status_code == 200
+    stack.supervise_once()
+    metrics = requests.get(stack.gateway.metrics_url, timeout=5).text
+    assert 'emotion_gateway_responses_total{code="401"}' in metrics
+
+
+def test_the_gateway_follows_torchserves_own_key(stack):
+    old = stack.torchserve.keys["inference"]
+    new = stack.torchserve.client.rotate_key("inference")  # TorchServe's token API
+    assert new != old
+    assert wait_for(lambda: stack.gateway.upstream_key == new, 5) is not None
+    assert wait_for(lambda: predict(stack).status_code == 200, 5) is not None
+
+
+def test_stack_cli_start_stop_leaves_no_process_and_drops_readiness_first(model_store, tmp_path):
+    workdir, port = tmp_path / "cli", free_port()
+    common = ["--workdir", str(workdir), "--model-store", str(model_store), "--port", str(port)]
+    common += ["--metrics-port", str(free_port()), "--ts-free-ports", "--drain", "3"]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "serving.stack", "run", *common], cwd=PROJECT_ROOT, start_new_session=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert wait_for(lambda: requests.get(f"{url}/live", timeout=2).ok, 120) is not None
+        assert wait_for(lambda: (workdir / "torchserve" / "key_file.json").exists(), 60) is not None
+        key = subprocess.run(
+            [sys.executable, "-m", "serving.stack", "key", "--workdir", str(workdir)],
+            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "text/plain"}
+        assert wait_for(lambda: requests.post(f"{url}/predictions/emotion", data=b"hi", headers=headers).ok, 120)
+        family = [run.pid, *(p.pid for p in psutil.Process(run.pid).children(recursive=True))]
+        run.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: requests.get(f"{url}/ready", timeout=2).status_code == 503, 2) is not None
+        # readiness is down, but requests are still served while load balancers catch up
+        assert requests.post(f"{url}/predictions/emotion", data=b"hi", headers=headers, timeout=10).status_code == 200
+        run.wait(timeout=60)
+        assert wait_for(lambda: not any(psutil.pid_exists(pid) for pid in family), 10) is not None
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
