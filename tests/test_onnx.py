@@ -5,12 +5,13 @@ from __future__ import annotations
 import zipfile
 
 import pytest
-from emotion_backends import HandlerSettings
 from emotion_handler import EmotionHandler
+from emotion_onnx import export_onnx
+from emotion_settings import HandlerSettings
 
 from serving.archive import ArchiveError, build_archive
-from serving.onnx_export import export_onnx
-from tests.test_handler import make_context, run_batch
+
+from .helpers import make_context, run_batch
 
 pytestmark = pytest.mark.slow
 
