@@ -9,7 +9,7 @@ from training.config import compose
 from training.data import LABELS
 from training.train import train
 
-from .conftest import tiny_overrides
+from .helpers import tiny_overrides
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training.config import PROJECT_ROOT
+from project import PROJECT_ROOT
 
 
 @dataclass(frozen=True)
