@@ -86,6 +86,16 @@ def test_settings_reject_combinations_the_backend_cannot_run(section, message):
         HandlerSettings.from_yaml(section)
 
 
+def test_every_configurable_backend_is_registered_with_an_export_step(tiny_model_dir, tmp_path):
+    from emotion_backends import BACKENDS
+    from emotion_settings import BACKEND_PRECISIONS
+
+    assert set(BACKENDS) == set(BACKEND_PRECISIONS)
+    assert all(callable(backend.export) for backend in BACKENDS.values())
+    # The torch backend runs the model directory as it is: nothing to build.
+    assert BACKENDS["torch"].export(tiny_model_dir, tmp_path, HandlerSettings()) == []
+
+
 def test_archive_exports_the_graph_its_config_selects(tiny_model_dir, tmp_path):
     config = tmp_path / "model-config.yaml"
     config.write_text("batchSize: 4\nmaxBatchDelay: 5\nhandler:\n  backend: onnx\n  precision: int8\n")
