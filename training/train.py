@@ -28,7 +28,7 @@ from training.data import LABELS, Example, load_split
 from training.evaluate import predict
 from training.metrics import classification_metrics
 from training.outputs import provenance, report_run, save_outputs
-from training.runtime import Runtime, setup_runtime, teardown_runtime
+from training.runtime import Runtime, resolve_precision, setup_runtime, teardown_runtime
 from training.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class Fit:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     total_steps: int
+    precision: str = "fp32"  # resolved: bf16 or fp32
     is_main: bool = True  # the DDP rank that shows progress, validates and writes
     step: int = 0
     history: dict[str, list[dict]] = field(default_factory=lambda: {"steps": [], "epochs": []})
@@ -129,7 +130,7 @@ def train_epoch(
     bar = tqdm(batches, desc=f"epoch {epoch}/{tcfg.epochs}", disable=not fit.is_main)
     for indices in bar:
         batch = split.collate(indices)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fit.precision == "bf16"):
             loss = fit.wrapped(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(fit.model.parameters(), tcfg.grad_clip)
@@ -155,7 +156,7 @@ def train_epoch(
 def validate(fit: Fit, split: TokenizedSplit, epoch: int, row: dict, cfg: DictConfig, tracker: Tracker) -> dict:
     """Validation metrics after an epoch, appended to the history (``row`` holds the epoch's
     training figures) and logged."""
-    predictions = predict(fit.model, split, cfg.train.eval_batch_size, cfg.train.precision)
+    predictions = predict(fit.model, split, cfg.train.eval_batch_size, fit.precision)
     metrics = classification_metrics(split.labels, predictions, LABELS)
     row = {"epoch": epoch, "accuracy": round(metrics["accuracy"], 5), "macro_f1": round(metrics["macro_f1"], 5), **row}
     fit.history["epochs"].append(row)
@@ -203,6 +204,7 @@ def train(cfg: DictConfig) -> dict:
 
 def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
     tcfg = cfg.train
+    precision = resolve_precision(tcfg.precision)
     train_examples = subset(load_split(cfg.data.train_file), cfg.data.max_train_examples, cfg.seed)
     val_examples = subset(load_split(cfg.data.val_file), cfg.data.max_val_examples, cfg.seed)
     tokenizer, model = build_model(cfg)
@@ -215,7 +217,7 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
             cfg.model.name,
             len(train_split),
             len(val_split),
-            tcfg.precision,
+            precision,
             torch.get_num_threads(),
             runtime.world_size,
         )
@@ -237,7 +239,7 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
         total_steps = min(total_steps, tcfg.max_steps)
     optimizer, scheduler = build_optimizer(model, tcfg, total_steps)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if runtime.distributed else model
-    fit = Fit(model, wrapped, optimizer, scheduler, total_steps, is_main=runtime.is_main)
+    fit = Fit(model, wrapped, optimizer, scheduler, total_steps, precision, is_main=runtime.is_main)
 
     started = time.perf_counter()
     metrics: dict = {}
@@ -263,6 +265,7 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
         epoch_seconds=[row["epoch_seconds"] for row in fit.history["epochs"]],
         train_seconds=round(train_seconds, 2),
         steps=fit.step,
+        precision=precision,
         world_size=runtime.world_size,
         threads_per_process=torch.get_num_threads(),
     )
