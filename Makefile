@@ -5,16 +5,15 @@ SHELL := /bin/bash
 PYTHON      ?= python3
 VENV        := .venv
 BIN         := $(VENV)/bin
-EXPERIMENT  ?= quick
-# `make train` and `make serve` keep each experiment's model and metrics apart.
-MODEL_DIR   := models/emotion-$(EXPERIMENT)
-METRICS_DIR := metrics/$(EXPERIMENT)
+# The Hydra experiment (training/conf/experiment) the pipeline targets build: default (the served
+# model), full (the released recipe), quick (smoke runs). Outputs: models/emotion-$EXPERIMENT/,
+# metrics/$EXPERIMENT/ (named by the Hydra paths group and dvc.yaml alike).
+EXPERIMENT  ?= default
 ARCHIVE     := model_store/emotion.mar
+# dvc.yaml holds the stage graph; its commands run `python` from the virtualenv.
+DVC         := PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc
 export PYTHONUNBUFFERED := 1
 export WANDB_SILENT := true
-
-TRAIN_SOURCES := $(wildcard training/*.py training/conf/*.yaml training/conf/*/*.yaml)
-HANDLER_SOURCES := $(wildcard handler/*.py handler/*.yaml serving/archive.py serving/onnx_export.py)
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F ':.*?## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -34,32 +33,37 @@ system-deps: ## Install Java 17 (TorchServe), Prometheus, wrk and nginx with apt
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx)
 
-data/processed/stats.json: $(BIN)/.installed training/prepare.py training/data.py
-	$(BIN)/python -m training.prepare
+experiment: $(BIN)/.installed ## Set `experiment` in params.yaml to $EXPERIMENT (the pipeline targets do it)
+	@test -f training/conf/experiment/$(EXPERIMENT).yaml || \
+		{ echo "no experiment '$(EXPERIMENT)': choose one of training/conf/experiment/*.yaml" >&2; exit 1; }
+	@grep -qx 'experiment: $(EXPERIMENT)' params.yaml || sed -i 's/^experiment: .*/experiment: $(EXPERIMENT)/' params.yaml
 
-data: data/processed/stats.json ## Validate the raw splits and write data/processed/
+# Each pipeline target runs its DVC stage and whatever it depends on; DVC skips what is up to date.
+data: experiment ## Validate the raw splits and write data/processed/ (DVC stage data)
+	$(DVC) repro data
 
-$(MODEL_DIR)/model.safetensors: data/processed/stats.json $(TRAIN_SOURCES)
-	$(BIN)/python -m training.train experiment=$(EXPERIMENT) paths.model_dir=$(abspath $(MODEL_DIR)) \
-		paths.metrics_dir=$(abspath $(METRICS_DIR))
+train: experiment ## Train models/emotion-$EXPERIMENT/, metrics in metrics/$EXPERIMENT/ (DVC stage train)
+	$(DVC) repro train
 
-train: $(MODEL_DIR)/model.safetensors ## Train models/emotion-$EXPERIMENT (EXPERIMENT=quick|full, default quick)
+evaluate: experiment ## Evaluate the trained model into metrics/$EXPERIMENT/eval.json (DVC stage evaluate)
+	$(DVC) repro evaluate
 
-train-speed: data/processed/stats.json ## Epoch time fp32 vs bf16, with and without length buckets
+archive: experiment ## Pack model_store/emotion.mar from models/emotion-$EXPERIMENT/ (DVC stage archive)
+	$(DVC) repro archive
+
+# The archive is always brought up to date by DVC: targets that need it depend on this file.
+$(ARCHIVE): archive ;
+
+repro: experiment ## The whole DVC pipeline (data -> train -> evaluate -> archive) for $EXPERIMENT
+	$(DVC) repro
+
+train-speed: data ## Epoch time fp32 vs bf16, with and without length buckets
 	$(BIN)/python -m training.speed
 
-profile: data/processed/stats.json ## Profile a few training steps (trace + top operators in outputs/profile/)
+profile: data ## Profile a few training steps (trace + top operators in outputs/profile/)
 	$(BIN)/python -m training.train experiment=quick train.profile.enabled=true train.max_steps=10 logger=none \
 		data.max_train_examples=640 paths.model_dir=$(abspath outputs/profile/model) \
 		paths.metrics_dir=$(abspath outputs/profile/metrics)
-
-repro: $(BIN)/.installed ## Run the DVC pipeline (data -> train -> evaluate -> archive)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
-
-$(ARCHIVE): $(MODEL_DIR)/model.safetensors $(HANDLER_SOURCES)
-	$(BIN)/python -m serving.archive --model-dir $(MODEL_DIR) --export-dir model_store
-
-archive: $(ARCHIVE) ## Pack model_store/emotion.mar with torch-model-archiver
 
 serve: system-deps $(ARCHIVE) ## Main job: data -> train -> archive -> TorchServe on 127.0.0.1 (EXPERIMENT=quick|full)
 	@$(BIN)/torchserve --stop >/dev/null 2>&1 || true
@@ -80,8 +84,8 @@ monitor: system-deps ## Prometheus on 127.0.0.1:9090 scraping the TorchServe of 
 	prometheus --config.file=monitoring/prometheus.yml --web.listen-address=127.0.0.1:9090 \
 		--storage.tsdb.path=outputs/prometheus
 
-bench: system-deps $(MODEL_DIR)/model.safetensors ## In-process vs FastAPI vs stock vs tuned TorchServe, one run
-	$(BIN)/python -m bench.run --model-dir $(MODEL_DIR)
+bench: system-deps train ## In-process vs FastAPI vs stock vs tuned TorchServe, one run, on models/emotion-$EXPERIMENT
+	$(BIN)/python -m bench.run
 
 batching: $(ARCHIVE) ## Measure batchSize x maxBatchDelay x workers (loadtest/results/batching.json)
 	$(BIN)/python -m loadtest.batching_sweep
@@ -103,4 +107,4 @@ test-fast: $(BIN)/.installed ## Tests not marked slow
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps data train train-speed profile repro archive serve gateway stop loadtest monitor bench batching lint format test test-fast clean
+.PHONY: help venv system-deps experiment data train evaluate archive repro train-speed profile serve gateway stop loadtest monitor bench batching lint format test test-fast clean

@@ -1,6 +1,6 @@
 """The seed design, kept only as a benchmark baseline: FastAPI, one text per forward pass, fp32.
 
-``BENCH_MODEL_DIR=models/emotion-quick uvicorn bench.fastapi_baseline:app``
+``BENCH_MODEL_DIR=<model directory> uvicorn bench.fastapi_baseline:app`` (``bench.run`` starts it)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where the worker's time goes: the handler on batches of validation texts, under cProfile.
 
-``python -m bench.profile_handler --model-dir models/emotion [--section '{precision: bf16}']``
+``python -m bench.profile_handler [--model-dir DIR] [--section '{precision: bf16}']``
 runs the real handler (through a TorchServe ``Context``, no server) on batches of 16
 validation texts, prints the share of time spent in the model's forward pass and the top
 functions, and times one of the model's linear layers to show the matrix-product rate the
@@ -12,16 +12,18 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from loadtest.settings import PROJECT_ROOT, LoadTestSettings
+from loadtest.settings import LoadTestSettings
+from project import PROJECT_ROOT, current_experiment, handler_module
+from training.config import experiment_paths
 
-sys.path.insert(0, str(PROJECT_ROOT / "handler"))
+# Modules whose backends' __call__ is the model's forward pass.
+BACKEND_MODULES = {"emotion_backends", "emotion_onnx"}
 
 
 def linear_gflops(dtype: torch.dtype, tokens: int = 480, hidden: int = 384, ffn: int = 1536) -> float:
@@ -40,11 +42,12 @@ def linear_gflops(dtype: torch.dtype, tokens: int = 480, hidden: int = 384, ffn:
 
 def main(argv: list[str] | None = None) -> int:
     """Profile the handler and print the findings."""
-    from emotion_handler import EmotionHandler
     from ts.context import Context, RequestProcessor
 
+    EmotionHandler = handler_module("emotion_handler").EmotionHandler
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "models" / "emotion")
+    parser.add_argument("--model-dir", type=Path, default=experiment_paths(current_experiment()).model_dir)
     parser.add_argument("--section", default="{backend: torch, precision: bf16}", help="handler section (YAML)")
     parser.add_argument("--batches", type=int, default=100)
     args = parser.parse_args(argv)
@@ -77,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     stats = pstats.Stats(profile)
     model_seconds = sum(
-        entry[3] for func, entry in stats.stats.items() if func[2] == "__call__" and "emotion_backends" in func[0]
+        entry[3]
+        for func, entry in stats.stats.items()
+        if func[2] == "__call__" and Path(func[0]).stem in BACKEND_MODULES
     )
     print(
         f"{section}: {sum(map(len, batches)) / seconds:.1f} texts/s, "

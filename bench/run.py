@@ -28,10 +28,12 @@ import psutil
 import requests
 import yaml
 
-from loadtest.closed_loop import percentile
-from loadtest.settings import PROJECT_ROOT, LoadTestSettings
+from loadtest.settings import LoadTestSettings
+from loadtest.texts import latency_ms, write_texts
+from project import PROJECT_ROOT, current_experiment
 from serving.archive import build_archive
 from serving.server import TorchServe, free_port
+from training.config import experiment_paths
 
 LUA = Path(__file__).resolve().parent / "post.lua"
 TARGETS = {"d/a": 2.0, "d/b": 3.0, "d/c": 3.0}
@@ -113,9 +115,7 @@ def in_process(model_dir: Path, texts: list[str], batch: int, seconds: float, wa
     rss = psutil.Process().memory_info().rss / 2**20
     return {
         "requests_per_s": round(done / elapsed, 1),
-        "p50_ms": round(1000 * percentile(latencies, 50), 2),
-        "p95_ms": round(1000 * percentile(latencies, 95), 2),
-        "p99_ms": round(1000 * percentile(latencies, 99), 2),
+        **latency_ms(latencies, digits=2),
         "errors": 0,
         "client_cpu_share": 0.0,
         "rss_mb_per_worker": round(rss),
@@ -211,7 +211,12 @@ def torchserve_setup(
 def main(argv: list[str] | None = None) -> int:
     """Run all setups and print the table, ratios and target checks."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "models" / "emotion-quick")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=experiment_paths(current_experiment()).model_dir,
+        help="model directory (default: that of the experiment in params.yaml)",
+    )
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, default=20)
     parser.add_argument("--warmup", type=float, default=5)
@@ -234,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        texts_file = Path(tmp) / "texts.txt"
-        texts_file.write_text("\n".join(texts) + "\n")
+        texts_file = write_texts(Path(tmp) / "texts.txt", texts)
         print("a: in-process fp32, batched ...", flush=True)
         results["a"] = in_process(args.model_dir, texts, args.concurrency, args.duration, args.warmup)
         print("b: FastAPI baseline ...", flush=True)

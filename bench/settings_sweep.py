@@ -1,6 +1,7 @@
 """Each handler speed-up measured for throughput and validation accuracy, one run.
 
-``python -m bench.settings_sweep --model-dir models/emotion`` serves the model with one
+``python -m bench.settings_sweep [--model-dir DIR ...]`` serves the model (default: the one of the
+experiment in ``params.yaml``) with one
 worker taking batches of up to 16 within 20 ms (``SWEEP_BATCHING``: the best topology for
 the PyTorch backend, whose threads contend when two workers share two cores) and one
 ``handler:`` setting changed at a time; the last rows change workers and batching on top, up
@@ -25,8 +26,9 @@ import requests
 import yaml
 
 from bench.run import drive, torchserve_setup_server, worker_rss_mb
-from handler.emotion_backends import HandlerSettings
-from loadtest.settings import PROJECT_ROOT
+from loadtest.texts import read_labelled, write_texts
+from project import PROJECT_ROOT, current_experiment, handler_module
+from training.config import experiment_paths
 
 # Batching every setting runs with unless its row changes it.
 SWEEP_BATCHING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 16, "maxBatchDelay": 20}
@@ -89,7 +91,7 @@ WARMUP_S = {"torch bf16, torch.compile": 180.0}
 
 def validation_accuracy(url: str, headers: dict[str, str], val_file: Path) -> float:
     """Share of validation texts whose served top label equals the gold label."""
-    pairs = [line.rsplit(";", 1) for line in val_file.read_text(encoding="utf-8").splitlines() if line]
+    pairs = read_labelled(val_file)
 
     def ask(text: str) -> str:
         response = requests.post(
@@ -106,7 +108,7 @@ def validation_accuracy(url: str, headers: dict[str, str], val_file: Path) -> fl
 def main(argv: list[str] | None = None) -> int:
     """Run every setting and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, nargs="+", default=[PROJECT_ROOT / "models" / "emotion"])
+    parser.add_argument("--model-dir", type=Path, nargs="+", default=[experiment_paths(current_experiment()).model_dir])
     parser.add_argument("--val-file", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, default=15)
@@ -117,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     base = yaml.safe_load((PROJECT_ROOT / "handler" / "model-config.yaml").read_text())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        texts_file = Path(tmp) / "texts.txt"
-        texts_file.write_text("\n".join(line.rsplit(";", 1)[0] for line in args.val_file.read_text().splitlines()))
+        texts_file = write_texts(Path(tmp) / "texts.txt", [text for text, _ in read_labelled(args.val_file)])
         chosen = {name: SETTINGS[name] for name in args.only} if args.only else SETTINGS
         runs = [(model_dir, *item) for model_dir in args.model_dir for item in chosen.items()]
         for index, (model_dir, name, (handler, top_level)) in enumerate(runs):
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 config = {**base, **top_level, "handler": handler}
             else:
                 # every other handler key at its HandlerSettings default, so only the row's changes apply
-                handler = {**dataclasses.asdict(HandlerSettings()), **handler}
+                handler = {**dataclasses.asdict(handler_module("emotion_settings").HandlerSettings()), **handler}
                 config = {**base, **SWEEP_BATCHING, **top_level, "handler": handler}
             warmup = argparse.Namespace(**{**vars(args), "warmup": WARMUP_S.get(name, args.warmup)})
             if len(args.model_dir) > 1:

@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from emotion_backends import HandlerSettings, load_backend
-from emotion_inputs import Batch, InputError, extract_text, plan_passes
+from emotion_backends import load_backend
+from emotion_batch import Batch, plan_passes
+from emotion_inputs import InputError, extract_text
 from emotion_metrics import EmotionMetrics
+from emotion_settings import HandlerSettings
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import requests
 
-from loadtest.closed_loop import ClosedLoop, percentile
-from loadtest.settings import PROJECT_ROOT, LoadTestSettings
+from loadtest.closed_loop import ClosedLoop
+from loadtest.settings import LoadTestSettings
+from loadtest.texts import latency_ms
+from project import PROJECT_ROOT
 from serving.server import TorchServe
 
 
@@ -36,8 +37,7 @@ def measure(server: TorchServe, texts: list[str], concurrency: int, warmup: floa
     failed = client.result.failed
     return {
         "requests_per_s": round(len(window) / elapsed, 1),
-        "p50_ms": round(1000 * statistics.median(window), 1),
-        "p95_ms": round(1000 * percentile(window, 95), 1),
+        **latency_ms(window),
         "failed": failed,
     }
 

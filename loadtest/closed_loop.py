@@ -7,18 +7,11 @@ latency is kept so a test can prove that no request was lost.
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 from dataclasses import dataclass, field
 
 import requests
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The ``q``-th percentile (0-100, nearest rank) of non-empty ``values``."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 @dataclass

@@ -13,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadtest.settings import CONFIG_ENV, DEFAULT_CONFIG, PROJECT_ROOT, LoadTestSettings
+from loadtest.settings import CONFIG_ENV, DEFAULT_CONFIG, LoadTestSettings
+from project import PROJECT_ROOT
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 

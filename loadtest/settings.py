@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from loadtest.texts import read_texts
+from project import PROJECT_ROOT
+
 DEFAULT_CONFIG = PROJECT_ROOT / "loadtest" / "config.yaml"
 CONFIG_ENV = "LOADTEST_CONFIG"
 
@@ -51,9 +52,7 @@ class LoadTestSettings:
         path = path if path.is_absolute() else PROJECT_ROOT / path
         if not path.is_file():
             raise FileNotFoundError(f"load-test texts not found: {path} (run `make data`, or set texts_file)")
-        texts = [line.rpartition(";")[0] for line in path.read_text(encoding="utf-8").splitlines() if ";" in line]
-        random.Random(seed).shuffle(texts)
-        return texts[:limit]
+        return read_texts(path, limit, seed)
 
 
 def inference_key() -> str | None:

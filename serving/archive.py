@@ -1,10 +1,10 @@
 """Build ``model_store/emotion.mar`` from a trained model directory.
 
-``python -m serving.archive [--model-dir models/emotion] [--version 1.0]`` packs
-the weights, tokenizer, model config, handler modules and ``model-config.yaml``
-with torch-model-archiver. When the config's handler section selects the ``onnx``
-backend, the model is exported to ONNX (and quantised for int8) and packed too.
-Nothing the archive needs is fetched at serve time.
+``python -m serving.archive --model-dir DIR [--version 1.0]`` packs the weights,
+tokenizer, model config, handler modules and ``model-config.yaml`` with
+torch-model-archiver, plus what the configured backend's export step builds (the
+ONNX graph for the ``onnx`` backend). Nothing the archive needs is fetched at serve time.
+The pipeline's archive stage (``dvc.yaml``) passes the experiment's model directory.
 """
 
 from __future__ import annotations
@@ -20,14 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from handler.emotion_backends import HandlerSettings
+from project import HANDLER_DIR, PROJECT_ROOT, handler_module
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-HANDLER_DIR = PROJECT_ROOT / "handler"
 HANDLER_FILE = HANDLER_DIR / "emotion_handler.py"
-HANDLER_MODULES = ("emotion_inputs.py", "emotion_backends.py", "emotion_metrics.py")
 WEIGHTS = "model.safetensors"
 # Files of a Hugging Face model directory the handler needs besides the weights.
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -35,6 +32,11 @@ MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "specia
 
 class ArchiveError(RuntimeError):
     """The model directory or handler cannot be packed."""
+
+
+def handler_modules() -> list[Path]:
+    """The modules the handler imports, packed beside it: every ``handler/emotion_*.py``."""
+    return sorted(path for path in HANDLER_DIR.glob("emotion_*.py") if path != HANDLER_FILE)
 
 
 def check_model_dir(model_dir: Path) -> list[Path]:
@@ -73,12 +75,13 @@ def build_archive(
         Path of the written archive.
     """
     model_dir, export_dir = Path(model_dir), Path(export_dir)
-    extra = check_model_dir(model_dir) + [HANDLER_DIR / m for m in HANDLER_MODULES]
+    extra = check_model_dir(model_dir) + handler_modules()
     if not model_config.is_file():
         raise ArchiveError(f"model config not found: {model_config}")
+    settings_module, backends = handler_module("emotion_settings"), handler_module("emotion_backends")
     try:
         # Fail here, not in every worker at serve time, on a bad handler section.
-        settings = HandlerSettings.from_yaml(yaml.safe_load(model_config.read_text()).get("handler"))
+        settings = settings_module.HandlerSettings.from_yaml(yaml.safe_load(model_config.read_text()).get("handler"))
     except (yaml.YAMLError, AttributeError, TypeError, ValueError) as err:
         raise ArchiveError(f"{model_config}: {err}") from err
     export_dir.mkdir(parents=True, exist_ok=True)
@@ -89,13 +92,10 @@ def build_archive(
         raise ArchiveError("torch-model-archiver is not installed (pip install torch-model-archiver)")
     with tempfile.TemporaryDirectory() as tmp:
         # Build in a temporary folder so a failed run never leaves a half-written archive in the store.
-        if settings.backend == "onnx":
-            from serving.onnx_export import ExportError, export_onnx
-
-            try:
-                extra.append(export_onnx(model_dir, Path(tmp) / "onnx", settings.precision))
-            except ExportError as err:
-                raise ArchiveError(str(err)) from err
+        try:
+            extra += backends.BACKENDS[settings.backend].export(model_dir, Path(tmp) / "export", settings)
+        except backends.ExportError as err:
+            raise ArchiveError(str(err)) from err
         command = [
             archiver,
             "--model-name",
@@ -127,7 +127,7 @@ def build_archive(
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "models" / "emotion")
+    parser.add_argument("--model-dir", type=Path, required=True, help="trained model directory")
     parser.add_argument("--export-dir", type=Path, default=PROJECT_ROOT / "model_store")
     parser.add_argument("--name", default="emotion", help="archive file stem and model name")
     parser.add_argument("--version", default="1.0")

@@ -21,7 +21,10 @@ def test_archive_holds_weights_tokenizer_config_and_handler(model_store):
         "model-config.yaml",
         "emotion_handler.py",
         "emotion_inputs.py",
+        "emotion_batch.py",
+        "emotion_settings.py",
         "emotion_backends.py",
+        "emotion_onnx.py",
         "emotion_metrics.py",
     } <= names
     assert manifest["model"]["modelName"] == "emotion"

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from bench.run import at_rate, wrk
-from loadtest.settings import PROJECT_ROOT
-from tests.conftest import ScriptedHandler, loopback_http_server
+from project import PROJECT_ROOT
+from tests.helpers import ScriptedHandler, loopback_http_server
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,7 @@ def test_paced_load_stays_near_the_asked_rate(echo_url, texts_file):
 @pytest.mark.slow
 def test_settings_sweep_measures_speed_memory_and_accuracy(tiny_model_dir, tmp_path):
     from bench.settings_sweep import main
-    from tests.conftest import FIXTURE_DATA
+    from tests.helpers import FIXTURE_DATA
 
     out = tmp_path / "settings.json"
     argv = ["--model-dir", str(tiny_model_dir), "--val-file", str(FIXTURE_DATA / "val.txt"), "--out", str(out)]
@@ -81,7 +81,7 @@ def test_settings_sweep_measures_speed_memory_and_accuracy(tiny_model_dir, tmp_p
 @pytest.mark.slow
 def test_benchmark_runs_every_setup_and_prints_the_checks(tiny_model_dir, tmp_path, capsys):
     from bench.run import main
-    from tests.conftest import FIXTURE_DATA
+    from tests.helpers import FIXTURE_DATA
 
     argv = ["--model-dir", str(tiny_model_dir), "--texts-file", str(FIXTURE_DATA / "val.txt"), "--out", str(tmp_path)]
     assert main([*argv, "--duration", "2", "--warmup", "1", "--concurrency", "4"]) == 0

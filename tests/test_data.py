@@ -7,7 +7,7 @@ import pytest
 from training.data import LABELS, DataFormatError, Example, class_counts, load_split, parse_line, write_split
 from training.hub import rows_to_examples
 
-from .conftest import FIXTURE_DATA
+from .helpers import FIXTURE_DATA
 
 
 def write(tmp_path: Path, content: bytes, name: str = "split.txt") -> Path:

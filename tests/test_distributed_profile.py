@@ -11,7 +11,7 @@ from serving.server import free_port
 from training.config import compose
 from training.train import train
 
-from .conftest import tiny_overrides
+from .helpers import tiny_overrides
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import requests
 from serving.access_log import AccessLog
 from serving.gateway import Gateway, GatewaySettings, attempts, client_keys_map, render
 from serving.server import free_port
-from tests.conftest import ScriptedHandler, loopback_http_server
+from tests.helpers import ScriptedHandler, loopback_http_server
 
 pytestmark = pytest.mark.integration
 

@@ -2,42 +2,17 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from emotion_backends import HandlerSettings
 from emotion_handler import EmotionHandler
 from emotion_inputs import InputError, extract_text
-from ts.context import Context, RequestProcessor
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from emotion_settings import HandlerSettings
 
 from training.data import LABELS
 
-METRICS_YAML = Path(__file__).resolve().parents[1] / "monitoring" / "metrics.yaml"
+from .helpers import make_context, run_batch
 
 pytestmark = pytest.mark.slow
-
-
-def make_context(model_dir: Path, handler_section: dict | None = None, gpu: int | None = None) -> Context:
-    """A TorchServe worker context; ``gpu`` is the gpu_id TorchServe would hand the worker."""
-    metrics = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
-    metrics.initialize_cache()
-    yaml_config = {"batchSize": 8, "handler": handler_section or {}}
-    return Context(
-        "emotion", str(model_dir), {"model": {}}, 8, gpu, "0.12.0", metrics=metrics, model_yaml_config=yaml_config
-    )
-
-
-def run_batch(handler: EmotionHandler, context: Context, requests: list[tuple[object, str]]) -> list[tuple[int, dict]]:
-    """Send (payload, content type) pairs as one TorchServe batch; return (status, body) per request."""
-    context.request_processor = [RequestProcessor({"body": {"content-type": ct}}) for _, ct in requests]
-    context.request_ids = {i: f"req-{i}" for i in range(len(requests))}
-    context.metrics.request_ids = context.request_ids
-    outputs = handler.handle([{"body": payload} for payload, _ in requests], context)
-    assert len(outputs) == len(requests)
-    return [(context.get_response_status(i)[0], json.loads(out)) for i, out in enumerate(outputs)]
 
 
 @pytest.fixture(scope="module")

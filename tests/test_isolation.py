@@ -16,11 +16,10 @@ from emotion_handler import EmotionHandler
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ts.context import Context
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.protocol.otf_message_handler import _retrieve_request
 from ts.service import Service
 
-from tests.test_handler import METRICS_YAML
+from tests.helpers import make_context
 
 pytestmark = pytest.mark.slow
 
@@ -68,18 +67,9 @@ def run(handler: EmotionHandler, context: Context, requests: list[tuple[bytes, s
     return [(context.get_response_status(i)[0], json.loads(out)) for i, out in enumerate(outputs)]
 
 
-def new_context(model_dir, handler_section=None) -> Context:
-    metrics = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
-    metrics.initialize_cache()
-    config = {"batchSize": 16, "handler": handler_section or {}}
-    return Context(
-        "emotion", str(model_dir), {"model": {}}, 16, None, "0.12.0", metrics=metrics, model_yaml_config=config
-    )
-
-
 @pytest.fixture(scope="module")
 def served(tiny_model_dir):
-    context = new_context(tiny_model_dir, {"sort_by_length": True, "pass_cost_tokens": 4})
+    context = make_context(tiny_model_dir, {"sort_by_length": True, "pass_cost_tokens": 4})
     handler = EmotionHandler()
     handler.initialize(context)
     alone = {good: run(handler, context, [(good[0].encode(), good[1], {})])[0] for good in GOOD}

@@ -10,7 +10,7 @@ import yaml
 from loadtest.run import main as run_loadtest
 from loadtest.settings import LoadTestSettings
 
-from .conftest import FIXTURE_DATA
+from .helpers import FIXTURE_DATA
 
 
 def write_config(path, host: str, **changes) -> str:
@@ -40,7 +40,7 @@ def test_settings_refuse_remote_hosts_and_oversized_steps(tmp_path):
 
 
 def test_percentile_is_nearest_rank():
-    from loadtest.closed_loop import percentile
+    from loadtest.texts import percentile
 
     values = list(range(100, 0, -1))  # 1..100, unsorted
     assert (percentile(values, 50), percentile(values, 95), percentile(values, 100)) == (50, 95, 100)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import zipfile
 
 import pytest
-from emotion_backends import HandlerSettings
 from emotion_handler import EmotionHandler
+from emotion_onnx import export_onnx
+from emotion_settings import HandlerSettings
 
 from serving.archive import ArchiveError, build_archive
-from serving.onnx_export import export_onnx
-from tests.test_handler import make_context, run_batch
+
+from .helpers import make_context, run_batch
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +84,16 @@ def test_missing_export_is_a_clear_error(tiny_model_dir):
 def test_settings_reject_combinations_the_backend_cannot_run(section, message):
     with pytest.raises(ValueError, match=message):
         HandlerSettings.from_yaml(section)
+
+
+def test_every_configurable_backend_is_registered_with_an_export_step(tiny_model_dir, tmp_path):
+    from emotion_backends import BACKENDS
+    from emotion_settings import BACKEND_PRECISIONS
+
+    assert set(BACKENDS) == set(BACKEND_PRECISIONS)
+    assert all(callable(backend.export) for backend in BACKENDS.values())
+    # The torch backend runs the model directory as it is: nothing to build.
+    assert BACKENDS["torch"].export(tiny_model_dir, tmp_path, HandlerSettings()) == []
 
 
 def test_archive_exports_the_graph_its_config_selects(tiny_model_dir, tmp_path):

@@ -6,7 +6,7 @@ import itertools
 import random
 
 import pytest
-from emotion_inputs import plan_passes
+from emotion_batch import plan_passes
 
 
 def padded_cost(lengths: list[int], passes: list[list[int]], pass_cost: int) -> int:

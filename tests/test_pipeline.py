@@ -1,4 +1,5 @@
-"""The DVC pipeline on a copy of the repository: repro, no-op repro, partial re-runs, push and pull."""
+"""The DVC pipeline: its outputs named as the Hydra paths name them, and on a copy of the repository:
+repro, no-op repro, partial re-runs, push and pull."""
 
 from __future__ import annotations
 
@@ -9,12 +10,51 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from .conftest import FIXTURE_DATA
+from project import PROJECT_ROOT, current_experiment
+from training.config import experiment_paths
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+from .helpers import FIXTURE_DATA
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+def stage_paths(experiment: str) -> dict[str, set[str]]:
+    """Each stage's declared outputs and dependencies in dvc.yaml, for ``experiment``."""
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    paths = {}
+    for name, stage in stages.items():
+        entries = [*stage.get("deps", []), *stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]
+        names = [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+        paths[name] = {n.replace("${experiment}", experiment) for n in names}
+    return paths
+
+
+@pytest.mark.parametrize("experiment", ["default", "full", "quick"])
+def test_stage_outputs_are_where_training_writes_them(experiment):
+    expected = experiment_paths(experiment)
+    model_dir = expected.model_dir.relative_to(PROJECT_ROOT).as_posix()
+    metrics_dir = expected.metrics_dir.relative_to(PROJECT_ROOT).as_posix()
+    paths = stage_paths(experiment)
+    assert model_dir in paths["train"] and model_dir in paths["evaluate"] and model_dir in paths["archive"]
+    assert f"{metrics_dir}/train.json" in paths["train"]
+    assert f"{metrics_dir}/eval.json" in paths["evaluate"]
+    archive_cmd = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["archive"]["cmd"]
+    assert f"--model-dir {model_dir} " in archive_cmd.replace("${experiment}", experiment)
+
+
+def test_stages_depend_on_every_code_folder_they_run():
+    paths = stage_paths("default")
+    for stage in ("train", "evaluate"):
+        assert {"training", "project.py"} <= paths[stage], stage
+    assert {"project.py", "training/prepare.py", "training/data.py", "training/config.py"} <= paths["data"]
+    assert {"handler", "serving/archive.py", "project.py"} <= paths["archive"]
+
+
+def test_committed_pipeline_builds_the_default_experiment():
+    assert current_experiment() == "default"
+    lock = yaml.safe_load((PROJECT_ROOT / "dvc.lock").read_text())["stages"]
+    assert lock["train"]["cmd"] == "python -m training.train experiment=default"
+    assert lock["train"]["params"]["params.yaml"]["experiment"] == "default"
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -52,17 +92,22 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
     return repo, env, git, remote
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_repro_builds_the_archive_then_is_a_no_op(workspace):
     repo, env, _, _ = workspace
     run(["dvc", "repro"], repo, env)
     assert (repo / "model_store" / "emotion.mar").stat().st_size > 1_000_000
-    assert (repo / "metrics" / "eval.json").is_file()
+    assert (repo / "metrics" / "smoke" / "eval.json").is_file()
+    assert (repo / "models" / "emotion-smoke" / "model.safetensors").is_file()
     again = run(["dvc", "repro"], repo, env)
     assert "Data and pipelines are up to date" in again
     for stage in ("data", "train", "evaluate", "archive"):
         assert f"Stage '{stage}' didn't change, skipping" in again
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_changing_a_hyperparameter_reruns_only_what_depends_on_it(workspace):
     repo, env, _, _ = workspace
     config = repo / "training" / "conf" / "train" / "default.yaml"
@@ -73,6 +118,8 @@ def test_changing_a_hyperparameter_reruns_only_what_depends_on_it(workspace):
     assert "Running stage 'archive'" in output
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_push_then_pull_into_a_fresh_clone_restores_data_and_model(workspace):
     repo, env, git, remote = workspace
     run([*git, "add", "-A"], repo, env)
@@ -82,6 +129,6 @@ def test_push_then_pull_into_a_fresh_clone_restores_data_and_model(workspace):
     run(["git", "clone", "-q", str(repo), str(clone)], repo.parent, env)
     run(["dvc", "remote", "add", "--local", "-f", "-d", "testremote", str(remote)], clone, env)
     run(["dvc", "pull"], clone, env)
-    for path in ("data/processed/train.txt", "models/emotion/model.safetensors", "model_store/emotion.mar"):
+    for path in ("data/processed/train.txt", "models/emotion-smoke/model.safetensors", "model_store/emotion.mar"):
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
     assert "Data and pipelines are up to date" in run(["dvc", "status"], clone, env)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from .conftest import tiny_overrides
+from .helpers import tiny_overrides
 
 pytestmark = pytest.mark.slow
 

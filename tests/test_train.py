@@ -9,7 +9,7 @@ from training.config import compose
 from training.data import LABELS
 from training.train import train
 
-from .conftest import tiny_overrides
+from .helpers import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -89,3 +89,12 @@ def test_pruning_rejects_impossible_layer_counts(tiny_model_dir, count):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
     with pytest.raises(ValueError, match="between 1 and 6"):
         keep_bottom_layers(model, count)
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively():
+    from training.runtime import native_bf16, resolve_precision
+
+    assert resolve_precision("auto") == ("bf16" if native_bf16() else "fp32")
+    assert resolve_precision("fp32") == "fp32"
+    with pytest.raises(ValueError, match=r"train\.precision"):
+        resolve_precision("fp16")

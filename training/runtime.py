@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training.config import PROJECT_ROOT
+from project import PROJECT_ROOT
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,21 @@ def physical_cores() -> int:
         return psutil.cpu_count(logical=False) or os.cpu_count() or 1
     except ImportError:  # pragma: no cover
         return os.cpu_count() or 1
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16, as oneDNN detects them); without
+    that, bf16 autocast is emulated and many times slower than fp32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str) -> str:
+    """``bf16`` or ``fp32``: ``auto`` becomes bf16 where the CPU computes it natively, else fp32."""
+    if precision == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"train.precision must be auto, bf16 or fp32, not {precision!r}")
+    return precision
 
 
 def setup_runtime(seed: int, num_threads: int | None) -> Runtime:

@@ -12,7 +12,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from training.config import PROJECT_ROOT, compose
+from project import PROJECT_ROOT
+from training.config import compose
 from training.train import train
 
 SETTINGS = {

@@ -9,17 +9,17 @@ DDP on the gloo backend; only rank 0 writes files and logs.
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from training.batching import TokenizedSplit, bucketed_batches
@@ -27,8 +27,8 @@ from training.config import CONFIG_DIR
 from training.data import LABELS, Example, load_split
 from training.evaluate import predict
 from training.metrics import classification_metrics
-from training.plots import plot_confusion_matrix, plot_training_curves
-from training.runtime import Runtime, describe_data, git_commit, setup_runtime, teardown_runtime
+from training.outputs import provenance, report_run, save_outputs
+from training.runtime import Runtime, resolve_precision, setup_runtime, teardown_runtime
 from training.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -83,25 +83,102 @@ def write_profile(prof, out_dir: Path) -> None:
     log.info("profile written to %s\n%s", out_dir, table)
 
 
-def save_outputs(cfg: DictConfig, model, tokenizer, history: dict, metrics: dict, provenance: dict) -> None:
-    """Model directory (safetensors, tokenizer, config), metrics JSON, history CSV and plots."""
-    model_dir = Path(cfg.paths.model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    # The tokenizer's model_max_length is the truncation length the handler reads.
-    tokenizer.model_max_length = cfg.train.max_length
-    tokenizer.save_pretrained(model_dir)
-    (model_dir / "training_meta.json").write_text(json.dumps(provenance, indent=2) + "\n")
+@dataclass
+class Fit:
+    """What the epochs of one run share: the model (and its DDP wrapper), the optimizer and its
+    schedule, the step count and the history the plots are drawn from."""
 
-    metrics_dir = Path(cfg.paths.metrics_dir)
-    (metrics_dir / "plots").mkdir(parents=True, exist_ok=True)
-    (metrics_dir / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with (metrics_dir / "train_epochs.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["epoch", "accuracy", "macro_f1", "train_loss", "epoch_seconds"])
-        writer.writeheader()
-        writer.writerows(history["epochs"])
-    plot_training_curves(history["steps"], history["epochs"], metrics_dir / "plots" / "training_curves.png")
-    plot_confusion_matrix(metrics["confusion_matrix"], LABELS, metrics_dir / "plots" / "train_confusion_matrix.png")
+    model: Any
+    wrapped: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    total_steps: int
+    precision: str = "fp32"  # resolved: bf16 or fp32
+    is_main: bool = True  # the DDP rank that shows progress, validates and writes
+    step: int = 0
+    history: dict[str, list[dict]] = field(default_factory=lambda: {"steps": [], "epochs": []})
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+
+def build_optimizer(model, tcfg: DictConfig, total_steps: int):
+    """AdamW without weight decay on biases and LayerNorm weights, and a linear schedule with warm-up."""
+    from transformers import get_linear_schedule_with_warmup
+
+    no_decay = ("bias", "LayerNorm.weight")
+    groups = [
+        {
+            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+            "weight_decay": tcfg.weight_decay,
+        },
+        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=tcfg.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total_steps), total_steps)
+    return optimizer, scheduler
+
+
+def train_epoch(
+    fit: Fit, split: TokenizedSplit, batches: list[list[int]], epoch: int, cfg: DictConfig, tracker: Tracker, prof
+) -> float:
+    """One pass over ``batches`` (or up to the run's last step); returns the mean training loss."""
+    tcfg = cfg.train
+    fit.wrapped.train()
+    loss_sum, loss_count = 0.0, 0
+    bar = tqdm(batches, desc=f"epoch {epoch}/{tcfg.epochs}", disable=not fit.is_main)
+    for indices in bar:
+        batch = split.collate(indices)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fit.precision == "bf16"):
+            loss = fit.wrapped(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(fit.model.parameters(), tcfg.grad_clip)
+        fit.optimizer.step()
+        fit.scheduler.step()
+        fit.optimizer.zero_grad(set_to_none=True)
+        fit.step += 1
+        loss_value = loss.item()
+        loss_sum += loss_value
+        loss_count += 1
+        if prof is not None:
+            prof.step()
+        if fit.step % tcfg.log_every_n_steps == 0 or fit.step == 1:
+            lr = fit.scheduler.get_last_lr()[0]
+            fit.history["steps"].append({"step": fit.step, "loss": loss_value, "lr": lr})
+            tracker.log({"train/loss": loss_value, "train/lr": lr, "train/epoch": epoch}, step=fit.step)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
+        if fit.done:
+            break
+    return loss_sum / max(loss_count, 1)
+
+
+def validate(fit: Fit, split: TokenizedSplit, epoch: int, row: dict, cfg: DictConfig, tracker: Tracker) -> dict:
+    """Validation metrics after an epoch, appended to the history (``row`` holds the epoch's
+    training figures) and logged."""
+    predictions = predict(fit.model, split, cfg.train.eval_batch_size, fit.precision)
+    metrics = classification_metrics(split.labels, predictions, LABELS)
+    row = {"epoch": epoch, "accuracy": round(metrics["accuracy"], 5), "macro_f1": round(metrics["macro_f1"], 5), **row}
+    fit.history["epochs"].append(row)
+    log.info(
+        "epoch %d: %.1f s, train loss %.4f, val accuracy %.4f, macro-F1 %.4f",
+        epoch,
+        row["epoch_seconds"],
+        row["train_loss"],
+        row["accuracy"],
+        row["macro_f1"],
+    )
+    tracker.log(
+        {
+            "val/accuracy": metrics["accuracy"],
+            "val/macro_f1": metrics["macro_f1"],
+            "train/epoch_seconds": row["epoch_seconds"],
+            "train/epoch_loss": row["train_loss"],
+        },
+        step=fit.step,
+    )
+    tracker.log_confusion(metrics["confusion_matrix"], list(LABELS), step=fit.step)
+    return metrics
 
 
 def train(cfg: DictConfig) -> dict:
@@ -126,9 +203,8 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
-    from transformers import get_linear_schedule_with_warmup
-
     tcfg = cfg.train
+    precision = resolve_precision(tcfg.precision)
     train_examples = subset(load_split(cfg.data.train_file), cfg.data.max_train_examples, cfg.seed)
     val_examples = subset(load_split(cfg.data.val_file), cfg.data.max_val_examples, cfg.seed)
     tokenizer, model = build_model(cfg)
@@ -141,7 +217,7 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
             cfg.model.name,
             len(train_split),
             len(val_split),
-            tcfg.precision,
+            precision,
             torch.get_num_threads(),
             runtime.world_size,
         )
@@ -158,87 +234,26 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
             world_size=runtime.world_size,
         )
 
-    steps_per_epoch = len(epoch_batches(0))
-    total_steps = steps_per_epoch * tcfg.epochs
+    total_steps = len(epoch_batches(0)) * tcfg.epochs
     if tcfg.max_steps is not None:
         total_steps = min(total_steps, tcfg.max_steps)
-    no_decay = ("bias", "LayerNorm.weight")
-    groups = [
-        {
-            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
-            "weight_decay": tcfg.weight_decay,
-        },
-        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=tcfg.lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total_steps), total_steps)
+    optimizer, scheduler = build_optimizer(model, tcfg, total_steps)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if runtime.distributed else model
+    fit = Fit(model, wrapped, optimizer, scheduler, total_steps, precision, is_main=runtime.is_main)
 
-    history: dict[str, list[dict]] = {"steps": [], "epochs": []}
-    step = 0
     started = time.perf_counter()
     metrics: dict = {}
     with profiler_context(cfg, runtime) as prof:
         for epoch in range(1, tcfg.epochs + 1):
-            wrapped.train()
             epoch_start = time.perf_counter()
-            loss_sum, loss_count = 0.0, 0
-            bar = tqdm(epoch_batches(epoch), desc=f"epoch {epoch}/{tcfg.epochs}", disable=not runtime.is_main)
-            for indices in bar:
-                batch = train_split.collate(indices)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"):
-                    loss = wrapped(**batch).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                loss_value = loss.item()
-                loss_sum += loss_value
-                loss_count += 1
-                if prof is not None:
-                    prof.step()
-                if step % tcfg.log_every_n_steps == 0 or step == 1:
-                    lr = scheduler.get_last_lr()[0]
-                    history["steps"].append({"step": step, "loss": loss_value, "lr": lr})
-                    tracker.log({"train/loss": loss_value, "train/lr": lr, "train/epoch": epoch}, step=step)
-                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
-                if step >= total_steps:
-                    break
+            loss = train_epoch(fit, train_split, epoch_batches(epoch), epoch, cfg, tracker, prof)
             epoch_seconds = time.perf_counter() - epoch_start
             if runtime.is_main:
-                predictions = predict(model, val_split, tcfg.eval_batch_size, tcfg.precision)
-                metrics = classification_metrics(val_split.labels, predictions, LABELS)
-                row = {
-                    "epoch": epoch,
-                    "accuracy": round(metrics["accuracy"], 5),
-                    "macro_f1": round(metrics["macro_f1"], 5),
-                    "train_loss": round(loss_sum / max(loss_count, 1), 5),
-                    "epoch_seconds": round(epoch_seconds, 2),
-                }
-                history["epochs"].append(row)
-                log.info(
-                    "epoch %d: %.1f s, train loss %.4f, val accuracy %.4f, macro-F1 %.4f",
-                    epoch,
-                    epoch_seconds,
-                    row["train_loss"],
-                    row["accuracy"],
-                    row["macro_f1"],
-                )
-                tracker.log(
-                    {
-                        "val/accuracy": metrics["accuracy"],
-                        "val/macro_f1": metrics["macro_f1"],
-                        "train/epoch_seconds": epoch_seconds,
-                        "train/epoch_loss": row["train_loss"],
-                    },
-                    step=step,
-                )
-                tracker.log_confusion(metrics["confusion_matrix"], list(LABELS), step=step)
+                row = {"train_loss": round(loss, 5), "epoch_seconds": round(epoch_seconds, 2)}
+                metrics = validate(fit, val_split, epoch, row, cfg, tracker)
             if runtime.distributed:
                 dist.barrier()
-            if step >= total_steps:
+            if fit.done:
                 break
     if prof is not None:
         write_profile(prof, Path(tcfg.profile.out_dir))
@@ -247,43 +262,16 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
     if not runtime.is_main:
         return {}
     metrics.update(
-        epoch_seconds=[row["epoch_seconds"] for row in history["epochs"]],
+        epoch_seconds=[row["epoch_seconds"] for row in fit.history["epochs"]],
         train_seconds=round(train_seconds, 2),
-        steps=step,
+        steps=fit.step,
+        precision=precision,
         world_size=runtime.world_size,
         threads_per_process=torch.get_num_threads(),
     )
-    provenance = {
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "git_commit": git_commit(),
-        "data_md5": describe_data([cfg.data.train_file, cfg.data.val_file]),
-        "torch": torch.__version__,
-        "max_length": tcfg.max_length,
-    }
-    save_outputs(cfg, model, tokenizer, history, metrics, provenance)
-    tracker.summary(
-        {
-            "val/accuracy": metrics["accuracy"],
-            "val/macro_f1": metrics["macro_f1"],
-            "train_seconds": train_seconds,
-            "git_commit": provenance["git_commit"],
-            "data_md5": provenance["data_md5"],
-        }
-    )
-    plots_dir = Path(cfg.paths.metrics_dir) / "plots"
-    tracker.log_images(
-        {
-            "plots/training_curves": plots_dir / "training_curves.png",
-            "plots/confusion_matrix": plots_dir / "train_confusion_matrix.png",
-        }
-    )
-    if cfg.logger.log_model:
-        tracker.log_files(
-            "emotion-model",
-            "model",
-            Path(cfg.paths.model_dir),
-            {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]},
-        )
+    made_by = provenance(cfg)
+    save_outputs(cfg, model, tokenizer, fit.history, metrics, made_by)
+    report_run(cfg, tracker, metrics, made_by, train_seconds)
     log.info("training finished in %.1f s; model in %s", train_seconds, cfg.paths.model_dir)
     return metrics
 

@@ -1,8 +1,9 @@
-"""Export a trained model to ONNX for the handler's ``onnx`` backend (run when the archive is built).
+"""The ONNX Runtime backend (fp32, int8) and the export step that writes its graph when the archive
+is built.
 
 fp32: the PyTorch graph as is, checked against PyTorch on a sample batch.
-int8: the fp32 graph with MatMul weights quantised per output channel (ONNX Runtime's
-dynamic quantisation; activations are quantised on the fly).
+int8: the fp32 graph with MatMul weights quantised per output channel (ONNX Runtime's dynamic
+quantisation; activations are quantised on the fly).
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from handler.emotion_backends import ONNX_PRECISIONS, onnx_file_name
+from emotion_settings import BACKEND_PRECISIONS, HandlerSettings
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ class ExportError(RuntimeError):
     """The ONNX graph could not be written or does not match the PyTorch model."""
 
 
+def onnx_file_name(precision: str) -> str:
+    """Name of the exported ONNX graph for ``precision`` inside the archive."""
+    return f"model-{precision}.onnx"
+
+
 def export_onnx(model_dir: Path, out_dir: Path, precision: str = "fp32") -> Path:
     """Write ``out_dir/model-<precision>.onnx`` for ``model_dir`` and return its path.
 
@@ -39,8 +44,8 @@ def export_onnx(model_dir: Path, out_dir: Path, precision: str = "fp32") -> Path
     import onnxruntime
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if precision not in ONNX_PRECISIONS:
-        raise ValueError(f"onnx precision must be one of {ONNX_PRECISIONS}, not {precision!r}")
+    if precision not in BACKEND_PRECISIONS["onnx"]:
+        raise ValueError(f"onnx precision must be one of {BACKEND_PRECISIONS['onnx']}, not {precision!r}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / onnx_file_name(precision)
@@ -83,3 +88,41 @@ def export_onnx(model_dir: Path, out_dir: Path, precision: str = "fp32") -> Path
             fp32_path.replace(target)
     log.info("wrote %s (%.1f MB)", target, target.stat().st_size / 1e6)
     return target
+
+
+class OnnxBackend:
+    """ONNX Runtime on the archive's ``model-<precision>.onnx``, returning float32 logits.
+
+    Raises:
+        FileNotFoundError: The archive was built without the export for this precision.
+    """
+
+    def __init__(self, model_dir: Path, settings: HandlerSettings, device: torch.device | None = None) -> None:
+        import onnxruntime
+        from transformers import AutoConfig
+
+        path = Path(model_dir) / onnx_file_name(settings.precision)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path.name} is not in the archive: rebuild it with `python -m serving.archive` "
+                f"and handler.backend: onnx, precision: {settings.precision} in model-config.yaml"
+            )
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = settings.threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        # Idle pool threads spinning for the next run take CPU the front end and this worker's own
+        # Python thread need when the cores are shared (README, "Speed-ups").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spin_wait else "0")
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.config = AutoConfig.from_pretrained(model_dir)
+        log.info("onnx backend: %s, %d thread(s)", path.name, options.intra_op_num_threads)
+
+    @staticmethod
+    def export(model_dir: Path, out_dir: Path, settings: HandlerSettings) -> list[Path]:
+        """The archive's build step for this backend: the graph for ``settings.precision``."""
+        return [export_onnx(model_dir, out_dir, settings.precision)]
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        (logits,) = self.session.run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})
+        return logits.astype(np.float32, copy=False)
