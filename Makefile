@@ -65,22 +65,27 @@ profile: data ## Profile a few training steps (trace + top operators in outputs/
 		data.max_train_examples=640 paths.model_dir=$(abspath outputs/profile/model) \
 		paths.metrics_dir=$(abspath outputs/profile/metrics)
 
-serve: system-deps $(ARCHIVE) ## Main job: data -> train -> archive -> TorchServe on 127.0.0.1 (EXPERIMENT=quick|full)
+serve: system-deps $(ARCHIVE) ## Main job: data -> train -> archive -> TorchServe behind the front door on 127.0.0.1:8080
+	@$(BIN)/python -m serving.stack stop >/dev/null
+	$(BIN)/python -m serving.stack start
+
+stop: ## Stop what `make serve` started (front door and TorchServe): readiness drops, in-flight requests finish
+	$(BIN)/python -m serving.stack stop
 	@$(BIN)/torchserve --stop >/dev/null 2>&1 || true
-	@mkdir -p logs
-	$(BIN)/torchserve --start --ncs --ts-config config.properties --models emotion=emotion.mar >> logs/console.log 2>&1
-	$(BIN)/python -m serving.server wait
 
-gateway: system-deps ## Retrying nginx gateway on 127.0.0.1:8090 in front of `make serve` (scale down safely)
-	$(BIN)/python -m serving.gateway --port 8090
+key: ## Print a front-door key for clients (KEY=$$(make -s key))
+	@$(BIN)/python -m serving.stack key
 
-stop: ## Stop TorchServe started by `make serve`
-	$(BIN)/torchserve --stop
+rotate-key: ## Add a new front-door key; the others stay valid for GRACE seconds (default 3600)
+	$(BIN)/python -m serving.stack rotate-key --grace $(or $(GRACE),3600)
+
+soak: $(BIN)/.installed ## 10 minutes at 70% of measured capacity through the front door of `make serve`
+	$(BIN)/python -m loadtest.soak --minutes $(or $(MINUTES),10)
 
 loadtest: $(BIN)/.installed ## Stepped Locust load test against `make serve` (reports in loadtest/results)
 	$(BIN)/python -m loadtest.run --config loadtest/config.yaml
 
-monitor: system-deps ## Prometheus on 127.0.0.1:9090 scraping the TorchServe of `make serve`
+monitor: system-deps ## Prometheus on 127.0.0.1:9090 scraping TorchServe and the front door of `make serve`
 	prometheus --config.file=monitoring/prometheus.yml --web.listen-address=127.0.0.1:9090 \
 		--storage.tsdb.path=outputs/prometheus
 
@@ -107,4 +112,4 @@ test-fast: $(BIN)/.installed ## Tests not marked slow
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps experiment data train evaluate archive repro train-speed profile serve gateway stop loadtest monitor bench batching lint format test test-fast clean
+.PHONY: help venv system-deps experiment data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench batching lint format test test-fast clean

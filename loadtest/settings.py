@@ -56,10 +56,15 @@ class LoadTestSettings:
 
 
 def inference_key() -> str | None:
-    """The inference key: ``$EMOTION_INFERENCE_KEY`` or the key_file.json TorchServe wrote in the project root."""
+    """The key clients send: ``$EMOTION_INFERENCE_KEY``, or the newest front-door key of the
+    service ``make serve`` started (``python -m serving.stack key``)."""
     key = os.environ.get("EMOTION_INFERENCE_KEY")
     if key:
         return key
-    from serving.server import read_keys
+    from serving import keys
+    from serving.stack import WORKDIR
 
-    return read_keys(PROJECT_ROOT).get("inference")
+    try:
+        return keys.valid_keys(WORKDIR / "keys.json")[0]
+    except (OSError, ValueError, IndexError):
+        return None

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from project import PROJECT_ROOT
 from serving.process import ManagedProcess
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = PROJECT_ROOT / "gateway" / "nginx.conf"
 MODEL_CONFIG = PROJECT_ROOT / "handler" / "model-config.yaml"
 

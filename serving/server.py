@@ -15,12 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from serving.client import TorchServeClient, auth_header, read_keys
+from project import PROJECT_ROOT
+from serving.client import TorchServeClient
 from serving.process import ManagedProcess
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_PROPERTIES = PROJECT_ROOT / "config.properties"
-__all__ = ["CONFIG_PROPERTIES", "PROJECT_ROOT", "TorchServe", "auth_header", "free_port", "read_keys"]
 
 
 def read_properties(path: Path) -> dict[str, str]:

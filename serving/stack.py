@@ -33,11 +33,12 @@ from pathlib import Path
 
 import requests
 
+from project import PROJECT_ROOT
 from serving import keys as frontdoor_keys
 from serving.access_log import AccessLog
 from serving.gateway import Gateway, GatewaySettings
 from serving.health import GOLDEN_LABEL, GOLDEN_TEXT, Readiness
-from serving.server import PROJECT_ROOT, TorchServe
+from serving.server import TorchServe
 
 log = logging.getLogger("serving.stack")
 

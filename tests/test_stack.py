@@ -18,10 +18,11 @@ import pytest
 import requests
 
 from loadtest.closed_loop import ClosedLoop, percentile
+from project import PROJECT_ROOT
 from serving import keys as frontdoor_keys
 from serving.gateway import GatewaySettings
 from serving.health import GOLDEN_TEXT
-from serving.server import PROJECT_ROOT, free_port
+from serving.server import free_port
 from serving.stack import Stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
