@@ -13,7 +13,8 @@ gateway in front of it, and supervises both in the foreground until SIGTERM or S
 
 ``start`` runs the same in the background (``make serve``) and waits until it is ready; ``stop``
 stops it (``make stop``) and leaves no process; ``key`` prints a front-door key; ``rotate-key``
-adds a new one and keeps the old ones valid for a grace period.
+adds a new one and keeps the old ones valid for a grace period; ``torchserve-key management``
+prints TorchServe's management key for operators on the machine.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import requests
 from project import PROJECT_ROOT
 from serving import keys as frontdoor_keys
 from serving.access_log import AccessLog
+from serving.client import read_keys
 from serving.gateway import Gateway, GatewaySettings
 from serving.health import GOLDEN_LABEL, GOLDEN_TEXT, Readiness
 from serving.server import TorchServe
@@ -308,9 +310,10 @@ def stop(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``run``, ``start``, ``stop``, ``key``, ``rotate-key``."""
+    """CLI: ``run``, ``start``, ``stop``, ``key``, ``rotate-key``, ``torchserve-key [api]``."""
     parser = argparse.ArgumentParser(description="TorchServe behind the retrying gateway, supervised.")
-    parser.add_argument("command", choices=["run", "start", "stop", "key", "rotate-key"])
+    parser.add_argument("command", choices=["run", "start", "stop", "key", "rotate-key", "torchserve-key"])
+    parser.add_argument("api", nargs="?", default="management", choices=["inference", "management", "API"])
     parser.add_argument("--workdir", type=Path, default=WORKDIR)
     parser.add_argument("--model-store", type=Path, default=PROJECT_ROOT / "model_store")
     parser.add_argument("--models", default="emotion=emotion.mar", help="TorchServe's --models")
@@ -337,6 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, IndexError):
             print(f"no valid key in {args.keys_file}: start the service first (make serve)", file=sys.stderr)
             return 1
+        return 0
+    if args.command == "torchserve-key":  # for operators on this machine (management API)
+        key = read_keys(args.workdir / "torchserve" / "key_file.json").get(args.api)
+        if key is None:
+            print("no TorchServe key file: start the service first (make serve)", file=sys.stderr)
+            return 1
+        print(key)
         return 0
     if args.command == "rotate-key":
         key = frontdoor_keys.rotate(args.keys_file, args.grace)
