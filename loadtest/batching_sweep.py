@@ -15,8 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
-
 from loadtest.closed_loop import ClosedLoop
 from loadtest.settings import LoadTestSettings
 from loadtest.texts import latency_ms
@@ -66,22 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, TorchServe(args.store, Path(tmp), models=None) as server:
         server.start(wait_model=None)
-        management = f"{server.management_url}/models"
-        auth = server.headers("management")
         for batch_size, delay, workers in grid:
-            response = requests.post(
-                management,
-                headers=auth,
-                timeout=300,
-                params={
-                    "url": "emotion.mar",
-                    "batch_size": batch_size,
-                    "max_batch_delay": delay,
-                    "initial_workers": workers,
-                    "synchronous": "true",
-                },
+            server.client.register(
+                "emotion.mar",
+                batch_size=batch_size,
+                max_batch_delay=delay,
+                initial_workers=workers,
+                synchronous="true",
             )
-            response.raise_for_status()
             row = {
                 "batch_size": batch_size,
                 "max_batch_delay_ms": delay,
@@ -90,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             rows.append(row)
             print(row, flush=True)
-            requests.delete(f"{management}/emotion", headers=auth, timeout=120).raise_for_status()
+            server.client.unregister("emotion")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps({"concurrency": args.concurrency, "duration_s": args.duration, "rows": rows}, indent=2) + "\n"

@@ -91,9 +91,10 @@ class TorchServeClient:
             raise ManagementError(f"{method} {path}: {response.status_code} {response.text.strip()}")
         return response.json()
 
-    def describe(self, model: str = "emotion", version: str = "all") -> list[dict]:
-        """The model's versions with their workers (``GET /models/<model>/<version>``)."""
-        return self.manage("GET", f"/models/{model}/{version}", timeout=10)
+    def describe(self, model: str = "emotion", version: str | None = "all") -> list[dict]:
+        """The model's versions with their workers (``GET /models/<model>[/<version>]``; None: the
+        default version)."""
+        return self.manage("GET", f"/models/{model}" + (f"/{version}" if version else ""), timeout=10)
 
     def workers(self, model: str = "emotion") -> list[dict]:
         """Every worker of every version of ``model``."""

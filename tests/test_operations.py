@@ -9,7 +9,8 @@ import requests
 
 from loadtest.closed_loop import ClosedLoop
 from serving.archive import build_archive
-from serving.gateway import Gateway
+from serving.client import ManagementError
+from serving.gateway import Gateway, GatewaySettings
 from serving.server import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -17,20 +18,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 TEXTS = ["i feel so delighted today", "i am terrified of the dark", "i feel lonely tonight", "i am furious at him"]
 
 
-def management(server, method: str, path: str, **params) -> requests.Response:
-    response = requests.request(
-        method, f"{server.management_url}{path}", params=params, headers=server.headers("management"), timeout=180
-    )
-    assert response.status_code in (200, 202), f"{method} {path}: {response.status_code} {response.text}"
-    return response
-
-
 def describe(server) -> list[dict]:
-    return management(server, "GET", "/models/emotion/all").json()
+    return server.client.describe()
 
 
 def ready_workers(server) -> int:
-    return sum(w["status"] == "READY" for v in describe(server) for w in v["workers"])
+    return server.client.ready_workers()
 
 
 def assert_answers(server) -> None:
@@ -63,15 +56,10 @@ def scale(server, workers: int, timeout: float = 120) -> None:
     """
     deadline = time.monotonic() + timeout
     while True:
-        response = requests.put(
-            f"{server.management_url}/models/emotion",
-            params={"min_worker": workers, "max_worker": workers},
-            headers=server.headers("management"),
-            timeout=180,
-        )
-        assert response.status_code in (200, 202) or "ConcurrentModificationException" in response.text, (
-            f"scale to {workers}: {response.status_code} {response.text}"
-        )
+        try:
+            server.client.scale("emotion", workers)
+        except ManagementError as err:
+            assert "ConcurrentModificationException" in str(err), f"scale to {workers}: {err}"
         if wait_for(lambda: ready_workers(server) == workers and len(describe(server)[0]["workers"]) == workers, 30):
             return
         assert time.monotonic() < deadline, f"expected {workers} READY workers"
@@ -94,10 +82,10 @@ def test_scaling_down_under_load_through_the_gateway_loses_no_request(torchserve
     # "Operating the service").
     scale(torchserve, 3)
     upstream = torchserve.inference_url.split("//", 1)[1]
-    with (
-        Gateway(upstream, tmp_path / "gateway", free_port(), attempt_timeout=5) as gateway,
-        load(torchserve, 6, gateway.url) as client,
-    ):
+    settings = GatewaySettings(port=free_port(), metrics_port=free_port(), attempt_timeout=5)
+    gateway = Gateway(upstream, tmp_path / "gateway", settings, upstream_key=torchserve.keys.get("inference"))
+    with gateway, load(torchserve, 6, gateway.url) as client:
+        gateway.set_health(up=True, ready=True)
         time.sleep(1)
         for workers in (2, 1):
             scale(torchserve, workers)
@@ -112,25 +100,17 @@ def test_scaling_down_under_load_through_the_gateway_loses_no_request(torchserve
 def test_rolling_out_version_2_under_load_loses_no_request(torchserve, tiny_model_dir, model_store):
     build_archive(tiny_model_dir, model_store, name="emotion-v2", version="2.0")
     with load(torchserve) as client:
-        management(
-            torchserve,
-            "POST",
-            "/models",
-            url="emotion-v2.mar",
-            model_name="emotion",
-            initial_workers=1,
-            synchronous="true",
-        )
+        torchserve.client.register("emotion-v2.mar", model_name="emotion", initial_workers=1, synchronous="true")
         assert {v["modelVersion"] for v in describe(torchserve)} == {"1.0", "2.0"}
         time.sleep(1)
-        management(torchserve, "PUT", "/models/emotion/2.0/set-default")
+        torchserve.client.set_default("emotion", "2.0")
         time.sleep(1)
-        management(torchserve, "DELETE", "/models/emotion/1.0")
+        torchserve.client.unregister("emotion", "1.0")
         time.sleep(2)
     versions = describe(torchserve)
     assert [v["modelVersion"] for v in versions] == ["2.0"]
     result = client.result
     assert len(result.statuses) > 20
     assert result.failed == 0, result.errors[:5]
-    assert management(torchserve, "GET", "/models/emotion").json()[0]["modelVersion"] == "2.0"
+    assert torchserve.client.describe(version=None)[0]["modelVersion"] == "2.0"
     assert_answers(torchserve)

@@ -85,19 +85,11 @@ def test_requests_without_keys_are_refused(torchserve):
 
 
 def worker_count(server) -> int:
-    response = requests.get(f"{server.management_url}/models/emotion", headers=server.headers("management"), timeout=10)
-    response.raise_for_status()
-    return len(response.json()[0]["workers"])
+    return len(server.client.describe(version=None)[0]["workers"])
 
 
-def scale(server, workers: int, timeout: float = 120) -> None:
-    response = requests.put(
-        f"{server.management_url}/models/emotion",
-        params={"min_worker": workers, "max_worker": workers, "synchronous": "true"},
-        headers=server.headers("management"),
-        timeout=timeout,
-    )
-    assert response.status_code == 200, response.text
+def scale(server, workers: int) -> None:
+    server.client.scale("emotion", workers, synchronous=True)
 
 
 def test_scale_workers_up_and_down(torchserve):
