@@ -92,6 +92,7 @@ class Stack:
         self.readiness = Readiness(self.torchserve.client, model, *golden)
         self.access_log = AccessLog(self.gateway.access_log)
         self._stop = threading.Event()
+        self._draining = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
@@ -124,6 +125,7 @@ class Stack:
         self.gateway.upstream_key = self.torchserve.keys.get("inference")
         self.gateway.start()
         self._stop.clear()
+        self._draining.clear()
         self._thread = threading.Thread(target=self._supervise, name="stack-supervisor", daemon=True)
         self._thread.start()
 
@@ -141,7 +143,7 @@ class Stack:
     def supervise_once(self) -> None:
         """One supervisor round: health, keys, access log, metrics."""
         state = self.readiness.check()
-        self.gateway.set_health(up=state.up and not self._stop.is_set(), ready=state.ready and not self._stop.is_set())
+        self.gateway.set_health(up=state.up, ready=state.ready and not self._draining.is_set())
         self._renew_torchserve_key()
         self.gateway.update_keys(self.client_keys(), self.torchserve.keys.get("inference"))
         self.access_log.poll()
@@ -178,13 +180,15 @@ class Stack:
     def stop(self) -> None:
         """Drop readiness, drain, stop the gateway gracefully, then TorchServe; safe to call twice."""
         if self._thread is not None:
-            self.gateway.set_health(up=True, ready=False)
+            self._draining.set()
+            self.gateway.set_health(up=self.readiness.state.up, ready=False)
             time.sleep(self.drain)
             self._stop.set()
             self._thread.join(timeout=10)
             self._thread = None
         self.gateway.stop()
         self.torchserve.stop()
+        self.access_log.close()
 
     def __enter__(self) -> Stack:
         return self
