@@ -3,8 +3,9 @@
 ``python -m serving.archive [--model-dir models/emotion] [--version 1.0]`` packs
 the weights, tokenizer, model config, handler modules and ``model-config.yaml``
 with torch-model-archiver. When the config's handler section selects the ``onnx``
-backend, the model is exported to ONNX (and quantised for int8) and packed too.
-Nothing the archive needs is fetched at serve time.
+backend, the model is exported to ONNX (and quantised for int8) and packed too;
+``--onnx-only`` then leaves the PyTorch weights out (the CPU serving image, whose
+worker never loads them). Nothing the archive needs is fetched at serve time.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def build_archive(
     name: str = "emotion",
     version: str = "1.0",
     model_config: Path = HANDLER_DIR / "model-config.yaml",
+    onnx_only: bool = False,
 ) -> Path:
     """Pack ``model_dir`` into ``<export_dir>/<name>.mar``.
 
@@ -68,6 +70,8 @@ def build_archive(
             ``model_name`` parameter can override it, e.g. to serve ``emotion-v2.mar`` as ``emotion``).
         version: Model version recorded in the archive's manifest.
         model_config: TorchServe ``model-config.yaml`` (batching, workers, handler settings).
+        onnx_only: Pack the ONNX graph without the PyTorch weights. Only for the ``onnx`` backend
+            on CPU: on a GPU the handler falls back to PyTorch and needs the weights.
 
     Returns:
         Path of the written archive.
@@ -81,6 +85,8 @@ def build_archive(
         settings = HandlerSettings.from_yaml(yaml.safe_load(model_config.read_text()).get("handler"))
     except (yaml.YAMLError, AttributeError, TypeError, ValueError) as err:
         raise ArchiveError(f"{model_config}: {err}") from err
+    if onnx_only and settings.backend != "onnx":
+        raise ArchiveError(f"--onnx-only needs handler.backend: onnx in {model_config}, not {settings.backend}")
     export_dir.mkdir(parents=True, exist_ok=True)
     archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or shutil.which(
         "torch-model-archiver"
@@ -102,8 +108,7 @@ def build_archive(
             name,
             "--version",
             version,
-            "--serialized-file",
-            str(model_dir / WEIGHTS),
+            *([] if onnx_only else ["--serialized-file", str(model_dir / WEIGHTS)]),
             "--handler",
             str(HANDLER_FILE),
             "--extra-files",
@@ -132,10 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="emotion", help="archive file stem and model name")
     parser.add_argument("--version", default="1.0")
     parser.add_argument("--model-config", type=Path, default=HANDLER_DIR / "model-config.yaml")
+    parser.add_argument("--onnx-only", action="store_true", help="leave the PyTorch weights out (onnx backend, CPU)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        path = build_archive(args.model_dir, args.export_dir, args.name, args.version, args.model_config)
+        path = build_archive(
+            args.model_dir, args.export_dir, args.name, args.version, args.model_config, args.onnx_only
+        )
     except ArchiveError as err:
         log.error("%s", err)
         return 1
