@@ -134,7 +134,7 @@ build() {
     DOCKER_BUILDKIT=1 docker build "${args[@]}" .
   else
     # --format docker keeps HEALTHCHECK (the OCI image format has no field for it).
-    buildah bud --isolation chroot --layers --format docker "${args[@]}" .
+    buildah bud --isolation chroot --layers --force-rm --format docker "${args[@]}" .
   fi
   rm -f "$STAGE/emotion.mar" "$STAGE/ca-bundle.crt"
   echo "$tag"

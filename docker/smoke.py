@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -142,12 +143,15 @@ class BuildahContainer:
         self.config: dict = {}
 
     def start(self) -> None:
-        for tool in ("buildah", "ip", "unshare"):
+        for tool in ("buildah", "ip", "unshare", "nsenter"):
             if shutil.which(tool) is None:
                 raise SmokeError(f"{tool} is missing (apt-get install buildah iproute2 util-linux)")
         subprocess.run(["ip", "netns", "add", self.netns], check=True)
         subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
-        self.ctr = self._out(["buildah", "from", "--pull-never", "--name", self.name, self.image])
+        # The container's hostname resolves (TorchServe's JVM looks its own name up at start).
+        self.ctr = self._out(
+            ["buildah", "from", "--pull-never", "--name", self.name, "--add-host", f"{self.name}:127.0.0.1", self.image]
+        )
         inspect = json.loads(self._out(["buildah", "inspect", "--type", "container", self.ctr]))
         self.config = inspect["Docker"]["config"]
         command = (self.config.get("Entrypoint") or []) + (self.config.get("Cmd") or [])
@@ -156,17 +160,26 @@ class BuildahContainer:
             # every process left in the namespace, so nothing can outlive the container.
             self.process = subprocess.Popen(
                 ["ip", "netns", "exec", self.netns, "unshare", "--pid", "--fork", "--kill-child",
-                 "buildah", "run", "--isolation", "chroot", self.ctr, "--", *command],
+                 "buildah", "run", "--isolation", "chroot", "--hostname", self.name, self.ctr, "--", *command],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         self.forward = NetnsForward(self.netns, self.port)
         self.forward.start()
 
-    def exec(self, *command: str, in_netns: bool = False) -> subprocess.CompletedProcess:
-        """Run ``command`` in the container's file system (and its network namespace if asked)."""
-        prefix = ["ip", "netns", "exec", self.netns] if in_netns else []
+    def exec(self, *command: str) -> subprocess.CompletedProcess:
+        """Run ``command`` inside the running container, as ``docker exec`` does: in the namespaces,
+        root, working folder, user and environment of its first process. (A second ``buildah run``
+        would not do: each one gets a file system view of its own.)"""
+        pid = self._entrypoint_pid()
+        if pid is None:
+            return subprocess.CompletedProcess(command, 1, "", "the container is not running")
+        status = Path(f"/proc/{pid}/status").read_text()
+        uid = re.search(r"^Uid:\s+(\d+)", status, re.M).group(1)
+        gid = re.search(r"^Gid:\s+(\d+)", status, re.M).group(1)
+        environ = [v for v in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if v]
         return subprocess.run(
-            [*prefix, "buildah", "run", "--isolation", "chroot", self.ctr, "--", *command],
+            ["nsenter", "--target", str(pid), "--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd",
+             "--setuid", uid, "--setgid", gid, "env", "-i", *environ, *command],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
 
@@ -244,7 +257,7 @@ class DockerContainer:
         inspect = json.loads(subprocess.run(["docker", "inspect", self.image], capture_output=True).stdout)
         self.config = inspect[0]["Config"]
 
-    def exec(self, *command: str, in_netns: bool = False) -> subprocess.CompletedProcess:
+    def exec(self, *command: str) -> subprocess.CompletedProcess:
         return subprocess.run(["docker", "exec", self.name, *command], capture_output=True, text=True, timeout=60)
 
     def running(self) -> bool:
@@ -275,9 +288,13 @@ def read_key(container: BuildahContainer | DockerContainer, has_stack: bool) -> 
 def check(container: BuildahContainer | DockerContainer, timeout: float) -> dict:
     """The checks of the module docstring against a started container; returns what was measured."""
     base = f"http://127.0.0.1:{container.port}"
-    has_stack = container.exec("test", "-f", "/srv/serving/stack.py").returncode == 0
     began = time.monotonic()
     deadline = began + timeout
+    while container.exec("true").returncode != 0:  # until the entrypoint runs
+        if time.monotonic() > deadline or not container.running():
+            raise SmokeError("the container's entrypoint did not start")
+        time.sleep(0.5)
+    has_stack = container.exec("test", "-f", "/srv/serving/stack.py").returncode == 0
     status, body, key = 0, b"", None
     while time.monotonic() < deadline:
         if not container.running():
@@ -305,7 +322,7 @@ def check(container: BuildahContainer | DockerContainer, timeout: float) -> dict
         healthcheck = (container.config.get("Healthcheck") or {}).get("Test") or []
         if healthcheck[:1] != ["CMD"]:
             raise SmokeError(f"the image has no exec-form HEALTHCHECK: {healthcheck}")
-        if (run := container.exec(*healthcheck[1:], in_netns=True)).returncode != 0:
+        if (run := container.exec(*healthcheck[1:])).returncode != 0:
             raise SmokeError(f"the HEALTHCHECK command failed: {run.stderr[-500:]}")
     result["front_door"] = "serving.stack" if has_stack else "legacy entrypoint (no /live, /ready)"
     return result
