@@ -155,5 +155,5 @@ case "${1:-}" in
   push) shift; push "$@" ;;
   base) build_base "$(engine)" ;;
   build) shift; build "$@" ;;
-  *) sed -n '2,16p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,15p' "$0" >&2; exit 2 ;;
 esac
