@@ -136,7 +136,7 @@ build() {
     # --format docker keeps HEALTHCHECK (the OCI image format has no field for it).
     buildah bud --isolation chroot --layers --force-rm --format docker "${args[@]}" .
   fi
-  rm -f "$STAGE/emotion.mar" "$STAGE/ca-bundle.crt"
+  rm -f "$STAGE/emotion.mar" "$STAGE/ca-bundle.crt" "$STAGE"/wheels/*.whl
   echo "$tag"
 }
 
