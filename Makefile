@@ -109,7 +109,30 @@ test: $(BIN)/.installed system-deps lint ## Lint, then the whole test suite with
 test-fast: $(BIN)/.installed ## Tests not marked slow
 	$(BIN)/python -m pytest -m "not slow"
 
+# The serving image packs an archive with only what its backend reads (ONNX graph, no PyTorch weights).
+IMAGE_ARCHIVE ?= model_store/onnx/emotion.mar
+IMAGE_TAG     ?= localhost/emotion-serve:cpu
+
+MODEL_DIR     := models/emotion-$(EXPERIMENT)
+
+# DVC brings the model up to date (a no-op when it is); the file's time then says whether it changed.
+$(MODEL_DIR)/model.safetensors: experiment
+	$(DVC) repro train
+
+model_store/onnx/emotion.mar: $(MODEL_DIR)/model.safetensors $(wildcard handler/* serving/archive.py)
+	$(BIN)/python -m serving.archive --model-dir $(MODEL_DIR) --export-dir model_store/onnx --without-weights
+
+image-deps: ## Install buildah and debootstrap with apt when no Docker engine answers
+	@docker info >/dev/null 2>&1 || command -v buildah >/dev/null || (apt-get update -qq && apt-get install -y -qq buildah)
+	@docker info >/dev/null 2>&1 || command -v debootstrap >/dev/null || (apt-get update -qq && apt-get install -y -qq debootstrap)
+
+image: $(BIN)/.installed image-deps $(IMAGE_ARCHIVE) ## Build the CPU serving image (docker, or buildah on a debootstrap base)
+	docker/image.sh build --variant cpu --archive $(IMAGE_ARCHIVE) --tag $(IMAGE_TAG)
+
+image-smoke: image ## Start the image, get a prediction through its front door on 127.0.0.1, stop it
+	$(BIN)/python docker/smoke.py --image $(IMAGE_TAG)
+
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps experiment data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench batching lint format test test-fast clean
+.PHONY: help venv system-deps experiment data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench batching lint format test test-fast clean image-deps image image-smoke

@@ -1,13 +1,9 @@
 #!/usr/bin/env bash
-# Serving container: TorchServe (inference on the container's loopback, port 8085) behind the
-# retrying gateway (nginx, published port 8080; see gateway/nginx.conf). The container stops,
-# and its restart policy restarts it, when either process stops.
-set -uo pipefail
-python -m serving.gateway --host 0.0.0.0 --port 8080 --upstream 127.0.0.1:8085 --workdir /tmp/gateway &
-torchserve --start --foreground --ncs --ts-config config.properties --models emotion=emotion.mar &
-trap 'kill $(jobs -p) 2>/dev/null' TERM INT
-wait -n
-status=$?
-kill $(jobs -p) 2>/dev/null
-wait
-exit "$status"
+# The serving container's command: the whole service in the foreground, as `serving.stack run`
+# starts it (TorchServe on the container's loopback, the front door on 0.0.0.0:8080, both
+# stopped on SIGTERM: readiness drops first, requests in flight finish). Arguments are appended,
+# so a deployment can override them, e.g. `--host 127.0.0.1` behind a TLS proxy or
+# `--keys-file /etc/emotion/keys/keys.json`.
+set -euo pipefail
+cd /srv
+exec python -m serving.stack run --host 0.0.0.0 --port 8080 "$@"

@@ -1,31 +1,74 @@
-# TorchServe image serving model_store/emotion.mar (build it first: make archive).
-#   docker build -f docker/serve.Dockerfile -t emotion-serve .
-#   docker run --gpus all -p 8080:8080 -p 8082:8082 emotion-serve        (--gpus needs the NVIDIA toolkit)
-# Without Docker Hub, build a base with docker/build-base.sh and pass --build-arg BASE_IMAGE=localhost/debian-python.
-ARG BASE_IMAGE=python:3.11-slim-bookworm
+# syntax=docker/dockerfile:1
+# The serving image: TorchServe behind the retrying gateway, one process tree under tini.
+#
+#   make image                         CPU image, built by docker/image.sh (debootstrap base, local torch wheel)
+#   make image-smoke                   ...then started, asked for a prediction on 127.0.0.1, stopped
+#   docker build -f docker/serve.Dockerfile --build-arg VARIANT=cuda \
+#       --build-arg ARCHIVE=model_store/emotion.mar -t emotion-serve:cuda .     GPU VM / GKE GPU pool
+#
+# The front door is port 8080 (gateway: keyless /live and /ready, keyed /predictions/emotion).
+# TorchServe's own listeners (inference 8085, management 8081, metrics 8082) stay on the
+# container's loopback unless a deployment overrides them (TS_METRICS_ADDRESS, see deploy/k8s/).
+ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 
+# cpu: torch's CPU wheel, from docker/stage/wheels (filled by docker/image.sh from the host's
+# pip configuration) or else from TORCH_INDEX. cuda: PyPI's torch, which bundles the CUDA
+# runtime; the host needs only the NVIDIA driver and container toolkit. docker/stage is bind-mounted
+# for this step only: the wheels and, behind a TLS-inspecting proxy, the CA bundle pip must trust.
+ARG VARIANT=cpu
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG ARCHIVE=model_store/emotion.mar
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# System layer. Unpinned on purpose: the bookworm suite only takes security and point-release
+# fixes, and a pinned version disappears from the mirror at the next one, breaking the build.
+# hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends openjdk-17-jre-headless nginx \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get install -y --no-install-recommends \
+      python3 python3-venv openjdk-17-jre-headless nginx tini ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 serve \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /srv --shell /usr/sbin/nologin serve
 
+# Dependency layer: changes only with requirements-serve.txt (plus requests, which the process
+# control in serving/ uses and the TorchServe worker does not).
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+COPY requirements-serve.txt /tmp/requirements-serve.txt
+RUN --mount=type=bind,source=docker/stage,target=/tmp/stage \
+    python3 -m venv "$VIRTUAL_ENV" \
+ && if [ -f /tmp/stage/ca-bundle.crt ]; then export PIP_CERT=/tmp/stage/ca-bundle.crt; fi \
+ && if [ "$VARIANT" = cpu ] && [ -n "$TORCH_INDEX" ]; then set -- --extra-index-url "$TORCH_INDEX"; else set --; fi \
+ && pip install --find-links /tmp/stage/wheels "$@" -r /tmp/requirements-serve.txt "requests>=2.32" \
+ && python -c "import torch; v = torch.__version__; assert ('+cpu' in v) == ('$VARIANT' == 'cpu'), v" \
+ && rm /tmp/requirements-serve.txt
+
+# Code layer.
 WORKDIR /srv
-COPY requirements-serve.txt .
-# PyPI's Linux torch wheel carries CUDA: the same image runs on CPU and on a GPU VM.
-RUN pip install --no-cache-dir -r requirements-serve.txt requests
-
-COPY docker/config.properties config.properties
+# project.py anchors serving/'s paths at /srv (the glob keeps images of older trees buildable);
+# the gateway reads its timeouts from handler/model-config.yaml.
+COPY docker/config.properties project.py* ./
+COPY handler/model-config.yaml handler/model-config.yaml
 COPY monitoring/metrics.yaml monitoring/metrics.yaml
-COPY serving/__init__.py serving/server.py serving/gateway.py serving/log4j2.xml serving/
-COPY gateway/nginx.conf gateway/nginx.conf
-COPY docker/serve-entrypoint.sh serve-entrypoint.sh
-COPY model_store/emotion.mar model_store/emotion.mar
+COPY gateway/ gateway/
+COPY serving/ serving/
+COPY --chmod=755 docker/serve-entrypoint.sh serve-entrypoint.sh
+# Model layer last: a new model rebuilds only this layer.
+COPY ${ARCHIVE} model_store/emotion.mar
+RUN mkdir -p outputs logs && chown 10001:10001 outputs logs .
 
-RUN useradd --system --home /srv serve && chown -R serve /srv
-USER serve
-# Inference (through the retrying gateway) and metrics are published; TorchServe's own inference
-# port and the management API stay on the container's loopback.
-EXPOSE 8080 8082
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
-  CMD python -c "import json,urllib.request as u; k=json.load(open('key_file.json'))['inference']['key']; r=u.Request('http://127.0.0.1:8080/ping', headers={'Authorization':'Bearer '+k}); u.urlopen(r, timeout=4)"
-CMD ["./serve-entrypoint.sh"]
+# TINI_SUBREAPER: tini reaps orphans also where a runner, not tini, is PID 1 (buildah run).
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    TINI_SUBREAPER=1
+USER 10001:10001
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+  CMD ["python", "-c", "import sys, urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:8080/ready', timeout=4).status != 200)"]
+ENTRYPOINT ["/usr/bin/tini", "--", "/srv/serve-entrypoint.sh"]

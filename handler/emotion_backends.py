@@ -33,6 +33,8 @@ class Backend(Protocol):
 class TorchBackend:
     """A Hugging Face sequence classifier in the requested precision."""
 
+    reads_weights = True  # the archive must carry model.safetensors
+
     def __init__(self, model_dir: Path, settings: HandlerSettings, device: torch.device) -> None:
         from transformers import AutoModelForSequenceClassification
 

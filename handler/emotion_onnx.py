@@ -97,6 +97,8 @@ class OnnxBackend:
         FileNotFoundError: The archive was built without the export for this precision.
     """
 
+    reads_weights = False  # the exported graph carries them: an archive may leave them out
+
     def __init__(self, model_dir: Path, settings: HandlerSettings, device: torch.device | None = None) -> None:
         import onnxruntime
         from transformers import AutoConfig

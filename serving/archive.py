@@ -3,7 +3,9 @@
 ``python -m serving.archive --model-dir DIR [--version 1.0]`` packs the weights,
 tokenizer, model config, handler modules and ``model-config.yaml`` with
 torch-model-archiver, plus what the configured backend's export step builds (the
-ONNX graph for the ``onnx`` backend). Nothing the archive needs is fetched at serve time.
+ONNX graph for the ``onnx`` backend). ``--without-weights`` leaves the PyTorch weights out for a
+backend whose CPU worker never reads them (the CPU serving image). Nothing the archive needs is
+fetched at serve time.
 The pipeline's archive stage (``dvc.yaml``) passes the experiment's model directory.
 """
 
@@ -60,6 +62,7 @@ def build_archive(
     name: str = "emotion",
     version: str = "1.0",
     model_config: Path = HANDLER_DIR / "model-config.yaml",
+    without_weights: bool = False,
 ) -> Path:
     """Pack ``model_dir`` into ``<export_dir>/<name>.mar``.
 
@@ -70,6 +73,8 @@ def build_archive(
             ``model_name`` parameter can override it, e.g. to serve ``emotion-v2.mar`` as ``emotion``).
         version: Model version recorded in the archive's manifest.
         model_config: TorchServe ``model-config.yaml`` (batching, workers, handler settings).
+        without_weights: Leave the PyTorch weights out. Only for a backend whose CPU worker does
+            not read them (``onnx``): on a GPU the handler falls back to PyTorch and needs them.
 
     Returns:
         Path of the written archive.
@@ -84,6 +89,8 @@ def build_archive(
         settings = settings_module.HandlerSettings.from_yaml(yaml.safe_load(model_config.read_text()).get("handler"))
     except (yaml.YAMLError, AttributeError, TypeError, ValueError) as err:
         raise ArchiveError(f"{model_config}: {err}") from err
+    if without_weights and backends.BACKENDS[settings.backend].reads_weights:
+        raise ArchiveError(f"--without-weights: the {settings.backend} backend of {model_config} reads the weights")
     export_dir.mkdir(parents=True, exist_ok=True)
     archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or shutil.which(
         "torch-model-archiver"
@@ -102,8 +109,7 @@ def build_archive(
             name,
             "--version",
             version,
-            "--serialized-file",
-            str(model_dir / WEIGHTS),
+            *([] if without_weights else ["--serialized-file", str(model_dir / WEIGHTS)]),
             "--handler",
             str(HANDLER_FILE),
             "--extra-files",
@@ -132,10 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="emotion", help="archive file stem and model name")
     parser.add_argument("--version", default="1.0")
     parser.add_argument("--model-config", type=Path, default=HANDLER_DIR / "model-config.yaml")
+    parser.add_argument(
+        "--without-weights", action="store_true", help="leave the PyTorch weights out (onnx backend, CPU image)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        path = build_archive(args.model_dir, args.export_dir, args.name, args.version, args.model_config)
+        path = build_archive(
+            args.model_dir, args.export_dir, args.name, args.version, args.model_config, args.without_weights
+        )
     except ArchiveError as err:
         log.error("%s", err)
         return 1

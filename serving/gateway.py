@@ -39,7 +39,9 @@ class GatewaySettings:
     Attributes:
         host: Address to listen on: 127.0.0.1, or 0.0.0.0 inside a container.
         port: Port of the front door.
-        metrics_port: Port of its Prometheus metrics (always on 127.0.0.1).
+        metrics_port: Port of its Prometheus metrics.
+        metrics_host: Address of the metrics port: 127.0.0.1, or 0.0.0.0 in a Kubernetes pod
+            whose network policy admits only the metrics collector.
         tries: Attempts per request (first try plus retries) for answers from a removed worker,
             refused connections and unanswered attempts.
         attempt_timeout: Seconds without an answer before an attempt is given up; default
@@ -53,6 +55,7 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 8080
     metrics_port: int = 8083
+    metrics_host: str = "127.0.0.1"
     tries: int = 3
     attempt_timeout: int | None = None
     rate: int = 5000
@@ -88,7 +91,7 @@ def render(upstream: str, prefix: Path, settings: GatewaySettings) -> str:
         "USER": f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else "",
         "SERVERS": servers,
         "LISTEN": f"{settings.host}:{settings.port}",
-        "METRICS_LISTEN": f"127.0.0.1:{settings.metrics_port}",
+        "METRICS_LISTEN": f"{settings.metrics_host}:{settings.metrics_port}",
         "PREFIX": str(prefix),
         "HEALTH": str(prefix / "health"),
         "TRIES": str(settings.tries),

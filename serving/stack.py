@@ -202,6 +202,7 @@ def _settings(args: argparse.Namespace) -> GatewaySettings:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         tries=args.tries,
         attempt_timeout=args.attempt_timeout,
         rate=args.rate,
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="front-door address (0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--metrics-port", type=int, default=8083)
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port")
     parser.add_argument("--tries", type=int, default=3)
     parser.add_argument("--attempt-timeout", type=int, default=None, help="default: responseTimeout")
     parser.add_argument("--rate", type=int, default=5000, help="requests/s per client address")

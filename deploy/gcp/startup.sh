@@ -1,7 +1,84 @@
 #!/usr/bin/env bash
-# VM startup script (deploy.sh fills in @IMAGE@ and @REGION@): run the serving container on the GPU.
+# Startup script of the GPU VM (deploy.sh fills in @IMAGE@, @REGISTRY@ and @TLS_BUCKET@). It runs
+# as root at every boot; each step is skipped when already done, so a rerun only pulls the
+# image and replaces the container. Credentials come from the VM's service account through the
+# metadata server: no key file is stored on the VM.
 set -euo pipefail
-gcloud auth configure-docker "@REGION@-docker.pkg.dev" --quiet
-docker pull "@IMAGE@"
+IMAGE="@IMAGE@"
+REGISTRY="@REGISTRY@"
+TLS_BUCKET="@TLS_BUCKET@"
+STATE=/var/lib/emotion
+export DEBIAN_FRONTEND=noninteractive
+
+metadata() { curl -fsS -H 'Metadata-Flavor: Google' "http://metadata.google.internal/computeMetadata/v1/$1"; }
+token() {
+  metadata instance/service-accounts/default/token | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])'
+}
+mkdir -p "$STATE"
+
+# 1. NVIDIA driver from Debian's non-free archive (skipped where nvidia-smi works already, e.g. on
+#    a Deep Learning VM boot image). The first install blacklists nouveau, so the VM reboots once.
+if ! nvidia-smi >/dev/null 2>&1; then
+  if [ -f "$STATE/driver-installed" ]; then
+    echo "the NVIDIA driver is installed but nvidia-smi fails" >&2
+    exit 1
+  fi
+  sed -i 's/^Components: main$/Components: main contrib non-free non-free-firmware/' /etc/apt/sources.list.d/*.sources
+  apt-get update
+  apt-get install -y --no-install-recommends "linux-headers-$(uname -r)" nvidia-driver firmware-misc-nonfree
+  touch "$STATE/driver-installed"
+  systemctl reboot
+  exit 0
+fi
+
+# 2. Container runtime: Docker and NVIDIA's container toolkit (the `--gpus` flag).
+if ! command -v docker >/dev/null || ! command -v nvidia-ctk >/dev/null; then
+  apt-get update
+  apt-get install -y --no-install-recommends docker.io gnupg curl ca-certificates
+  curl -fsSL https://nvidia.github.io/libnvidia-container/gpgkey \
+    | gpg --batch --yes --dearmor -o /usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
+  curl -fsSL https://nvidia.github.io/libnvidia-container/stable/deb/nvidia-container-toolkit.list \
+    | sed 's#deb https://#deb [signed-by=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg] https://#' \
+    > /etc/apt/sources.list.d/nvidia-container-toolkit.list
+  apt-get update
+  apt-get install -y --no-install-recommends nvidia-container-toolkit
+  nvidia-ctk runtime configure --runtime=docker
+  systemctl restart docker
+fi
+
+# 3. Telemetry: the Ops Agent scrapes TorchServe's and the gateway's Prometheus endpoints on the
+#    VM's loopback (ops-agent.yaml, from the instance metadata) into Cloud Monitoring.
+if ! systemctl is-enabled --quiet google-cloud-ops-agent 2>/dev/null; then
+  curl -fsSLo /tmp/add-google-cloud-ops-agent-repo.sh https://dl.google.com/cloudagents/add-google-cloud-ops-agent-repo.sh
+  bash /tmp/add-google-cloud-ops-agent-repo.sh --also-install
+fi
+metadata instance/attributes/ops-agent-config > /tmp/ops-agent.yaml
+if ! cmp -s /tmp/ops-agent.yaml /etc/google-cloud-ops-agent/config.yaml; then
+  install -m 644 /tmp/ops-agent.yaml /etc/google-cloud-ops-agent/config.yaml
+  systemctl restart google-cloud-ops-agent
+fi
+
+# 4. TLS front door: nginx with the operator's certificate and key (private bucket, readable by
+#    this VM's service account only), proxying to the gateway on the VM's loopback.
+command -v nginx >/dev/null || { apt-get update && apt-get install -y --no-install-recommends nginx; }
+install -d -m 700 /etc/nginx/tls
+for object in tls.crt tls.key; do
+  curl -fsS -H "Authorization: Bearer $(token)" -o "/etc/nginx/tls/$object.new" \
+    "https://storage.googleapis.com/storage/v1/b/${TLS_BUCKET}/o/${object}?alt=media"
+  chmod 600 "/etc/nginx/tls/$object.new"
+  mv "/etc/nginx/tls/$object.new" "/etc/nginx/tls/$object"
+done
+metadata instance/attributes/nginx-tls-config > /etc/nginx/conf.d/emotion-tls.conf
+rm -f /etc/nginx/sites-enabled/default
+nginx -t
+systemctl enable nginx
+systemctl reload-or-restart nginx
+
+# 5. The service: host networking keeps TorchServe's listeners and the gateway on the VM's
+#    loopback (only nginx listens outside); logs go to Cloud Logging; the front-door keys live in
+#    the emotion-state volume and survive restarts.
+token | docker login --username oauth2accesstoken --password-stdin "https://${REGISTRY}"
+docker pull "$IMAGE"
 docker rm -f emotion 2>/dev/null || true
-docker run -d --name emotion --restart unless-stopped --gpus all -p 8080:8080 -p 8082:8082 "@IMAGE@"
+docker run -d --name emotion --restart unless-stopped --gpus all --network host --stop-timeout 60 \
+  --log-driver gcplogs -v emotion-state:/srv/outputs "$IMAGE" --host 127.0.0.1

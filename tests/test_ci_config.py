@@ -1,0 +1,73 @@
+"""CI/CD configuration as users set it up: the GitHub Actions workflow and cloudbuild.yaml are
+validated against the schemas check-jsonschema vendors (SchemaStore's), the pre-commit config
+with pre-commit's own validator; each is also checked for what it must do."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+
+
+def check_schema(schema: str, path: Path) -> None:
+    result = subprocess.run(
+        [BIN / "check-jsonschema", "--builtin-schema", schema, str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_workflows_match_the_github_schema(workflow):
+    check_schema("vendor.github-workflows", workflow)
+
+
+def test_ci_workflow_runs_the_readme_test_command():
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as a boolean
+    assert "pull_request" in triggers and triggers["push"]["branches"] == ["main"]
+    steps = [step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"]]
+    assert "bash .ci/run" in steps
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    assert "make test" in (ROOT / "README.md").read_text()
+    (job,) = workflow["jobs"].values()
+    assert job["timeout-minutes"] <= 90
+
+
+def test_cloudbuild_builds_and_pushes_the_gpu_image():
+    check_schema("vendor.cloudbuild", ROOT / "cloudbuild.yaml")
+    build = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    (docker,) = [s for s in build["steps"] if s["name"].endswith("/docker")]
+    assert "--file=docker/serve.Dockerfile" in docker["args"] and "--build-arg=VARIANT=cuda" in docker["args"]
+    tags = [a.split("=", 1)[1] for a in docker["args"] if a.startswith("--tag=")]
+    assert tags and set(build["images"]) == set(tags)
+    assert any("${SHORT_SHA}" in tag for tag in tags)
+    # The archive the image packs is fetched before the build (it is not in git).
+    steps = [s["id"] for s in build["steps"]]
+    assert steps.index("archive") < steps.index(docker["id"])
+    trigger = subprocess.run(
+        ["bash", "deploy/gcp/build-trigger.sh", "--dry-run", "--project", "p", "--repo-owner", "o", "--repo-name", "n"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert trigger.returncode == 0, trigger.stderr
+    command = shlex.split(trigger.stdout)
+    assert command[command.index("--branch-pattern") + 1] == "^main$"
+    assert command[command.index("--build-config") + 1] == "cloudbuild.yaml"
+
+
+def test_pre_commit_config_is_valid_and_runs_ruff_at_the_projects_version():
+    config_path = ROOT / ".pre-commit-config.yaml"
+    result = subprocess.run([BIN / "pre-commit", "validate-config", str(config_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = yaml.safe_load(config_path.read_text())
+    (ruff,) = [r for r in config["repos"] if r["repo"].endswith("/ruff-pre-commit")]
+    assert {h["id"] for h in ruff["hooks"]} == {"ruff", "ruff-format"}
+    installed = subprocess.run([BIN / "ruff", "--version"], capture_output=True, text=True).stdout.split()[-1]
+    assert ruff["rev"] == f"v{installed}"

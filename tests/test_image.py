@@ -1,0 +1,130 @@
+"""The serving image: its Dockerfiles pass hadolint, its build context holds what it copies and
+nothing else, the archive it packs carries only what the CPU backend reads, and (slow) the image
+is built and run here: ``make image-smoke`` starts a container, gets a prediction through its
+front door on 127.0.0.1 and stops it, leaving no process behind."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
+SERVE = ROOT / "docker" / "serve.Dockerfile"
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(line for line in path.read_text().splitlines() if not line.startswith("#")))
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_reports_nothing(dockerfile):
+    result = subprocess.run([BIN / "hadolint", str(dockerfile)], capture_output=True, text=True)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last .dockerignore pattern matching the path or a parent folder decides."""
+    parts = path.split("/")
+    verdict = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatch(c, pattern) or fnmatch.fnmatch(c, pattern.replace("**/", "")) for c in candidates):
+            verdict = not negate
+    return verdict
+
+
+def test_build_context_holds_what_the_image_copies_and_no_data_or_models():
+    patterns = [
+        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip()[:1] not in ("", "#")
+    ]
+    for instruction, args in instructions(SERVE):
+        if instruction == "COPY":
+            sources = [a for a in args.split() if not a.startswith("--")][:-1]
+            for source in sources:
+                source = source.replace("${ARCHIVE}", "model_store/emotion.mar").rstrip("/*")
+                assert not ignored(source, patterns), source
+    assert not ignored("docker/stage/wheels/torch.whl", patterns)  # bind-mounted into the pip step
+    private = ["data/raw/train.txt", "models/emotion-full/model.safetensors", ".venv/bin/python", ".git/HEAD"]
+    private += ["outputs/serve/keys.json", "serving/__pycache__/stack.cpython-311.pyc", "key_file.json"]
+    for path in private:
+        assert ignored(path, patterns), path
+
+
+def test_image_shape_non_root_healthcheck_layers_and_entrypoint():
+    steps = instructions(SERVE)
+    kinds = [kind for kind, _ in steps]
+    user = [args for kind, args in steps if kind == "USER"]
+    assert user and re.fullmatch(r"[1-9]\d*:[1-9]\d*", user[-1])  # numeric, not root
+    (healthcheck,) = [args for kind, args in steps if kind == "HEALTHCHECK"]
+    assert "http://127.0.0.1:8080/ready" in healthcheck and "Authorization" not in healthcheck
+    copies = [args for kind, args in steps if kind == "COPY"]
+    requirements = next(i for i, c in enumerate(copies) if "requirements-serve.txt" in c)
+    code = next(i for i, c in enumerate(copies) if "serving/" in c)
+    pip = next(i for i, (kind, args) in enumerate(steps) if kind == "RUN" and "pip install" in args)
+    assert requirements < code and pip < kinds.index("COPY", pip)  # dependencies before code
+    assert copies[-1].startswith("${ARCHIVE}")  # the model last: a new model rebuilds one layer
+    (entrypoint,) = [json.loads(args) for kind, args in steps if kind == "ENTRYPOINT"]
+    assert entrypoint[-1] == "/srv/serve-entrypoint.sh"
+    script = (ROOT / "docker" / "serve-entrypoint.sh").read_text()
+    assert 'exec python -m serving.stack run --host 0.0.0.0 --port 8080 "$@"' in script
+    args = {line.split()[1].split("=")[0] for line in SERVE.read_text().splitlines() if line.startswith("ARG ")}
+    assert {"BASE_IMAGE", "VARIANT", "ARCHIVE"} <= args
+    assert "EXPOSE 8080" in SERVE.read_text() and "8082" not in " ".join(a for k, a in steps if k == "EXPOSE")
+
+
+@pytest.mark.slow
+def test_onnx_only_archive_packs_the_graph_without_the_weights(tiny_model_dir, tmp_path):
+    from serving.archive import ArchiveError, build_archive
+
+    slim = build_archive(tiny_model_dir, tmp_path / "onnx", without_weights=True)
+    names = set(zipfile.ZipFile(slim).namelist())
+    assert "model-int8.onnx" in names and "tokenizer.json" in names and "config.json" in names
+    assert not any(name.endswith((".safetensors", ".bin", ".pt")) for name in names)
+    torch_config = tmp_path / "torch.yaml"
+    config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
+    config["handler"] = {"backend": "torch", "precision": "fp32"}
+    torch_config.write_text(yaml.safe_dump(config))
+    with pytest.raises(ArchiveError, match="reads the weights"):
+        build_archive(tiny_model_dir, tmp_path / "torch", model_config=torch_config, without_weights=True)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(2400)
+def test_image_smoke_serves_a_prediction_on_loopback_and_stops_cleanly(tiny_model_dir, tmp_path):
+    """``make image-smoke`` with the tiny model's ONNX-only archive. The first build on a machine
+    debootstraps the base and installs the dependency layers (about 10 minutes here); later builds
+    reuse the cached base and layers."""
+    from serving.archive import build_archive
+
+    archive = build_archive(tiny_model_dir, tmp_path / "store", without_weights=True)
+    tag = "localhost/emotion-serve:test"
+    result = subprocess.run(
+        ["make", "image-smoke", f"IMAGE_ARCHIVE={archive}", f"IMAGE_TAG={tag}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=2300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["image"] == tag and report["answer"]["label"] in report["answer"]["probabilities"]
+    assert report["seconds_to_stop"] < 60
+    # Nothing of the container is left: no namespace, no working container, no process.
+    assert "emotion-smoke" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    if report["engine"] == "buildah":
+        containers = subprocess.run(["buildah", "containers", "--format", "{{.ContainerName}}"], capture_output=True)
+        assert b"emotion-smoke" not in containers.stdout
+        processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert "emotion-smoke" not in processes and "serve-entrypoint" not in processes
