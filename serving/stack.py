@@ -222,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
         models=args.models,
         keys_file=keys_file,
         free_ports=args.ts_free_ports,
+        golden=(args.golden_text, args.golden_label),
         drain=args.drain,
     )
     stopping = threading.Event()
@@ -334,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=5000, help="requests/s per client address")
     parser.add_argument("--burst", type=int, default=5000)
     parser.add_argument("--connections", type=int, default=1024, help="connections per client address")
+    parser.add_argument("--golden-text", default=GOLDEN_TEXT, help="readiness: a text whose label is known")
+    parser.add_argument("--golden-label", default=GOLDEN_LABEL, help="readiness: the label it must get")
     parser.add_argument("--drain", type=float, default=2.0, help="seconds between not-ready and stopping")
     parser.add_argument("--timeout", type=float, default=240)
     parser.add_argument("--grace", type=float, default=3600, help="rotate-key: seconds the old keys stay valid")
