@@ -100,7 +100,12 @@ test: $(BIN)/.installed system-deps lint ## Lint, then the whole test suite with
 test-fast: $(BIN)/.installed ## Tests not marked slow
 	$(BIN)/python -m pytest -m "not slow"
 
+report: $(BIN)/.installed ## Exam report: figures from the project's outputs, report/report.html, report.py check
+	$(BIN)/python report/figures.py
+	$(BIN)/python report/report.py html
+	$(BIN)/python report/report.py check
+
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps data train train-speed profile repro archive serve gateway stop loadtest monitor bench batching lint format test test-fast clean
+.PHONY: help venv system-deps data train train-speed profile repro archive serve gateway stop loadtest monitor bench batching lint format test test-fast report clean
