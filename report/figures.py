@@ -94,22 +94,28 @@ def dvc_remote_url() -> str:
 
 
 def describe_objects(remote: Path) -> dict[str, str]:
-    """What each object in a local DVC remote holds, by md5: from .dir manifests, dvc.lock and .mar files."""
+    """What each object in a local DVC remote holds, by md5: from .dir manifests and .mar files.
+
+    An object whose hash also appears in the repository's dvc.lock is marked so.
+    """
     names: dict[str, str] = {}
-    lock = (ROOT / "dvc.lock").read_text()
-    for path in (remote / "files" / "md5").glob("*/*"):
+    objects = sorted((remote / "files" / "md5").glob("*/*"))
+    for path in objects:
         md5 = path.parent.name + path.name
         if md5.endswith(".dir"):
             entries = json.loads(path.read_text())
             names[md5] = f"manifest of a directory: {', '.join(e['relpath'] for e in entries)}"
             for entry in entries:
-                names.setdefault(entry["md5"], entry["relpath"])
+                names[entry["md5"]] = entry["relpath"]
         elif zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive, archive.open("MAR-INF/MANIFEST.json") as manifest:
                 model = json.load(manifest)["model"]
             names[md5] = f"model archive (.mar): {model['modelName']} {model['modelVersion']}"
+    lock_file = ROOT / "dvc.lock"
+    lock = lock_file.read_text() if lock_file.is_file() else ""
+    for md5 in list(names):
         if md5 in lock:
-            names[md5] = f"{names.get(md5, '')} (in dvc.lock)".strip()
+            names[md5] += " (hash in dvc.lock)"
     return names
 
 
@@ -122,9 +128,18 @@ def dvc_remote() -> Path:
     listing = run([str(BIN / "dvc"), "list-url", "-R", "--size", str(remote)]).splitlines()
     names = describe_objects(remote)
     lines = [f"$ dvc list-url -R --size {url}", ""]
-    for line in sorted(listing, key=lambda s: s.split()[-1]):
-        size, relpath = line.split(maxsplit=1)
-        md5 = relpath.replace("files/md5/", "").replace("/", "")
+    # each directory manifest followed by the files it lists, then the objects no manifest lists
+    rows = {
+        relpath.replace("files/md5/", "").replace("/", ""): (size, relpath)
+        for size, relpath in (line.split(maxsplit=1) for line in listing)
+    }
+    order = []
+    for md5 in sorted((m for m in rows if m.endswith(".dir")), key=lambda m: names.get(m, "")):
+        entries = json.loads((remote / "files" / "md5" / md5[:2] / md5[2:]).read_text())
+        order += [md5, *sorted((e["md5"] for e in entries if e["md5"] in rows), key=lambda m: names[m])]
+    order += sorted((m for m in rows if m not in order), key=lambda m: names.get(m, "~"))
+    for md5 in order:
+        size, relpath = rows[md5]
         lines.append(f"{size:>7}  {relpath:<52} {names.get(md5, '')}")
     config = run([str(BIN / "dvc"), "remote", "list"]).splitlines()
     lines += ["", "$ dvc remote list", *config]

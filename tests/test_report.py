@@ -198,19 +198,19 @@ def test_html_is_rendered():
 
 def test_dvc_remote_objects_are_named_from_their_manifests(tmp_path):
     files = tmp_path / "files" / "md5"
-    (files / "ab").mkdir(parents=True)
-    (files / "cd").mkdir()
-    (files / "ef").mkdir()
-    (files / "ab" / "c.dir").write_text(json.dumps([{"md5": "cd12", "relpath": "train.txt"}]))
-    (files / "cd" / "12").write_text("text;joy\n")
-    with zipfile.ZipFile(files / "ef" / "34", "w") as archive:
-        archive.writestr(
-            "MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "emotion", "modelVersion": "1.0"}})
-        )
+    manifest, text, archive = "ab" + "1" * 30 + ".dir", "cd" + "2" * 30, "ef" + "3" * 30
+    for md5 in (manifest, text, archive):
+        (files / md5[:2]).mkdir(parents=True)
+    (files / manifest[:2] / manifest[2:]).write_text(json.dumps([{"md5": text, "relpath": "train.txt"}]))
+    (files / text[:2] / text[2:]).write_text("text;joy\n")
+    with zipfile.ZipFile(files / archive[:2] / archive[2:], "w") as mar:
+        mar.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "emotion", "modelVersion": "1.0"}}))
     names = figures.describe_objects(tmp_path)
-    assert names["abc.dir"] == "manifest of a directory: train.txt"
-    assert names["cd12"] == "train.txt"
-    assert names["ef34"] == "model archive (.mar): emotion 1.0"
+    assert names == {
+        manifest: "manifest of a directory: train.txt",
+        text: "train.txt",
+        archive: "model archive (.mar): emotion 1.0",
+    }
 
 
 def test_text_figure_is_a_png(tmp_path):
