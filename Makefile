@@ -132,7 +132,12 @@ image: $(BIN)/.installed image-deps $(IMAGE_ARCHIVE) ## Build the CPU serving im
 image-smoke: image ## Start the image, get a prediction through its front door on 127.0.0.1, stop it
 	$(BIN)/python docker/smoke.py --image $(IMAGE_TAG)
 
+report: $(BIN)/.installed ## Exam report: figures from the project's outputs, report/report.html, report.py check
+	$(BIN)/python report/figures.py
+	$(BIN)/python report/report.py html
+	$(BIN)/python report/report.py check
+
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps experiment data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench batching lint format test test-fast clean image-deps image image-smoke
+.PHONY: help venv system-deps experiment data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench batching lint format test test-fast report clean image-deps image image-smoke
