@@ -26,12 +26,13 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt requirements-serve.txt
 
 venv: $(BIN)/.installed ## Create the virtualenv and install the pinned requirements
 
-system-deps: ## Install Java 17 (TorchServe), Prometheus, wrk and nginx with apt when missing
+system-deps: ## Install Java 17 (TorchServe), Prometheus, wrk, nginx and Graphviz with apt when missing
 	@command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
 	@command -v prometheus >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
 	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx)
+	@command -v dot >/dev/null || (apt-get update -qq && apt-get install -y -qq graphviz)
 
 experiment: $(BIN)/.installed ## Set `experiment` in params.yaml to $EXPERIMENT (the pipeline targets do it)
 	@test -f training/conf/experiment/$(EXPERIMENT).yaml || \
@@ -132,7 +133,7 @@ image: $(BIN)/.installed image-deps $(IMAGE_ARCHIVE) ## Build the CPU serving im
 image-smoke: image ## Start the image, get a prediction through its front door on 127.0.0.1, stop it
 	$(BIN)/python docker/smoke.py --image $(IMAGE_TAG)
 
-report: $(BIN)/.installed ## Exam report: figures from the project's outputs, report/report.html, report.py check
+report: $(BIN)/.installed system-deps ## Exam report: figures from the project's outputs, report/report.html, report.py check
 	$(BIN)/python report/figures.py
 	$(BIN)/python report/report.py html
 	$(BIN)/python report/report.py check
