@@ -52,8 +52,9 @@ evaluate: experiment ## Evaluate the trained model into metrics/$EXPERIMENT/eval
 archive: experiment ## Pack model_store/emotion.mar from models/emotion-$EXPERIMENT/ (DVC stage archive)
 	$(DVC) repro archive
 
-# The archive is always brought up to date by DVC: targets that need it depend on this file.
-$(ARCHIVE): archive ;
+# What `make serve` needs: the whole pipeline (the served model evaluated too), so `dvc status` has
+# nothing to report afterwards. Targets that need the archive depend on this file.
+$(ARCHIVE): repro ;
 
 repro: experiment ## The whole DVC pipeline (data -> train -> evaluate -> archive) for $EXPERIMENT
 	$(DVC) repro
@@ -66,7 +67,7 @@ profile: data ## Profile a few training steps (trace + top operators in outputs/
 		data.max_train_examples=640 paths.model_dir=$(abspath outputs/profile/model) \
 		paths.metrics_dir=$(abspath outputs/profile/metrics)
 
-serve: system-deps $(ARCHIVE) ## Main job: data -> train -> archive -> TorchServe behind the front door on 127.0.0.1:8080
+serve: system-deps $(ARCHIVE) ## Main job: the DVC pipeline for $EXPERIMENT (default|full|quick) -> TorchServe behind the front door on 127.0.0.1:8080
 	@$(BIN)/python -m serving.stack stop >/dev/null
 	$(BIN)/python -m serving.stack start
 

@@ -50,11 +50,13 @@ def test_stages_depend_on_every_code_folder_they_run():
     assert {"handler", "serving/archive.py", "project.py"} <= paths["archive"]
 
 
-def test_committed_pipeline_builds_the_default_experiment():
-    assert current_experiment() == "default"
+def test_lock_file_describes_the_experiment_params_yaml_names():
+    experiment = current_experiment()
     lock = yaml.safe_load((PROJECT_ROOT / "dvc.lock").read_text())["stages"]
-    assert lock["train"]["cmd"] == "python -m training.train experiment=default"
-    assert lock["train"]["params"]["params.yaml"]["experiment"] == "default"
+    assert lock["train"]["cmd"] == f"python -m training.train experiment={experiment}"
+    assert lock["train"]["params"]["params.yaml"]["experiment"] == experiment
+    model_dir = experiment_paths(experiment).model_dir.relative_to(PROJECT_ROOT).as_posix()
+    assert [out["path"] for out in lock["train"]["outs"] if out["path"].startswith("models/")] == [model_dir]
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
