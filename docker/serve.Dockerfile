@@ -53,7 +53,7 @@ RUN --mount=type=bind,source=docker/stage,target=/tmp/stage \
 WORKDIR /srv
 # project.py anchors serving/'s paths at /srv (the glob keeps images of older trees buildable);
 # the gateway reads its timeouts from handler/model-config.yaml.
-COPY docker/config.properties project.py* ./
+COPY docker/config.properties project.py ./
 COPY handler/model-config.yaml handler/model-config.yaml
 COPY monitoring/metrics.yaml monitoring/metrics.yaml
 COPY gateway/ gateway/

@@ -5,6 +5,7 @@ FROM ${BASE_IMAGE}
 WORKDIR /srv
 COPY requirements-serve.txt requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
+COPY project.py params.yaml ./
 COPY training/ training/
 ENV WANDB_MODE=offline EMOTION_DATA_DIR=/srv/data/raw
 ENTRYPOINT ["python", "-m", "training.train"]
