@@ -25,6 +25,7 @@ import torch
 from emotion_backends import HandlerSettings, load_backend
 from emotion_inputs import Batch, InputError, extract_text, plan_passes
 from emotion_metrics import EmotionMetrics
+from emotion_monitor import EmotionMonitor, make_records
 from ts.torch_handler.base_handler import BaseHandler
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class EmotionHandler(BaseHandler):
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
         self._warm_up()
         self.emotion_metrics = EmotionMetrics(context.metrics, context.model_name)
+        self.monitor = EmotionMonitor.from_settings(self.emotion_metrics, self.labels, self.settings)
         self.initialized = True
         log.info(
             "emotion handler ready: labels %s, max_length %d, %d thread(s)",
@@ -107,6 +109,9 @@ class EmotionHandler(BaseHandler):
             for k, row in zip(rows, probabilities.tolist(), strict=True):
                 batch.probabilities[indices[k]] = row
         self.emotion_metrics.batch(sum(lengths), tokenize_ms, model_ms)
+        probabilities = [batch.probabilities[i] for i in indices]
+        unk_id = self.tokenizer.unk_token_id
+        self.monitor.observe_batch(make_records(texts, token_ids, probabilities, self.labels, unk_id, self.max_length))
         return batch
 
     def postprocess(self, batch: Batch) -> list[str]:

@@ -3,7 +3,9 @@
 ``python -m serving.archive [--model-dir models/emotion] [--version 1.0]`` packs
 the weights, tokenizer, model config, handler modules and ``model-config.yaml``
 with torch-model-archiver. When the config's handler section selects the ``onnx``
-backend, the model is exported to ONNX (and quantised for int8) and packed too.
+backend, the model is exported to ONNX (and quantised for int8) and packed too. The reference
+profile written beside the model directory (``<model-dir>.profile.json``, ``monitoring.profile``)
+is packed as ``reference_profile.json`` when it exists.
 Nothing the archive needs is fetched at serve time.
 """
 
@@ -27,7 +29,10 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HANDLER_DIR = PROJECT_ROOT / "handler"
 HANDLER_FILE = HANDLER_DIR / "emotion_handler.py"
-HANDLER_MODULES = ("emotion_inputs.py", "emotion_backends.py", "emotion_metrics.py")
+HANDLER_MODULES = ("emotion_inputs.py", "emotion_backends.py", "emotion_metrics.py", "emotion_monitor.py")
+# The drift tools' reference (monitoring/profile.py writes it beside the model directory).
+PROFILE_SUFFIX = ".profile.json"
+ARCHIVE_PROFILE_NAME = "reference_profile.json"
 WEIGHTS = "model.safetensors"
 # Files of a Hugging Face model directory the handler needs besides the weights.
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -96,6 +101,11 @@ def build_archive(
                 extra.append(export_onnx(model_dir, Path(tmp) / "onnx", settings.precision))
             except ExportError as err:
                 raise ArchiveError(str(err)) from err
+        profile = model_dir.with_name(model_dir.name + PROFILE_SUFFIX)
+        if profile.is_file():
+            extra.append(Path(shutil.copy(profile, Path(tmp) / ARCHIVE_PROFILE_NAME)))
+        else:
+            log.warning("no reference profile %s: the archive carries none (python -m monitoring.profile)", profile)
         command = [
             archiver,
             "--model-name",

@@ -1,0 +1,224 @@
+"""``make drift``: the last logged requests of the running service against the reference profile.
+
+``python -m monitoring.drift [--window 1000]`` reads the last ``window`` requests of the handler's
+request log (``requests.jsonl`` and its rotated files), compares them with the reference profile's
+validation sample using Evidently (PSI per column; a domain classifier on the texts when the log
+holds them, the text statistics otherwise) and with the same PSI statistics the Prometheus drift
+alerts use, writes ``report.html`` and ``summary.json`` under ``outputs/drift/``, prints a verdict
+and exits
+
+* 0: nothing drifted;
+* 1: at least one column (or the texts) drifted;
+* 2: too few logged requests to tell (fewer than ``drift_report.min_requests``);
+* 3: no reference profile found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from handler.emotion_monitor import REQUEST_LOG_NAME, default_log_dir
+from monitoring.drift_stats import DRIFT_CONFIG, alerts_firing, load_drift_config, stream_statistics
+from monitoring.profile import load_profile, profile_path
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+NUMERIC = ("chars", "tokens", "unknown_share", "confidence")
+CATEGORICAL = ("label", "truncated")
+EXIT_OK, EXIT_DRIFT, EXIT_TOO_FEW, EXIT_NO_PROFILE = 0, 1, 2, 3
+
+
+def log_files(log_dir: Path) -> list[Path]:
+    """The request log and its rotated files, oldest first."""
+    current = Path(log_dir) / REQUEST_LOG_NAME
+    rotated = sorted(
+        (p for p in current.parent.glob(REQUEST_LOG_NAME + ".*") if p.suffix[1:].isdigit()),
+        key=lambda p: int(p.suffix[1:]),
+        reverse=True,
+    )
+    return [*rotated, current] if current.exists() else rotated
+
+
+def read_requests(log_dir: Path, window: int) -> list[dict[str, Any]]:
+    """The last ``window`` entries of the request log; unreadable lines are skipped with a warning."""
+    entries: list[dict[str, Any]] = []
+    bad = 0
+    for path in log_files(log_dir):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                bad += 1
+    if bad:
+        log.warning("skipped %d unreadable line(s) in %s", bad, log_dir)
+    return entries[-window:]
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts of a ``text;label`` split file."""
+    return [line.rpartition(";")[0].strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+
+
+def evidently_report(
+    reference_rows: dict[str, list],
+    entries: list[dict[str, Any]],
+    reference_texts: list[str] | None,
+    settings: dict[str, Any],
+    html: Path,
+) -> dict[str, dict[str, Any]]:
+    """Run Evidently's data-drift preset and save its HTML; returns per-column value, threshold, drifted."""
+    import pandas as pd
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    columns = [*NUMERIC, *CATEGORICAL]
+    reference = pd.DataFrame({c: reference_rows[c] for c in columns})
+    current = pd.DataFrame({c: [e[c] for e in entries] for c in columns})
+    for frame in (reference, current):
+        frame["truncated"] = frame["truncated"].astype(str)
+    text_columns = []
+    if reference_texts and all("text" in e for e in entries):
+        reference = reference.reindex(range(max(len(reference), len(reference_texts))))
+        reference["text"] = pd.Series(reference_texts)
+        current["text"] = [e["text"] for e in entries]
+        text_columns = ["text"]
+    definition = DataDefinition(
+        numerical_columns=list(NUMERIC), categorical_columns=list(CATEGORICAL), text_columns=text_columns
+    )
+    preset = DataDriftPreset(
+        num_method="psi",
+        cat_method="psi",
+        num_threshold=settings["psi_threshold"],
+        cat_threshold=settings["psi_threshold"],
+        text_threshold=settings["text_threshold"],
+    )
+    snapshot = Report([preset]).run(
+        Dataset.from_pandas(current, data_definition=definition),
+        Dataset.from_pandas(reference, data_definition=definition),
+    )
+    html.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.save_html(str(html))
+    results = {}
+    for metric in snapshot.dict()["metrics"]:
+        config = metric["config"]
+        if not config.get("type", "").endswith("ValueDrift"):
+            continue
+        value = float(metric["value"]) if metric["value"] is not None else math.nan
+        threshold = float(config["threshold"])
+        results[config["column"]] = {
+            "method": config["method"],
+            "value": value,
+            "threshold": threshold,
+            "drifted": bool(value >= threshold) if not math.isnan(value) else False,
+        }
+    return results
+
+
+def run_drift(
+    log_dir: Path,
+    profile: dict[str, Any],
+    out_dir: Path,
+    window: int,
+    reference_texts: list[str] | None = None,
+    config: dict[str, Any] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Compare the last ``window`` logged requests with ``profile``; returns (exit code, summary)."""
+    config = config or load_drift_config()
+    settings = config["drift_report"]
+    entries = read_requests(log_dir, window)
+    summary: dict[str, Any] = {"log_dir": str(log_dir), "window": window, "requests": len(entries)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    needed = min(settings["min_requests"], window)
+    if len(entries) < needed:
+        summary.update(verdict="too few requests", needed=needed)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return EXIT_TOO_FEW, summary
+    columns = evidently_report(profile["records"], entries, reference_texts, settings, out_dir / "report.html")
+    deciding = [*settings["columns"], *(["text"] if "text" in columns else [])]
+    drifted = [c for c in deciding if columns.get(c, {}).get("drifted")]
+    stats = stream_statistics(entries, profile)
+    summary.update(
+        verdict="drift" if drifted else "no drift",
+        drifted_columns=drifted,
+        columns=columns,
+        texts_compared="text" in columns,
+        statistics=stats,
+        alert_conditions=alerts_firing(stats, config),
+        report=str(out_dir / "report.html"),
+    )
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    return (EXIT_DRIFT if drifted else EXIT_OK), summary
+
+
+def print_verdict(code: int, summary: dict[str, Any]) -> None:
+    """One table of the columns and the verdict, on stdout."""
+    if code == EXIT_TOO_FEW:
+        print(
+            f"too few requests: {summary['requests']} logged in {summary['log_dir']}, "
+            f"{summary['needed']} needed; send traffic first"
+        )
+        return
+    print(f"{summary['requests']} requests from {summary['log_dir']} against the reference profile:")
+    for column, result in summary["columns"].items():
+        flag = "DRIFT" if result["drifted"] else "ok"
+        print(
+            f"  {column:<14} {result['method']:<32} {result['value']:8.3f}  (threshold {result['threshold']:g})  {flag}"
+        )
+    stats = summary["statistics"]
+    print(
+        f"  alert statistics: label PSI {stats['label_psi']:.3f}, length PSI {stats['length_psi']:.3f}, "
+        f"low-confidence share {stats['low_confidence_share']:.3f} (reference "
+        f"{stats['reference_low_confidence_share']:.3f}), unknown-token share {stats['unknown_token_share']:.4f}"
+    )
+    verdict = f"DRIFT in {', '.join(summary['drifted_columns'])}" if code == EXIT_DRIFT else "no drift"
+    print(f"verdict: {verdict}; report {summary['report']}")
+
+
+def default_profile() -> Path:
+    """The served archive's profile when it packs one, else the default model's profile file."""
+    archive = PROJECT_ROOT / "model_store" / "emotion.mar"
+    experiment = os.environ.get("EXPERIMENT", "quick")
+    fallback = profile_path(PROJECT_ROOT / "models" / f"emotion-{experiment}")
+    try:
+        load_profile(archive)
+        return archive
+    except FileNotFoundError:
+        return fallback
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point of ``make drift``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--window", type=int, default=int(os.environ.get("DRIFT_WINDOW") or 0) or None)
+    parser.add_argument("--log-dir", type=Path, default=None, help="default: $LOG_LOCATION or logs")
+    parser.add_argument("--profile", type=Path, default=None, help="profile JSON or archive (.mar)")
+    parser.add_argument("--reference-texts", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
+    parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "outputs" / "drift")
+    parser.add_argument("--config", type=Path, default=DRIFT_CONFIG)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config = load_drift_config(args.config)
+    window = args.window or config["drift_report"]["window"]
+    try:
+        profile = load_profile(args.profile or default_profile())
+    except FileNotFoundError as err:
+        print(err, file=sys.stderr)
+        return EXIT_NO_PROFILE
+    texts = read_texts(args.reference_texts) if args.reference_texts and args.reference_texts.is_file() else None
+    log_dir = args.log_dir or default_log_dir()
+    code, summary = run_drift(log_dir, profile, args.out_dir, window, texts, config)
+    print_verdict(code, summary)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
