@@ -67,14 +67,34 @@ def read_texts(path: Path) -> list[str]:
     return [line.rpartition(";")[0].strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
 
 
+def _value_drift(snapshot) -> dict[str, dict[str, Any]]:
+    """Per-column method, value and threshold from an Evidently snapshot."""
+    results = {}
+    for metric in snapshot.dict()["metrics"]:
+        config = metric["config"]
+        if config.get("type", "").endswith("ValueDrift"):
+            value = float(metric["value"]) if metric["value"] is not None else math.nan
+            results[config["column"]] = {"method": config["method"], "value": value, "threshold": config["threshold"]}
+    return results
+
+
 def evidently_report(
     reference_rows: dict[str, list],
     entries: list[dict[str, Any]],
     reference_texts: list[str] | None,
     settings: dict[str, Any],
-    html: Path,
+    out_dir: Path,
 ) -> dict[str, dict[str, Any]]:
-    """Run Evidently's data-drift preset and save its HTML; returns per-column value, threshold, drifted."""
+    """Run Evidently's data-drift preset on the logged fields (``report.html``) and, when the log
+    holds texts, on the texts (``text_report.html``); returns per-column method, value, threshold
+    and whether it drifted.
+
+    Columns use PSI: drift when it reaches ``psi_threshold``. Texts use Evidently's domain classifier
+    (``abs_text_content_drift``: a TF-IDF classifier trained to tell reference from current texts):
+    drift when its ROC AUC exceeds ``text_threshold``. Both text samples are cut to the same size
+    first: the classifier's vectoriser drops words found in over half the texts, which on unequal
+    samples would drop exactly the words that set the larger sample apart.
+    """
     import pandas as pd
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
@@ -84,41 +104,33 @@ def evidently_report(
     current = pd.DataFrame({c: [e[c] for e in entries] for c in columns})
     for frame in (reference, current):
         frame["truncated"] = frame["truncated"].astype(str)
-    text_columns = []
-    if reference_texts and all("text" in e for e in entries):
-        reference = reference.reindex(range(max(len(reference), len(reference_texts))))
-        reference["text"] = pd.Series(reference_texts)
-        current["text"] = [e["text"] for e in entries]
-        text_columns = ["text"]
-    definition = DataDefinition(
-        numerical_columns=list(NUMERIC), categorical_columns=list(CATEGORICAL), text_columns=text_columns
-    )
-    preset = DataDriftPreset(
-        num_method="psi",
-        cat_method="psi",
-        num_threshold=settings["psi_threshold"],
-        cat_threshold=settings["psi_threshold"],
-        text_threshold=settings["text_threshold"],
-    )
+    definition = DataDefinition(numerical_columns=list(NUMERIC), categorical_columns=list(CATEGORICAL))
+    threshold = settings["psi_threshold"]
+    preset = DataDriftPreset(num_method="psi", cat_method="psi", num_threshold=threshold, cat_threshold=threshold)
     snapshot = Report([preset]).run(
         Dataset.from_pandas(current, data_definition=definition),
         Dataset.from_pandas(reference, data_definition=definition),
     )
-    html.parent.mkdir(parents=True, exist_ok=True)
-    snapshot.save_html(str(html))
-    results = {}
-    for metric in snapshot.dict()["metrics"]:
-        config = metric["config"]
-        if not config.get("type", "").endswith("ValueDrift"):
-            continue
-        value = float(metric["value"]) if metric["value"] is not None else math.nan
-        threshold = float(config["threshold"])
-        results[config["column"]] = {
-            "method": config["method"],
-            "value": value,
-            "threshold": threshold,
-            "drifted": bool(value >= threshold) if not math.isnan(value) else False,
-        }
+    snapshot.save_html(str(out_dir / "report.html"))
+    results = _value_drift(snapshot)
+    for result in results.values():
+        result["drifted"] = bool(result["value"] >= result["threshold"])  # NaN (constant column) is no drift
+
+    current_texts = [e.get("text") for e in entries]
+    if reference_texts and all(isinstance(t, str) for t in current_texts):
+        size = min(len(reference_texts), len(current_texts))
+        ref_texts = pd.DataFrame({"text": reference_texts}).sample(size, random_state=0).reset_index(drop=True)
+        cur_texts = pd.DataFrame({"text": current_texts}).sample(size, random_state=0).reset_index(drop=True)
+        text_definition = DataDefinition(text_columns=["text"])
+        text_preset = DataDriftPreset(text_method="abs_text_content_drift", text_threshold=settings["text_threshold"])
+        snapshot = Report([text_preset]).run(
+            Dataset.from_pandas(cur_texts, data_definition=text_definition),
+            Dataset.from_pandas(ref_texts, data_definition=text_definition),
+        )
+        snapshot.save_html(str(out_dir / "text_report.html"))
+        text = _value_drift(snapshot)["text"]
+        text["drifted"] = bool(text["value"] > text["threshold"])
+        results["text"] = text
     return results
 
 
@@ -142,7 +154,7 @@ def run_drift(
         summary.update(verdict="too few requests", needed=needed)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return EXIT_TOO_FEW, summary
-    columns = evidently_report(profile["records"], entries, reference_texts, settings, out_dir / "report.html")
+    columns = evidently_report(profile["records"], entries, reference_texts, settings, out_dir)
     deciding = [*settings["columns"], *(["text"] if "text" in columns else [])]
     drifted = [c for c in deciding if columns.get(c, {}).get("drifted")]
     stats = stream_statistics(entries, profile)
