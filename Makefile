@@ -86,6 +86,18 @@ bench: system-deps $(MODEL_DIR)/model.safetensors ## In-process vs FastAPI vs st
 batching: $(ARCHIVE) ## Measure batchSize x maxBatchDelay x workers (loadtest/results/batching.json)
 	$(BIN)/python -m loadtest.batching_sweep
 
+# Drift monitoring (README, "Model monitoring (drift)").
+DRIFT_WINDOW ?= 1000
+
+$(MODEL_DIR).profile.json: $(MODEL_DIR)/model.safetensors monitoring/profile.py handler/emotion_monitor.py
+	$(BIN)/python -m monitoring.profile --model-dir $(MODEL_DIR)
+
+drift: $(BIN)/.installed ## Last DRIFT_WINDOW (1000) logged requests of `make serve` vs the reference (outputs/drift/)
+	$(BIN)/python -m monitoring.drift --window $(DRIFT_WINDOW) --model-dir $(MODEL_DIR)
+
+robustness: $(MODEL_DIR).profile.json $(ARCHIVE) ## Served model's accuracy under typos, emoji, casing, ... (outputs/robustness/)
+	$(BIN)/python -m monitoring.robustness --archive $(ARCHIVE)
+
 lint: $(BIN)/.installed ## Ruff lint and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -103,4 +115,4 @@ test-fast: $(BIN)/.installed ## Tests not marked slow
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps data train train-speed profile repro archive serve gateway stop loadtest monitor bench batching lint format test test-fast clean
+.PHONY: help venv system-deps data train train-speed profile repro archive serve gateway stop loadtest monitor bench batching drift robustness lint format test test-fast clean

@@ -195,16 +195,14 @@ def print_verdict(code: int, summary: dict[str, Any]) -> None:
     print(f"verdict: {verdict}; report {summary['report']}")
 
 
-def default_profile() -> Path:
-    """The served archive's profile when it packs one, else the default model's profile file."""
+def default_profile(model_dir: Path) -> Path:
+    """The served archive's profile when it packs one, else the profile beside ``model_dir``."""
     archive = PROJECT_ROOT / "model_store" / "emotion.mar"
-    experiment = os.environ.get("EXPERIMENT", "quick")
-    fallback = profile_path(PROJECT_ROOT / "models" / f"emotion-{experiment}")
     try:
         load_profile(archive)
         return archive
     except FileNotFoundError:
-        return fallback
+        return profile_path(model_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=int(os.environ.get("DRIFT_WINDOW") or 0) or None)
     parser.add_argument("--log-dir", type=Path, default=None, help="default: $LOG_LOCATION or logs")
     parser.add_argument("--profile", type=Path, default=None, help="profile JSON or archive (.mar)")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=PROJECT_ROOT / "models" / "emotion-quick",
+        help="without --profile: the archive's profile, else this model's (<model-dir>.profile.json)",
+    )
     parser.add_argument("--reference-texts", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
     parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "outputs" / "drift")
     parser.add_argument("--config", type=Path, default=DRIFT_CONFIG)
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_drift_config(args.config)
     window = args.window or config["drift_report"]["window"]
     try:
-        profile = load_profile(args.profile or default_profile())
+        profile = load_profile(args.profile or default_profile(args.model_dir))
     except FileNotFoundError as err:
         print(err, file=sys.stderr)
         return EXIT_NO_PROFILE

@@ -6,7 +6,9 @@ its own handler code in this process (a TorchServe worker context without the se
 the archive's ``batchSize``) on the validation texts, once unchanged and once per perturbation.
 The handler's request log of each run is read back and compared with the archive's reference
 profile by the same statistics the Prometheus drift alerts use. Writes
-``outputs/robustness/robustness.json`` and prints a Markdown table.
+``outputs/robustness/robustness.json`` and prints Markdown tables: one row per perturbation, and the
+spread of the drift statistics on undrifted streams (random validation halves), which the alert
+thresholds in ``monitoring/drift.yaml`` must clear.
 """
 
 from __future__ import annotations
@@ -24,8 +26,15 @@ from typing import Any
 
 import yaml
 
-from handler.emotion_monitor import REQUEST_LOG_NAME, RequestLog
-from monitoring.drift import read_requests
+from handler.emotion_monitor import (
+    CONFIDENCE_BOUNDS,
+    LOW_CONFIDENCE,
+    REQUEST_LOG_NAME,
+    TOKEN_BOUNDS,
+    RequestLog,
+    histogram,
+)
+from monitoring.drift import read_requests, run_drift
 from monitoring.drift_stats import alerts_firing, load_drift_config, stream_statistics
 from monitoring.profile import load_profile
 from training.data import load_split
@@ -137,8 +146,61 @@ class InProcessHandler:
         return answers
 
 
-def evaluate(archive: Path, val_file: Path, limit: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-    """One row per perturbation: accuracy, its change, and the drift statistics of that stream."""
+def reference_from(entries: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
+    """A profile-like reference (the fields ``stream_statistics`` reads) built from logged answers."""
+    tokens = [e["tokens"] for e in entries]
+    n = max(len(entries), 1)
+    return {
+        "labels": list(labels),
+        "low_confidence": LOW_CONFIDENCE,
+        "validation": {
+            "predicted_label_shares": {name: sum(e["label"] == name for e in entries) / n for name in labels},
+            "token_histogram": {k: v / n for k, v in histogram(tokens, TOKEN_BOUNDS).items()},
+            "confidence_histogram": {
+                k: v / n for k, v in histogram([e["confidence"] for e in entries], CONFIDENCE_BOUNDS).items()
+            },
+            "low_confidence_share": sum(e["confidence"] <= LOW_CONFIDENCE for e in entries) / n,
+            "unknown_token_share": sum(e["unknown_share"] * e["tokens"] for e in entries) / max(sum(tokens), 1),
+        },
+    }
+
+
+def noise(
+    entries: Sequence[dict[str, Any]], labels: Sequence[str], sizes: Sequence[int] = (200, 1000), draws: int = 200
+) -> list[dict[str, Any]]:
+    """What the drift statistics read on streams that did not drift: the validation answers are
+    split in random halves, one half is the reference and windows of ``size`` answers are drawn
+    from the other; per window size, the 95th percentile and maximum of each statistic over
+    ``draws`` splits."""
+    rng = random.Random(0)
+    keys = ("label_psi", "length_psi", "confidence_psi", "low_confidence_rise", "unknown_token_rise")
+    rows = []
+    for size in sizes:
+        values: dict[str, list[float]] = {k: [] for k in keys}
+        for _ in range(draws):
+            shuffled = rng.sample(list(entries), len(entries))
+            half = len(shuffled) // 2
+            reference, other = reference_from(shuffled[:half], labels), shuffled[half:]
+            stats = stream_statistics(rng.sample(other, min(size, len(other))), reference)
+            stats["low_confidence_rise"] = stats["low_confidence_share"] - stats["reference_low_confidence_share"]
+            stats["unknown_token_rise"] = stats["unknown_token_share"] - stats["reference_unknown_token_share"]
+            for k in keys:
+                values[k].append(stats[k])
+        row: dict[str, Any] = {"window": min(size, len(entries) - len(entries) // 2), "draws": draws}
+        for k in keys:
+            ordered = sorted(values[k])
+            row[f"{k}_p95"] = ordered[int(0.95 * (len(ordered) - 1))]
+            row[f"{k}_max"] = ordered[-1]
+        rows.append(row)
+    return rows
+
+
+def evaluate(
+    archive: Path, val_file: Path, limit: int | None = None, seed: int = 0, report_dir: Path | None = None
+) -> dict[str, Any]:
+    """Per perturbation: accuracy, its change and the drift statistics of that stream; and the
+    statistics' spread on undrifted streams (``noise``). With ``report_dir``, each stream's request
+    log is also run through ``make drift``'s comparison (Evidently), reports under ``report_dir``."""
     config = load_drift_config()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,12 +214,36 @@ def evaluate(archive: Path, val_file: Path, limit: int | None = None, seed: int 
             server.handler.monitor.request_log = RequestLog(log_dir / REQUEST_LOG_NAME, old.max_bytes, old.backups)
             answers = server.predict(perturb([e.text for e in examples], name, seed))
             accuracy = sum(a.get("label") == g for a, g in zip(answers, gold, strict=True)) / len(gold)
-            stats = stream_statistics(read_requests(log_dir, len(examples)), server.profile)
+            entries = read_requests(log_dir, len(examples))
+            stats = stream_statistics(entries, server.profile)
             rows.append({"perturbation": name, "accuracy": accuracy, **stats, "alerts": alerts_firing(stats, config)})
+            if report_dir is not None:
+                code, summary = run_drift(
+                    log_dir, server.profile, report_dir / log_dir.name, len(examples), None, config
+                )
+                rows[-1].update(make_drift_exit=code, drifted_columns=summary.get("drifted_columns", []))
+            if name == "none":
+                undrifted = noise(entries, server.profile["labels"])
     base = rows[0]["accuracy"]
     for row in rows:
         row["accuracy_change_points"] = 100 * (row["accuracy"] - base)
-    return rows
+    return {"model": server.profile.get("model_dir"), "texts": len(examples), "perturbations": rows, "noise": undrifted}
+
+
+def noise_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The README table of the statistics on undrifted streams."""
+    lines = [
+        "| window | label PSI p95 / max | length PSI p95 / max | confidence PSI p95 / max "
+        "| low-confidence rise p95 / max | unknown-token rise p95 / max |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        cells = [
+            f"{r[k + '_p95']:.3f} / {r[k + '_max']:.3f}"
+            for k in ("label_psi", "length_psi", "confidence_psi", "low_confidence_rise", "unknown_token_rise")
+        ]
+        lines.append(f"| {r['window']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -167,12 +253,19 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         "| low-confidence share | unknown-token share | drift alerts |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    with_reports = all("make_drift_exit" in r for r in rows)
+    if with_reports:
+        lines[0] += " make drift (drifted columns) |"
+        lines[1] += " --- |"
     for r in rows:
-        lines.append(
+        line = (
             f"| {r['perturbation']} | {100 * r['accuracy']:.2f}% | {r['accuracy_change_points']:+.2f} "
             f"| {r['label_psi']:.3f} | {r['length_psi']:.3f} | {r['confidence_psi']:.3f} "
             f"| {r['low_confidence_share']:.3f} | {r['unknown_token_share']:.4f} | {', '.join(r['alerts']) or '-'} |"
         )
+        if with_reports:
+            line += f" {r['make_drift_exit']} ({', '.join(r['drifted_columns']) or '-'}) |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -183,14 +276,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-file", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
     parser.add_argument("--limit", type=int, default=None, help="first N validation texts only")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "outputs" / "robustness" / "robustness.json")
+    parser.add_argument("--no-drift-report", action="store_true", help="skip the Evidently report per stream")
     args = parser.parse_args(argv)
     if not args.archive.is_file():
         print(f"archive not found: {args.archive} (make archive)", file=sys.stderr)
         return 1
-    rows = evaluate(args.archive, args.val_file, args.limit)
+    reports = None if args.no_drift_report else args.out.parent / "drift"
+    result = evaluate(args.archive, args.val_file, args.limit, report_dir=reports)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(markdown_table(rows))
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{result['texts']} validation texts, model {result['model']}\n")
+    print(markdown_table(result["perturbations"]))
+    print(f"\nUndrifted streams ({result['noise'][0]['draws']} random validation halves per window size):\n")
+    print(noise_table(result["noise"]))
     print(f"\nwrote {args.out}")
     return 0
 

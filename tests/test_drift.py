@@ -279,17 +279,25 @@ def test_robustness_runs_the_archive_handler_under_each_perturbation(profiled_st
     out = tmp_path / "robustness.json"
     assert (
         robustness.main(
-            ["--archive", str(profiled_store / "emotion.mar"), "--val-file", str(FIXTURE_VAL), "--out", str(out)]
+            [
+                *("--archive", str(profiled_store / "emotion.mar"), "--val-file", str(FIXTURE_VAL)),
+                "--out",
+                str(out),
+                "--no-drift-report",
+            ]
         )
         == 0
     )
-    rows = {r["perturbation"]: r for r in json.loads(out.read_text())}
+    result = json.loads(out.read_text())
+    rows = {r["perturbation"]: r for r in result["perturbations"]}
     assert set(rows) == set(robustness.PERTURBATIONS)
     assert rows["none"]["label_psi"] < 0.05 and rows["none"]["length_psi"] < 0.05
     assert rows["emoji"]["unknown_token_share"] > rows["none"]["unknown_token_share"]
     assert rows["repeated punctuation"]["mean_tokens"] > rows["none"]["mean_tokens"]
     assert rows["truncation (first half)"]["mean_tokens"] < rows["none"]["mean_tokens"]
     assert rows["upper case"]["accuracy"] == rows["none"]["accuracy"]  # an uncased tokenizer
+    assert [r["window"] for r in result["noise"]] == [18, 18]  # half of the 36 fixture texts
+    assert all(0 <= r["length_psi_p95"] <= r["length_psi_max"] for r in result["noise"])
 
 
 def test_perturbations_are_reproducible_and_do_what_they_say():
