@@ -35,7 +35,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 def shifted_stream(texts: list[str], count: int, seed: int = 0) -> list[str]:
     """Texts unlike the validation texts, built from them: four run together, emoji appended."""
     rng = random.Random(seed)
-    return [" and ".join(rng.sample(texts, 4)) + " 😱😂" for _ in range(count)]
+    return ["😱😂 " + " and ".join(rng.sample(texts, 4)) for _ in range(count)]
 
 
 def send(server: TorchServe, texts: list[str], clients: int = 4) -> int:
@@ -71,7 +71,8 @@ def plot(series: dict[str, list[tuple[float, float]]], t0: float, switch: float,
         points = series[name]
         left.plot([t - t0 for t, _ in points], [v for _, v in points], label=name)
     left.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"alert threshold {threshold}")
-    left.set(title="Drift: PSI against the reference", xlabel="seconds", ylabel="PSI")
+    left.set(title="Drift: PSI against the reference", xlabel="seconds", ylabel="PSI (symmetric log scale)")
+    left.set_yscale("symlog", linthresh=0.1)
     for name in ("low-confidence share", "reference low-confidence share", "unknown-token share"):
         points = series[name]
         right.plot([t - t0 for t, _ in points], [v for _, v in points], label=name)

@@ -41,9 +41,9 @@ def replay(texts: list[str], seed: int, count: int) -> list[str]:
 
 def shifted(texts: list[str], seed: int, count: int) -> list[str]:
     """A stream unlike ``texts``, built from them: several texts run together (longer inputs,
-    mixed emotions) with emoji (unknown to the tokenizer)."""
+    mixed emotions) after two emoji (unknown to the tokenizer; in front, where truncation keeps them)."""
     rng = random.Random(seed)
-    return [" and ".join(rng.sample(texts, 4)) + " 😱😂" for _ in range(count)]
+    return ["😱😂 " + " and ".join(rng.sample(texts, 4)) for _ in range(count)]
 
 
 def send(server: TorchServe, texts: list[str]) -> None:
