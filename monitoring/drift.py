@@ -24,15 +24,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from handler.emotion_monitor import REQUEST_LOG_NAME, default_log_dir
+from handler.emotion_monitor import CONFIDENCE_BOUNDS, REQUEST_LOG_NAME, bucket_of, default_log_dir
 from monitoring.drift_stats import DRIFT_CONFIG, alerts_firing, load_drift_config, stream_statistics
 from monitoring.profile import load_profile, profile_path
 
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-NUMERIC = ("chars", "tokens", "unknown_share", "confidence")
-CATEGORICAL = ("label", "truncated")
+NUMERIC = ("chars", "tokens", "unknown_share")
+# Confidence is compared on the handler's buckets, like the alerts: raw values would make the small,
+# systematic difference between the profile's fp32 answers and the served int8 answers look like drift.
+CATEGORICAL = ("confidence", "label", "truncated")
 EXIT_OK, EXIT_DRIFT, EXIT_TOO_FEW, EXIT_NO_PROFILE = 0, 1, 2, 3
 
 
@@ -89,7 +91,8 @@ def evidently_report(
     holds texts, on the texts (``text_report.html``); returns per-column method, value, threshold
     and whether it drifted.
 
-    Columns use PSI: drift when it reaches ``psi_threshold``. Texts use Evidently's domain classifier
+    Columns use PSI (confidence on the handler's buckets): drift when it reaches ``psi_threshold``.
+    Texts use Evidently's domain classifier
     (``abs_text_content_drift``: a TF-IDF classifier trained to tell reference from current texts):
     drift when its ROC AUC exceeds ``text_threshold``. Both text samples are cut to the same size
     first: the classifier's vectoriser drops words found in over half the texts, which on unequal
@@ -104,6 +107,7 @@ def evidently_report(
     current = pd.DataFrame({c: [e[c] for e in entries] for c in columns})
     for frame in (reference, current):
         frame["truncated"] = frame["truncated"].astype(str)
+        frame["confidence"] = [bucket_of(c, CONFIDENCE_BOUNDS) for c in frame["confidence"]]
     definition = DataDefinition(numerical_columns=list(NUMERIC), categorical_columns=list(CATEGORICAL))
     threshold = settings["psi_threshold"]
     preset = DataDriftPreset(num_method="psi", cat_method="psi", num_threshold=threshold, cat_threshold=threshold)
