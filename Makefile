@@ -10,6 +10,7 @@ BIN         := $(VENV)/bin
 # metrics/$EXPERIMENT/ (named by the Hydra paths group and dvc.yaml alike).
 EXPERIMENT  ?= default
 ARCHIVE     := model_store/emotion.mar
+MODEL_DIR   := models/emotion-$(EXPERIMENT)
 # dvc.yaml holds the stage graph; its commands run `python` from the virtualenv.
 DVC         := PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc
 export PYTHONUNBUFFERED := 1
@@ -97,6 +98,15 @@ bench: system-deps train ## In-process vs FastAPI vs stock vs tuned TorchServe, 
 batching: $(ARCHIVE) ## Measure batchSize x maxBatchDelay x workers (loadtest/results/batching.json)
 	$(BIN)/python -m loadtest.batching_sweep
 
+# Drift monitoring (README, "Model monitoring (drift)").
+DRIFT_WINDOW ?= 1000
+
+drift: $(BIN)/.installed ## Last DRIFT_WINDOW (1000) logged requests of `make serve` vs the reference (outputs/drift/)
+	$(BIN)/python -m monitoring.drift --window $(DRIFT_WINDOW) --model-dir $(MODEL_DIR)
+
+robustness: $(ARCHIVE) ## Served model's accuracy under typos, emoji, casing, ... (outputs/robustness/)
+	$(BIN)/python -m monitoring.robustness --archive $(ARCHIVE)
+
 lint: $(BIN)/.installed ## Ruff lint and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -114,8 +124,6 @@ test-fast: $(BIN)/.installed ## Tests not marked slow
 # The serving image packs an archive with only what its backend reads (ONNX graph, no PyTorch weights).
 IMAGE_ARCHIVE ?= model_store/onnx/emotion.mar
 IMAGE_TAG     ?= localhost/emotion-serve:cpu
-
-MODEL_DIR     := models/emotion-$(EXPERIMENT)
 
 # DVC brings the model up to date (a no-op when it is); the file's time then says whether it changed.
 $(MODEL_DIR)/model.safetensors: experiment
@@ -142,4 +150,4 @@ report: $(BIN)/.installed system-deps ## Exam report: figures from the project's
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps experiment data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench batching lint format test test-fast report clean image-deps image image-smoke
+.PHONY: help venv system-deps experiment data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench batching drift robustness lint format test test-fast report clean image-deps image image-smoke

@@ -30,6 +30,7 @@ from emotion_backends import load_backend
 from emotion_batch import Batch, plan_passes
 from emotion_inputs import InputError, extract_text
 from emotion_metrics import EmotionMetrics
+from emotion_monitor import EmotionMonitor, make_records
 from emotion_settings import HandlerSettings
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
@@ -71,6 +72,7 @@ class EmotionHandler(BaseHandler):
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
         self._warm_up()
         self.emotion_metrics = EmotionMetrics(context.metrics, context.model_name)
+        self.monitor = EmotionMonitor.from_settings(self.emotion_metrics, self.labels, self.settings)
         self.initialized = True
         log.info(
             "emotion handler ready: labels %s, max_length %d, %d thread(s)",
@@ -129,6 +131,16 @@ class EmotionHandler(BaseHandler):
             # Not one text went through: the model itself is broken, not the requests.
             raise PredictionException("the model failed on every text of the batch", 500)
         self.emotion_metrics.batch(sum(lengths), tokenize_ms, model_ms)
+        answered = [i for i in indices if i in batch.probabilities]
+        records = make_records(
+            [batch.texts[i] for i in answered],
+            [token_ids[i] for i in answered],
+            [batch.probabilities[i] for i in answered],
+            self.labels,
+            self.tokenizer.unk_token_id,
+            [i in batch.truncated for i in answered],
+        )
+        self.monitor.observe_batch(records)
         return batch
 
     def postprocess(self, batch: Batch) -> list[str]:

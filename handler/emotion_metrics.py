@@ -3,12 +3,18 @@
 All are counters, so rates and ratios of rates are what dashboards and alerts use:
 mean tokens per text is ``rate(EmotionInputTokens) / rate(EmotionPredictions)``,
 model milliseconds per text ``rate(EmotionModelMs) / rate(EmotionPredictions)``, and so on.
+
+TorchServe's metrics have no histogram type: the confidence and token-length histograms are
+counters with a ``Bucket`` dimension holding each bucket's upper bound (``emotion_monitor``'s
+bounds; counts per bucket, not cumulative), so a bucket's share over a window is its rate over the
+sum of all buckets' rates (``monitoring/drift_rules.yml``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+from emotion_monitor import CONFIDENCE_BOUNDS, TOKEN_BOUNDS, bucket_names
 from ts.metrics.metric_type_enum import MetricTypes
 
 
@@ -28,6 +34,20 @@ class EmotionMetrics:
         self._tokens = counter("EmotionInputTokens", "count", [])
         self._tokenize_ms = counter("EmotionTokenizeMs", "ms", [])
         self._model_ms = counter("EmotionModelMs", "ms", [])
+        self._confidence = counter("EmotionConfidence", "count", ["Bucket"])
+        self._token_length = counter("EmotionTokenLength", "count", ["Bucket"])
+        self._unknown_tokens = counter("EmotionUnknownTokens", "count", [])
+        self._truncated = counter("EmotionTruncated", "count", [])
+
+    def start_distributions(self) -> None:
+        """Emit every bucket and drift counter once at zero, so that each series exists from the
+        start and a bucket no request has hit yet reads as a share of 0, not as a missing series."""
+        for name in bucket_names(CONFIDENCE_BOUNDS):
+            self._confidence.add_or_update(0, [self.model_name, name])
+        for name in bucket_names(TOKEN_BOUNDS):
+            self._token_length.add_or_update(0, [self.model_name, name])
+        self._unknown_tokens.add_or_update(0, [self.model_name])
+        self._truncated.add_or_update(0, [self.model_name])
 
     def predictions(self, labels: Counter[str]) -> None:
         """Count a batch's answered requests by top label (one metric line per label, not per request)."""
@@ -44,3 +64,17 @@ class EmotionMetrics:
         self._tokens.add_or_update(tokens, [self.model_name])
         self._tokenize_ms.add_or_update(tokenize_ms, [self.model_name])
         self._model_ms.add_or_update(model_ms, [self.model_name])
+
+    def distributions(
+        self, confidence: Counter[str], token_length: Counter[str], unknown_tokens: int, truncated: int
+    ) -> None:
+        """Record one batch's drift statistics: requests per confidence and token-length bucket,
+        unknown tokens, and texts that filled the token window (one metric line per touched bucket)."""
+        for bucket, count in confidence.items():
+            self._confidence.add_or_update(count, [self.model_name, bucket])
+        for bucket, count in token_length.items():
+            self._token_length.add_or_update(count, [self.model_name, bucket])
+        if unknown_tokens:
+            self._unknown_tokens.add_or_update(unknown_tokens, [self.model_name])
+        if truncated:
+            self._truncated.add_or_update(truncated, [self.model_name])

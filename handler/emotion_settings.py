@@ -37,6 +37,14 @@ class HandlerSettings:
             instead of sleeping; pays off only on cores the worker does not share.
         compile: Wrap the model in ``torch.compile``; the handler compiles while loading, so worker
             start takes longer (about 85 s here) and no request waits for it.
+        request_log: Append one JSON line per answered request to ``requests.jsonl`` (read by
+            ``make drift``; see ``emotion_monitor.RequestLog``).
+        request_log_dir: Folder of the request log; default TorchServe's log folder
+            (``$LOG_LOCATION``, else ``logs`` in the server's working directory).
+        request_log_max_bytes: Size at which the request log is rotated.
+        request_log_backups: Rotated request logs kept; the log takes at most about
+            ``(backups + 1) * max_bytes``.
+        request_log_texts: Also log the raw texts (operator opt-in; off by default for privacy).
     """
 
     backend: str = "torch"
@@ -48,6 +56,11 @@ class HandlerSettings:
     pass_cost_tokens: int = 16
     compile: bool = False
     spin_wait: bool = False
+    request_log: bool = True
+    request_log_dir: str | None = None
+    request_log_max_bytes: int = 20_000_000
+    request_log_backups: int = 5
+    request_log_texts: bool = False
 
     @classmethod
     def from_yaml(cls, section: dict[str, Any] | None) -> HandlerSettings:
@@ -68,6 +81,8 @@ class HandlerSettings:
             )
         if settings.pass_cost_tokens < 0:
             raise ValueError(f"handler.pass_cost_tokens must be >= 0, not {settings.pass_cost_tokens}")
+        if settings.request_log_max_bytes <= 0 or settings.request_log_backups < 0:
+            raise ValueError("handler.request_log_max_bytes must be > 0 and request_log_backups >= 0")
         for key, backend in BACKEND_ONLY.items():
             if getattr(settings, key) and settings.backend != backend:
                 raise ValueError(f"handler.{key} applies to the {backend} backend only")

@@ -24,14 +24,25 @@ class Prometheus:
         workdir: Folder for the generated config and the TSDB.
         port: Port for Prometheus' own HTTP API on 127.0.0.1.
         scrape_interval: Scrape and rule evaluation interval, e.g. ``1s`` in tests.
+        rule_files: Rule files to load; default those of ``monitoring/prometheus.yml`` (the service
+            alerts and the drift rules).
     """
 
-    def __init__(self, targets: list[str], workdir: Path, port: int, scrape_interval: str = "15s") -> None:
+    def __init__(
+        self,
+        targets: list[str],
+        workdir: Path,
+        port: int,
+        scrape_interval: str = "15s",
+        rule_files: list[Path] | None = None,
+    ) -> None:
         self.workdir = Path(workdir)
         self.port = port
         config = yaml.safe_load((MONITORING_DIR / "prometheus.yml").read_text())
         config["global"].update(scrape_interval=scrape_interval, evaluation_interval=scrape_interval)
-        config["rule_files"] = [str(MONITORING_DIR / "alerts.yml")]
+        if rule_files is None:
+            rule_files = [MONITORING_DIR / name for name in config["rule_files"]]
+        config["rule_files"] = [str(Path(path).resolve()) for path in rule_files]
         config["scrape_configs"][0]["static_configs"][0]["targets"] = targets
         self.config = config
         self.process: subprocess.Popen | None = None
@@ -76,6 +87,12 @@ class Prometheus:
         response = requests.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
         response.raise_for_status()
         return response.json()["data"]["result"]
+
+    def alerts(self) -> list[dict]:
+        """Active alerts (pending and firing) through the HTTP API."""
+        response = requests.get(f"{self.url}/api/v1/alerts", timeout=10)
+        response.raise_for_status()
+        return response.json()["data"]["alerts"]
 
     def stop(self) -> None:
         """Stop Prometheus; safe to call twice."""

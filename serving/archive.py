@@ -5,7 +5,8 @@ tokenizer, model config, handler modules and ``model-config.yaml`` with
 torch-model-archiver, plus what the configured backend's export step builds (the
 ONNX graph for the ``onnx`` backend). ``--without-weights`` leaves the PyTorch weights out for a
 backend whose CPU worker never reads them (the CPU serving image). Nothing the archive needs is
-fetched at serve time.
+fetched at serve time. The reference profile written beside the model directory
+(``<model-dir>.profile.json``, ``monitoring.profile``) is packed as ``reference_profile.json``.
 The pipeline's archive stage (``dvc.yaml``) passes the experiment's model directory.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +29,9 @@ from project import HANDLER_DIR, PROJECT_ROOT, handler_module
 log = logging.getLogger(__name__)
 
 HANDLER_FILE = HANDLER_DIR / "emotion_handler.py"
+# The drift tools' reference (monitoring/profile.py writes it beside the model directory).
+PROFILE_SUFFIX = ".profile.json"
+ARCHIVE_PROFILE_NAME = "reference_profile.json"
 WEIGHTS = "model.safetensors"
 # Files of a Hugging Face model directory the handler needs besides the weights.
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -103,6 +108,11 @@ def build_archive(
             extra += backends.BACKENDS[settings.backend].export(model_dir, Path(tmp) / "export", settings)
         except backends.ExportError as err:
             raise ArchiveError(str(err)) from err
+        profile = model_dir.with_name(model_dir.name + PROFILE_SUFFIX)
+        if profile.is_file():
+            extra.append(Path(shutil.copy(profile, Path(tmp) / ARCHIVE_PROFILE_NAME)))
+        else:
+            log.warning("no reference profile %s: the archive carries none (python -m monitoring.profile)", profile)
         command = [
             archiver,
             "--model-name",
@@ -121,7 +131,9 @@ def build_archive(
             "--force",
         ]
         log.info("packing %s", " ".join(command))
-        result = subprocess.run(command, capture_output=True, text=True)
+        # torch-model-archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps two
+        # concurrent builds of the same model apart.
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
         if result.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed ({result.returncode}):\n{result.stderr}")
         target = export_dir / f"{name}.mar"

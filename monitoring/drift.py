@@ -1,0 +1,244 @@
+"""``make drift``: the last logged requests of the running service against the reference profile.
+
+``python -m monitoring.drift [--window 1000]`` reads the last ``window`` requests of the handler's
+request log (``requests.jsonl`` and its rotated files), compares them with the reference profile's
+validation sample using Evidently (PSI per column; a domain classifier on the texts when the log
+holds them, the text statistics otherwise) and with the same PSI statistics the Prometheus drift
+alerts use, writes ``report.html`` and ``summary.json`` under ``outputs/drift/``, prints a verdict
+and exits
+
+* 0: nothing drifted;
+* 1: at least one column (or the texts) drifted;
+* 2: too few logged requests to tell (fewer than ``drift_report.min_requests``);
+* 3: no reference profile found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from handler.emotion_monitor import CONFIDENCE_BOUNDS, REQUEST_LOG_NAME, bucket_of, default_log_dir
+from monitoring.drift_stats import DRIFT_CONFIG, alerts_firing, load_drift_config, stream_statistics
+from monitoring.profile import load_profile, profile_path
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+NUMERIC = ("chars", "tokens", "unknown_share")
+# Confidence is compared on the handler's buckets, like the alerts: raw values would make the small,
+# systematic difference between the profile's fp32 answers and the served int8 answers look like drift.
+CATEGORICAL = ("confidence", "label", "truncated")
+EXIT_OK, EXIT_DRIFT, EXIT_TOO_FEW, EXIT_NO_PROFILE = 0, 1, 2, 3
+
+
+def log_files(log_dir: Path) -> list[Path]:
+    """The request log and its rotated files, oldest first."""
+    current = Path(log_dir) / REQUEST_LOG_NAME
+    rotated = sorted(
+        (p for p in current.parent.glob(REQUEST_LOG_NAME + ".*") if p.suffix[1:].isdigit()),
+        key=lambda p: int(p.suffix[1:]),
+        reverse=True,
+    )
+    return [*rotated, current] if current.exists() else rotated
+
+
+def read_requests(log_dir: Path, window: int) -> list[dict[str, Any]]:
+    """The last ``window`` entries of the request log; unreadable lines are skipped with a warning."""
+    entries: list[dict[str, Any]] = []
+    bad = 0
+    for path in log_files(log_dir):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                bad += 1
+    if bad:
+        log.warning("skipped %d unreadable line(s) in %s", bad, log_dir)
+    return entries[-window:]
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts of a ``text;label`` split file."""
+    return [line.rpartition(";")[0].strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+
+
+def _value_drift(snapshot) -> dict[str, dict[str, Any]]:
+    """Per-column method, value and threshold from an Evidently snapshot."""
+    results = {}
+    for metric in snapshot.dict()["metrics"]:
+        config = metric["config"]
+        if config.get("type", "").endswith("ValueDrift"):
+            value = float(metric["value"]) if metric["value"] is not None else math.nan
+            results[config["column"]] = {"method": config["method"], "value": value, "threshold": config["threshold"]}
+    return results
+
+
+def evidently_report(
+    reference_rows: dict[str, list],
+    entries: list[dict[str, Any]],
+    reference_texts: list[str] | None,
+    settings: dict[str, Any],
+    out_dir: Path,
+) -> dict[str, dict[str, Any]]:
+    """Run Evidently's data-drift preset on the logged fields (``report.html``) and, when the log
+    holds texts, on the texts (``text_report.html``); returns per-column method, value, threshold
+    and whether it drifted.
+
+    Columns use PSI (confidence on the handler's buckets): drift when it reaches ``psi_threshold``.
+    Texts use Evidently's domain classifier
+    (``abs_text_content_drift``: a TF-IDF classifier trained to tell reference from current texts):
+    drift when its ROC AUC exceeds ``text_threshold``. Both text samples are cut to the same size
+    first: the classifier's vectoriser drops words found in over half the texts, which on unequal
+    samples would drop exactly the words that set the larger sample apart.
+    """
+    import pandas as pd
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    columns = [*NUMERIC, *CATEGORICAL]
+    reference = pd.DataFrame({c: reference_rows[c] for c in columns})
+    current = pd.DataFrame({c: [e[c] for e in entries] for c in columns})
+    for frame in (reference, current):
+        frame["truncated"] = frame["truncated"].astype(str)
+        frame["confidence"] = [bucket_of(c, CONFIDENCE_BOUNDS) for c in frame["confidence"]]
+    definition = DataDefinition(numerical_columns=list(NUMERIC), categorical_columns=list(CATEGORICAL))
+    threshold = settings["psi_threshold"]
+    preset = DataDriftPreset(num_method="psi", cat_method="psi", num_threshold=threshold, cat_threshold=threshold)
+    snapshot = Report([preset]).run(
+        Dataset.from_pandas(current, data_definition=definition),
+        Dataset.from_pandas(reference, data_definition=definition),
+    )
+    snapshot.save_html(str(out_dir / "report.html"))
+    results = _value_drift(snapshot)
+    for result in results.values():
+        result["drifted"] = bool(result["value"] >= result["threshold"])  # NaN (constant column) is no drift
+
+    current_texts = [e.get("text") for e in entries]
+    if reference_texts and all(isinstance(t, str) for t in current_texts):
+        size = min(len(reference_texts), len(current_texts))
+        ref_texts = pd.DataFrame({"text": reference_texts}).sample(size, random_state=0).reset_index(drop=True)
+        cur_texts = pd.DataFrame({"text": current_texts}).sample(size, random_state=0).reset_index(drop=True)
+        text_definition = DataDefinition(text_columns=["text"])
+        text_preset = DataDriftPreset(text_method="abs_text_content_drift", text_threshold=settings["text_threshold"])
+        snapshot = Report([text_preset]).run(
+            Dataset.from_pandas(cur_texts, data_definition=text_definition),
+            Dataset.from_pandas(ref_texts, data_definition=text_definition),
+        )
+        snapshot.save_html(str(out_dir / "text_report.html"))
+        text = _value_drift(snapshot)["text"]
+        text["drifted"] = bool(text["value"] > text["threshold"])
+        results["text"] = text
+    return results
+
+
+def run_drift(
+    log_dir: Path,
+    profile: dict[str, Any],
+    out_dir: Path,
+    window: int,
+    reference_texts: list[str] | None = None,
+    config: dict[str, Any] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Compare the last ``window`` logged requests with ``profile``; returns (exit code, summary)."""
+    config = config or load_drift_config()
+    settings = config["drift_report"]
+    entries = read_requests(log_dir, window)
+    summary: dict[str, Any] = {"log_dir": str(log_dir), "window": window, "requests": len(entries)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    needed = min(settings["min_requests"], window)
+    if len(entries) < needed:
+        summary.update(verdict="too few requests", needed=needed)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return EXIT_TOO_FEW, summary
+    columns = evidently_report(profile["records"], entries, reference_texts, settings, out_dir)
+    deciding = [*settings["columns"], *(["text"] if "text" in columns else [])]
+    drifted = [c for c in deciding if columns.get(c, {}).get("drifted")]
+    stats = stream_statistics(entries, profile)
+    summary.update(
+        verdict="drift" if drifted else "no drift",
+        drifted_columns=drifted,
+        columns=columns,
+        texts_compared="text" in columns,
+        statistics=stats,
+        alert_conditions=alerts_firing(stats, config),
+        report=str(out_dir / "report.html"),
+    )
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    return (EXIT_DRIFT if drifted else EXIT_OK), summary
+
+
+def print_verdict(code: int, summary: dict[str, Any]) -> None:
+    """One table of the columns and the verdict, on stdout."""
+    if code == EXIT_TOO_FEW:
+        print(
+            f"too few requests: {summary['requests']} logged in {summary['log_dir']}, "
+            f"{summary['needed']} needed; send traffic first"
+        )
+        return
+    print(f"{summary['requests']} requests from {summary['log_dir']} against the reference profile:")
+    for column, result in summary["columns"].items():
+        flag = "DRIFT" if result["drifted"] else "ok"
+        print(
+            f"  {column:<14} {result['method']:<32} {result['value']:8.3f}  (threshold {result['threshold']:g})  {flag}"
+        )
+    stats = summary["statistics"]
+    print(
+        f"  alert statistics: label PSI {stats['label_psi']:.3f}, length PSI {stats['length_psi']:.3f}, "
+        f"low-confidence share {stats['low_confidence_share']:.3f} (reference "
+        f"{stats['reference_low_confidence_share']:.3f}), unknown-token share {stats['unknown_token_share']:.4f}"
+    )
+    verdict = f"DRIFT in {', '.join(summary['drifted_columns'])}" if code == EXIT_DRIFT else "no drift"
+    print(f"verdict: {verdict}; report {summary['report']}")
+
+
+def default_profile(model_dir: Path) -> Path:
+    """The served archive's profile when it packs one, else the profile beside ``model_dir``."""
+    archive = PROJECT_ROOT / "model_store" / "emotion.mar"
+    try:
+        load_profile(archive)
+        return archive
+    except FileNotFoundError:
+        return profile_path(model_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point of ``make drift``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--window", type=int, default=int(os.environ.get("DRIFT_WINDOW") or 0) or None)
+    parser.add_argument("--log-dir", type=Path, default=None, help="default: $LOG_LOCATION or logs")
+    parser.add_argument("--profile", type=Path, default=None, help="profile JSON or archive (.mar)")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=PROJECT_ROOT / "models" / "emotion-quick",
+        help="without --profile: the archive's profile, else this model's (<model-dir>.profile.json)",
+    )
+    parser.add_argument("--reference-texts", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
+    parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "outputs" / "drift")
+    parser.add_argument("--config", type=Path, default=DRIFT_CONFIG)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config = load_drift_config(args.config)
+    window = args.window or config["drift_report"]["window"]
+    try:
+        profile = load_profile(args.profile or default_profile(args.model_dir))
+    except FileNotFoundError as err:
+        print(err, file=sys.stderr)
+        return EXIT_NO_PROFILE
+    texts = read_texts(args.reference_texts) if args.reference_texts and args.reference_texts.is_file() else None
+    log_dir = args.log_dir or default_log_dir()
+    code, summary = run_drift(log_dir, profile, args.out_dir, window, texts, config)
+    print_verdict(code, summary)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

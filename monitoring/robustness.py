@@ -1,0 +1,297 @@
+"""``make robustness``: validation accuracy of the served model under perturbations users produce,
+and what each perturbation does to the drift statistics.
+
+``python -m monitoring.robustness --archive model_store/emotion.mar`` unpacks the archive and runs
+its own handler code in this process (a TorchServe worker context without the server, batches of
+the archive's ``batchSize``) on the validation texts, once unchanged and once per perturbation.
+The handler's request log of each run is read back and compared with the archive's reference
+profile by the same statistics the Prometheus drift alerts use. Writes
+``outputs/robustness/robustness.json`` and prints Markdown tables: one row per perturbation, and the
+spread of the drift statistics on undrifted streams (random validation halves), which the alert
+thresholds in ``monitoring/drift.yaml`` must clear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from handler.emotion_monitor import (
+    CONFIDENCE_BOUNDS,
+    LOW_CONFIDENCE,
+    REQUEST_LOG_NAME,
+    TOKEN_BOUNDS,
+    RequestLog,
+    histogram,
+)
+from monitoring.drift import read_requests, run_drift
+from monitoring.drift_stats import alerts_firing, load_drift_config, stream_statistics
+from monitoring.profile import load_profile
+from training.data import load_split
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+METRICS_YAML = PROJECT_ROOT / "monitoring" / "metrics.yaml"
+EMOJI = ("😂", "😭", "❤️", "🙄", "😡", "😱", "🔥", "🙏")
+NEGATABLE = re.compile(r"\b(feel|feeling|am|was|is|felt)\b")
+
+
+def typos(text: str, rng: random.Random) -> str:
+    """Swap two neighbouring inner letters in about a third of the words of four letters or more."""
+    words = text.split(" ")
+    for i, word in enumerate(words):
+        if len(word) >= 4 and rng.random() < 0.33:
+            k = rng.randrange(1, len(word) - 2)
+            words[i] = word[:k] + word[k + 1] + word[k] + word[k + 2 :]
+    return " ".join(words)
+
+
+def upper_case(text: str, rng: random.Random) -> str:
+    """All capitals, as in shouted messages."""
+    return text.upper()
+
+
+def emoji(text: str, rng: random.Random) -> str:
+    """Two emoji appended."""
+    return f"{text} {rng.choice(EMOJI)}{rng.choice(EMOJI)}"
+
+
+def repeated_punctuation(text: str, rng: random.Random) -> str:
+    """A run of three to six exclamation or question marks appended."""
+    return text + rng.choice("!?") * rng.randint(3, 6)
+
+
+def truncation(text: str, rng: random.Random) -> str:
+    """Only the first half of the words (at least one)."""
+    words = text.split()
+    return " ".join(words[: max(1, len(words) // 2)])
+
+
+def negation(text: str, rng: random.Random) -> str:
+    """``not`` after the first feel/am/was/is ("i feel happy" -> "i feel not happy"); texts without
+    such a verb get "i do not think that" in front."""
+    if NEGATABLE.search(text):
+        return NEGATABLE.sub(lambda m: m.group(0) + " not", text, count=1)
+    return "i do not think that " + text
+
+
+PERTURBATIONS: dict[str, Callable[[str, random.Random], str]] = {
+    "none": lambda text, rng: text,
+    "typos": typos,
+    "upper case": upper_case,
+    "emoji": emoji,
+    "repeated punctuation": repeated_punctuation,
+    "truncation (first half)": truncation,
+    "negation": negation,
+}
+
+
+def perturb(texts: Sequence[str], name: str, seed: int = 0) -> list[str]:
+    """``texts`` under the named perturbation, reproducibly."""
+    rng = random.Random(seed)
+    return [PERTURBATIONS[name](text, rng) for text in texts]
+
+
+class InProcessHandler:
+    """The archive's handler, run in this process on its unpacked model folder.
+
+    Args:
+        archive: A ``.mar`` built by ``serving.archive``.
+        workdir: Where to unpack it.
+        log_dir: The handler's request-log folder.
+    """
+
+    def __init__(self, archive: Path, workdir: Path, log_dir: Path) -> None:
+        model_dir = Path(workdir) / "model"
+        with zipfile.ZipFile(archive) as mar:
+            mar.extractall(model_dir)
+        sys.path.insert(0, str(model_dir))  # the archive's handler modules, as a worker imports them
+        from emotion_handler import EmotionHandler
+        from ts.context import Context
+        from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+        yaml_config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+        yaml_config.setdefault("handler", {})["request_log_dir"] = str(log_dir)
+        metrics = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
+        metrics.initialize_cache()
+        self.batch_size = int(yaml_config.get("batchSize", 8))
+        self.context = Context(
+            "emotion", str(model_dir), {"model": {}}, self.batch_size, None, "0.12.0", metrics=metrics,
+            model_yaml_config=yaml_config,
+        )  # fmt: skip
+        self.handler = EmotionHandler()
+        self.handler.initialize(self.context)
+        self.profile = load_profile(model_dir / "reference_profile.json")
+
+    def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+        """Answers for ``texts``, sent in batches of the archive's ``batchSize`` as text/plain."""
+        from ts.context import RequestProcessor
+
+        answers = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = texts[start : start + self.batch_size]
+            self.context.request_processor = [RequestProcessor({"body": {"content-type": "text/plain"}}) for _ in chunk]
+            self.context.request_ids = {i: f"r{start + i}" for i in range(len(chunk))}
+            self.context.metrics.request_ids = self.context.request_ids
+            answers += [json.loads(out) for out in self.handler.handle([{"body": t} for t in chunk], self.context)]
+        return answers
+
+
+def reference_from(entries: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
+    """A profile-like reference (the fields ``stream_statistics`` reads) built from logged answers."""
+    tokens = [e["tokens"] for e in entries]
+    n = max(len(entries), 1)
+    return {
+        "labels": list(labels),
+        "low_confidence": LOW_CONFIDENCE,
+        "validation": {
+            "predicted_label_shares": {name: sum(e["label"] == name for e in entries) / n for name in labels},
+            "token_histogram": {k: v / n for k, v in histogram(tokens, TOKEN_BOUNDS).items()},
+            "confidence_histogram": {
+                k: v / n for k, v in histogram([e["confidence"] for e in entries], CONFIDENCE_BOUNDS).items()
+            },
+            "low_confidence_share": sum(e["confidence"] <= LOW_CONFIDENCE for e in entries) / n,
+            "unknown_token_share": sum(e["unknown_share"] * e["tokens"] for e in entries) / max(sum(tokens), 1),
+        },
+    }
+
+
+def noise(
+    entries: Sequence[dict[str, Any]], labels: Sequence[str], sizes: Sequence[int] = (200, 1000), draws: int = 200
+) -> list[dict[str, Any]]:
+    """What the drift statistics read on streams that did not drift: the validation answers are
+    split in random halves, one half is the reference and windows of ``size`` answers are drawn
+    from the other; per window size, the 95th percentile and maximum of each statistic over
+    ``draws`` splits."""
+    rng = random.Random(0)
+    keys = ("label_psi", "length_psi", "confidence_psi", "low_confidence_rise", "unknown_token_rise")
+    rows = []
+    for size in sizes:
+        values: dict[str, list[float]] = {k: [] for k in keys}
+        for _ in range(draws):
+            shuffled = rng.sample(list(entries), len(entries))
+            half = len(shuffled) // 2
+            reference, other = reference_from(shuffled[:half], labels), shuffled[half:]
+            stats = stream_statistics(rng.sample(other, min(size, len(other))), reference)
+            stats["low_confidence_rise"] = stats["low_confidence_share"] - stats["reference_low_confidence_share"]
+            stats["unknown_token_rise"] = stats["unknown_token_share"] - stats["reference_unknown_token_share"]
+            for k in keys:
+                values[k].append(stats[k])
+        row: dict[str, Any] = {"window": min(size, len(entries) - len(entries) // 2), "draws": draws}
+        for k in keys:
+            ordered = sorted(values[k])
+            row[f"{k}_p95"] = ordered[int(0.95 * (len(ordered) - 1))]
+            row[f"{k}_max"] = ordered[-1]
+        rows.append(row)
+    return rows
+
+
+def evaluate(
+    archive: Path, val_file: Path, limit: int | None = None, seed: int = 0, report_dir: Path | None = None
+) -> dict[str, Any]:
+    """Per perturbation: accuracy, its change and the drift statistics of that stream; and the
+    statistics' spread on undrifted streams (``noise``). With ``report_dir``, each stream's request
+    log is also run through ``make drift``'s comparison (Evidently), reports under ``report_dir``."""
+    config = load_drift_config()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        log_root = Path(tmp) / "logs"
+        server = InProcessHandler(archive, Path(tmp), log_root)
+        examples = load_split(val_file, server.profile["labels"])[:limit]
+        gold = [server.profile["labels"][e.label] for e in examples]
+        for name in PERTURBATIONS:
+            log_dir = log_root / name.replace(" ", "_")
+            old = server.handler.monitor.request_log
+            server.handler.monitor.request_log = RequestLog(log_dir / REQUEST_LOG_NAME, old.max_bytes, old.backups)
+            answers = server.predict(perturb([e.text for e in examples], name, seed))
+            accuracy = sum(a.get("label") == g for a, g in zip(answers, gold, strict=True)) / len(gold)
+            entries = read_requests(log_dir, len(examples))
+            stats = stream_statistics(entries, server.profile)
+            rows.append({"perturbation": name, "accuracy": accuracy, **stats, "alerts": alerts_firing(stats, config)})
+            if report_dir is not None:
+                code, summary = run_drift(
+                    log_dir, server.profile, report_dir / log_dir.name, len(examples), None, config
+                )
+                rows[-1].update(make_drift_exit=code, drifted_columns=summary.get("drifted_columns", []))
+            if name == "none":
+                undrifted = noise(entries, server.profile["labels"])
+    base = rows[0]["accuracy"]
+    for row in rows:
+        row["accuracy_change_points"] = 100 * (row["accuracy"] - base)
+    return {"model": server.profile.get("model_dir"), "texts": len(examples), "perturbations": rows, "noise": undrifted}
+
+
+def noise_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The README table of the statistics on undrifted streams."""
+    lines = [
+        "| window | label PSI p95 / max | length PSI p95 / max | confidence PSI p95 / max "
+        "| low-confidence rise p95 / max | unknown-token rise p95 / max |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        cells = [
+            f"{r[k + '_p95']:.3f} / {r[k + '_max']:.3f}"
+            for k in ("label_psi", "length_psi", "confidence_psi", "low_confidence_rise", "unknown_token_rise")
+        ]
+        lines.append(f"| {r['window']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The README table."""
+    lines = [
+        "| perturbation | accuracy | change (points) | label PSI | length PSI | confidence PSI "
+        "| low-confidence share | unknown-token share | drift alerts |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    with_reports = all("make_drift_exit" in r for r in rows)
+    if with_reports:
+        lines[0] += " make drift (drifted columns) |"
+        lines[1] += " --- |"
+    for r in rows:
+        line = (
+            f"| {r['perturbation']} | {100 * r['accuracy']:.2f}% | {r['accuracy_change_points']:+.2f} "
+            f"| {r['label_psi']:.3f} | {r['length_psi']:.3f} | {r['confidence_psi']:.3f} "
+            f"| {r['low_confidence_share']:.3f} | {r['unknown_token_share']:.4f} | {', '.join(r['alerts']) or '-'} |"
+        )
+        if with_reports:
+            line += f" {r['make_drift_exit']} ({', '.join(r['drifted_columns']) or '-'}) |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point of ``make robustness``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archive", type=Path, default=PROJECT_ROOT / "model_store" / "emotion.mar")
+    parser.add_argument("--val-file", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
+    parser.add_argument("--limit", type=int, default=None, help="first N validation texts only")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "outputs" / "robustness" / "robustness.json")
+    parser.add_argument("--no-drift-report", action="store_true", help="skip the Evidently report per stream")
+    args = parser.parse_args(argv)
+    if not args.archive.is_file():
+        print(f"archive not found: {args.archive} (make archive)", file=sys.stderr)
+        return 1
+    reports = None if args.no_drift_report else args.out.parent / "drift"
+    result = evaluate(args.archive, args.val_file, args.limit, report_dir=reports)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{result['texts']} validation texts, model {result['model']}\n")
+    print(markdown_table(result["perturbations"]))
+    print(f"\nUndrifted streams ({result['noise'][0]['draws']} random validation halves per window size):\n")
+    print(noise_table(result["noise"]))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Drift monitoring without servers: buckets, the request log, the monitor, the rules, the profile,
+the handler's drift metrics, ``make drift``'s exit codes and the robustness runner."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from handler.emotion_backends import HandlerSettings
+from handler.emotion_monitor import (
+    CONFIDENCE_BOUNDS,
+    TOKEN_BOUNDS,
+    EmotionMonitor,
+    RequestLog,
+    RequestRecord,
+    bucket_names,
+    bucket_of,
+    histogram,
+    make_records,
+)
+from monitoring import drift, drift_rules
+from monitoring.drift_stats import alerts_firing, load_drift_config, psi, stream_statistics
+from tests.drift_fixtures import profiled_store  # noqa: F401 (fixture)
+
+MONITORING = Path(__file__).resolve().parents[1] / "monitoring"
+FIXTURE_VAL = Path(__file__).parent / "fixtures" / "emotion" / "val.txt"
+LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]
+
+
+class RecordingSink:
+    """Collects what the monitor hands to EmotionMetrics."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.calls: list[tuple] = []
+
+    def start_distributions(self) -> None:
+        self.started += 1
+
+    def distributions(self, confidence, token_length, unknown_tokens, truncated) -> None:
+        self.calls.append((confidence, token_length, unknown_tokens, truncated))
+
+
+def record(tokens: int = 10, confidence: float = 0.9, unknown: int = 0, truncated: bool = False, text: str = "hi"):
+    rest = (1 - confidence) / 5
+    probabilities = [confidence] + [rest] * 5
+    return RequestRecord(len(text), tokens, unknown, truncated, probabilities, LABELS[0], text)
+
+
+def test_bucket_bounds_are_inclusive_and_the_last_is_open():
+    assert bucket_of(8, TOKEN_BOUNDS) == "8"
+    assert bucket_of(9, TOKEN_BOUNDS) == "12"
+    assert bucket_of(10_000, TOKEN_BOUNDS) == "+Inf"
+    assert bucket_of(0.5, CONFIDENCE_BOUNDS) == "0.5"
+    assert bucket_of(0.999, CONFIDENCE_BOUNDS) == "+Inf"
+    counts = histogram([1, 8, 9, 500], TOKEN_BOUNDS)
+    assert list(counts) == bucket_names(TOKEN_BOUNDS)
+    assert counts["8"] == 2 and counts["12"] == 1 and counts["+Inf"] == 1 and sum(counts.values()) == 4
+
+
+def test_make_records_counts_unknown_tokens_and_keeps_the_truncated_flags():
+    records = make_records(
+        ["a b", "x y z w"],
+        [[101, 100, 102], [101, 5, 6, 102]],
+        [[0.1, 0.9], [0.7, 0.3]],
+        ["no", "yes"],
+        100,
+        [False, True],
+    )
+    assert [r.unknown_tokens for r in records] == [1, 0]
+    assert [r.truncated for r in records] == [False, True]
+    assert [r.label for r in records] == ["yes", "no"]
+    assert records[0].chars == 3 and records[0].confidence == 0.9
+
+
+def test_monitor_counts_a_batch_and_logs_without_texts_by_default(tmp_path):
+    sink = RecordingSink()
+    monitor = EmotionMonitor(sink, LABELS, RequestLog(tmp_path / "requests.jsonl", 10_000, 2))
+    assert sink.started == 1  # every bucket series is created at zero when the worker starts
+    monitor.observe_batch([record(10, 0.95, text="secret"), record(70, 0.3, unknown=2, truncated=True)])
+    confidence, length, unknown, truncated = sink.calls[0]
+    assert confidence == Counter({"0.95": 1, "0.4": 1})
+    assert length == Counter({"12": 1, "128": 1})
+    assert (unknown, truncated) == (2, 1)
+    entries = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    assert len(entries) == 2
+    assert all("text" not in e for e in entries)
+    assert entries[1]["unknown_share"] == pytest.approx(2 / 70, abs=1e-4)
+    assert entries[1]["truncated"] is True and entries[0]["label"] == "sadness"
+    assert set(entries[0]["probabilities"]) == set(LABELS)
+
+
+def test_monitor_logs_texts_only_when_opted_in(tmp_path):
+    settings = HandlerSettings.from_yaml({"request_log_dir": str(tmp_path), "request_log_texts": True})
+    monitor = EmotionMonitor.from_settings(RecordingSink(), LABELS, settings)
+    monitor.observe_batch([record(text="i feel fine")])
+    assert json.loads((tmp_path / "requests.jsonl").read_text())["text"] == "i feel fine"
+    off = EmotionMonitor.from_settings(RecordingSink(), LABELS, HandlerSettings.from_yaml({"request_log": False}))
+    assert off.request_log is None
+
+
+def test_request_log_settings_are_validated():
+    with pytest.raises(ValueError, match="request_log_max_bytes"):
+        HandlerSettings.from_yaml({"request_log_max_bytes": 0})
+    with pytest.raises(ValueError, match="unknown keys"):
+        HandlerSettings.from_yaml({"request_log_text": True})
+
+
+def test_request_log_rotation_bounds_its_size(tmp_path):
+    log = RequestLog(tmp_path / "requests.jsonl", max_bytes=2_000, backups=2)
+    for i in range(300):
+        log.write([json.dumps({"i": i, "pad": "x" * 40})])
+    files = sorted(tmp_path.glob("requests.jsonl*"))
+    names = {p.name for p in files if not p.name.endswith(".lock")}
+    assert names == {"requests.jsonl", "requests.jsonl.1", "requests.jsonl.2"}
+    assert all((tmp_path / n).stat().st_size <= 2_000 for n in names)
+    # the newest line is last in the current file, and the drift tool reads the files in order
+    entries = drift.read_requests(tmp_path, 10_000)
+    assert entries[-1]["i"] == 299
+    assert [e["i"] for e in entries] == sorted(e["i"] for e in entries)
+
+
+def _write_lines(path: str, worker: int) -> None:
+    log = RequestLog(Path(path), max_bytes=5_000, backups=50)
+    for i in range(200):
+        log.write([json.dumps({"worker": worker, "i": i})] * 2)
+
+
+def test_request_log_is_safe_with_several_writer_processes(tmp_path):
+    path = tmp_path / "requests.jsonl"
+    processes = [multiprocessing.Process(target=_write_lines, args=(str(path), w)) for w in range(3)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(60)
+    assert [p.exitcode for p in processes] == [0, 0, 0]
+    entries = drift.read_requests(tmp_path, 100_000)
+    assert len(entries) == 3 * 200 * 2  # no line lost or torn across rotations
+    for w in range(3):
+        assert [e["i"] for e in entries if e["worker"] == w] == [i for i in range(200) for _ in range(2)]
+
+
+def test_psi_is_zero_on_the_reference_and_grows_with_the_shift():
+    reference = {"a": 0.5, "b": 0.3, "c": 0.2, "d": 0.0}
+    assert psi({"a": 50, "b": 30, "c": 20}, reference) == pytest.approx(0, abs=1e-9)
+    small = psi({"a": 45, "b": 33, "c": 22}, reference)
+    large = psi({"a": 10, "b": 10, "c": 80}, reference)
+    assert 0 < small < 0.05 < 0.2 < large
+
+
+def test_committed_drift_rules_match_their_generator():
+    rendered = drift_rules.dump(drift_rules.render_rules(load_drift_config()), "drift.yaml")
+    assert (MONITORING / "drift_rules.yml").read_text() == rendered, "run python -m monitoring.drift_rules"
+
+
+def test_reference_rules_hold_every_bucket_and_label_of_the_profile(tmp_path):
+    profile = fake_profile()
+    rules = drift_rules.render_reference(profile)["groups"][0]["rules"]
+    by_record = lambda name: [r for r in rules if r["record"] == f"emotion:reference_{name}"]  # noqa: E731
+    confidence = {r["labels"]["Bucket"]: r["expr"] for r in by_record("confidence_share")}
+    assert list(confidence) == bucket_names(CONFIDENCE_BOUNDS)
+    assert confidence["+Inf"] == f"vector({profile['validation']['confidence_histogram']['+Inf']:.6g})"
+    labels = {r["labels"]["Label"] for r in by_record("label_share")}
+    assert labels == set(LABELS)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (make system-deps)")
+def test_drift_rules_pass_their_promtool_tests_and_the_reference_file_is_valid():
+    result = subprocess.run(
+        ["promtool", "test", "rules", "tests/drift_rules_test.yml"], cwd=MONITORING, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = subprocess.run(["promtool", "check", "rules", "drift_reference.yml"], cwd=MONITORING, capture_output=True)
+    assert result.returncode == 0, result.stdout
+
+
+def fake_profile() -> dict:
+    """A profile shaped like monitoring.profile's, with known shares (no model needed)."""
+    confidence = {name: 0.0 for name in bucket_names(CONFIDENCE_BOUNDS)}
+    confidence.update({"0.9": 0.2, "+Inf": 0.8})
+    tokens = {name: 0.0 for name in bucket_names(TOKEN_BOUNDS)}
+    tokens.update({"12": 0.5, "16": 0.5})
+    return {
+        "labels": LABELS,
+        "low_confidence": 0.5,
+        "validation": {
+            "predicted_label_shares": dict.fromkeys(LABELS, 1 / 6),
+            "token_histogram": tokens,
+            "confidence_histogram": confidence,
+            "low_confidence_share": 0.0,
+            "unknown_token_share": 0.0,
+            "truncated_share": 0.0,
+        },
+    }
+
+
+def test_stream_statistics_see_what_the_alerts_watch():
+    profile = fake_profile()
+    config = load_drift_config()
+    like = [
+        {"tokens": 12 + (i % 2) * 4, "confidence": 0.99, "label": LABELS[i % 6], "unknown_share": 0, "truncated": 0}
+        for i in range(600)
+    ]
+    stats = stream_statistics(like, profile)
+    assert stats["label_psi"] < 0.01 and stats["length_psi"] < 0.01
+    assert alerts_firing(stats, config) == []
+    shifted = [dict(e, tokens=100, confidence=0.3, label="joy", unknown_share=0.1) for e in like]
+    assert set(alerts_firing(stream_statistics(shifted, profile), config)) == {
+        "EmotionLabelShift",
+        "EmotionInputLengthShift",
+        "EmotionLowConfidenceRise",
+        "EmotionUnknownTokensRise",
+    }
+    assert alerts_firing(stream_statistics(shifted[:10], profile), config) == []  # too few requests
+
+
+def test_drift_exits_2_on_too_few_requests(tmp_path):
+    log = RequestLog(tmp_path / "logs" / "requests.jsonl", 10**6, 1)
+    log.write([json.dumps({"tokens": 10}) for _ in range(5)])
+    profile_file = tmp_path / "profile.json"
+    profile_file.write_text(json.dumps(fake_profile()))
+    argv = ["--log-dir", str(tmp_path / "logs"), "--profile", str(profile_file), "--out-dir", str(tmp_path / "out")]
+    assert drift.main(argv) == drift.EXIT_TOO_FEW
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["verdict"] == "too few requests"
+    assert drift.main([*argv[:2], "--profile", str(tmp_path / "missing.json")]) == drift.EXIT_NO_PROFILE
+
+
+# ---- with a trained (tiny) model -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_profile_describes_the_validation_split(profiled_store, tiny_model_dir):  # noqa: F811
+    from monitoring.profile import load_profile, profile_path
+
+    profile = load_profile(profiled_store / "emotion.mar")  # packed into the archive
+    assert profile == json.loads(profile_path(tiny_model_dir).read_text())
+    val = profile["validation"]
+    n = len(FIXTURE_VAL.read_text().splitlines())
+    assert val["examples"] == n == len(profile["records"]["tokens"])
+    assert sum(val["confidence_histogram"].values()) == pytest.approx(1)
+    assert sum(val["token_histogram"].values()) == pytest.approx(1)
+    assert sum(val["predicted_label_shares"].values()) == pytest.approx(1)
+    assert list(profile["train"]["label_shares"]) == profile["labels"]
+    assert val["token_quantiles"]["p05"] <= val["token_quantiles"]["p50"] <= val["token_quantiles"]["p95"]
+    assert 0 <= val["accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_handler_exports_drift_metrics_and_logs_requests(tiny_model_dir, tmp_path, caplog):
+    from emotion_handler import EmotionHandler
+
+    from tests.test_handler import make_context, run_batch
+
+    context = make_context(tiny_model_dir, {"request_log_dir": str(tmp_path), "request_log_max_bytes": 100_000})
+    handler = EmotionHandler()
+    with caplog.at_level("INFO", logger="ts.metrics.caching_metric"):
+        handler.initialize(context)
+        results = run_batch(
+            handler, context, [("i feel glad", "text/plain"), ("", "text/plain"), ("so very scared 😱", "text/plain")]
+        )
+    lines = [r.getMessage() for r in caplog.records]
+    # zero-initialised buckets at start, then one line per touched bucket for the batch
+    assert sum(line.startswith("[METRICS]EmotionConfidence.Count:0|") for line in lines) == len(CONFIDENCE_BOUNDS) + 1
+    counted = [line for line in lines if line.startswith("[METRICS]EmotionTokenLength.Count:") and ":0|" not in line]
+    assert sum(int(line.split(":")[1].split("|")[0]) for line in counted) == 2  # the 400 is not counted
+    assert any(line.startswith("[METRICS]EmotionUnknownTokens.Count:1|") for line in lines)  # the emoji
+    entries = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    assert [e["label"] for e in entries] == [results[0][1]["label"], results[2][1]["label"]]
+    assert entries[0]["probabilities"] == pytest.approx(results[0][1]["probabilities"], abs=1e-5)
+    assert entries[1]["unknown_share"] > 0 and "text" not in entries[0]
+
+
+@pytest.mark.slow
+def test_robustness_runs_the_archive_handler_under_each_perturbation(profiled_store, tmp_path):  # noqa: F811
+    from monitoring import robustness
+
+    out = tmp_path / "robustness.json"
+    assert (
+        robustness.main(
+            [
+                *("--archive", str(profiled_store / "emotion.mar"), "--val-file", str(FIXTURE_VAL)),
+                "--out",
+                str(out),
+                "--no-drift-report",
+            ]
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    rows = {r["perturbation"]: r for r in result["perturbations"]}
+    assert set(rows) == set(robustness.PERTURBATIONS)
+    assert rows["none"]["label_psi"] < 0.05 and rows["none"]["length_psi"] < 0.05
+    assert rows["emoji"]["unknown_token_share"] > rows["none"]["unknown_token_share"]
+    assert rows["repeated punctuation"]["mean_tokens"] > rows["none"]["mean_tokens"]
+    assert rows["truncation (first half)"]["mean_tokens"] < rows["none"]["mean_tokens"]
+    assert rows["upper case"]["accuracy"] == rows["none"]["accuracy"]  # an uncased tokenizer
+    assert [r["window"] for r in result["noise"]] == [18, 18]  # half of the 36 fixture texts
+    assert all(0 <= r["length_psi_p95"] <= r["length_psi_max"] for r in result["noise"])
+
+
+def test_perturbations_are_reproducible_and_do_what_they_say():
+    from monitoring.robustness import perturb
+
+    texts = ["i feel rather miserable this morning", "so glad"]
+    assert perturb(texts, "typos", seed=1) == perturb(texts, "typos", seed=1)
+    assert perturb(texts, "upper case") == [t.upper() for t in texts]
+    assert perturb(texts, "negation") == ["i feel not rather miserable this morning", "i do not think that so glad"]
+    assert perturb(texts, "truncation (first half)") == ["i feel rather", "so"]
+    shouted = perturb(texts, "repeated punctuation")
+    assert all(p.startswith(t) and p[len(t) :].strip("!?") == "" for p, t in zip(shouted, texts, strict=True))
+    typo = perturb(texts, "typos", seed=3)[0]
+    assert sorted(typo) == sorted(texts[0]) and len(typo.split()) == len(texts[0].split())
+
+
+def test_drift_config_thresholds_are_consistent():
+    config = yaml.safe_load((MONITORING / "drift.yaml").read_text())
+    assert config["drift_report"]["min_requests"] <= config["drift_report"]["window"]
+    assert 0 < config["prometheus"]["psi_floor"] < 0.01
