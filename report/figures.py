@@ -10,10 +10,12 @@ Each figure comes from one source, named in its caption in report/README.md:
   (``make train EXPERIMENT=full`` -> ``metrics/full/plots/``), copied unchanged;
 * ``dvc_remote.png``: ``dvc list-url -R --size`` of the default DVC remote, each object named from
   the remote's own directory manifests, ``dvc.lock`` and the archives' manifests;
-* ``deploy_calls.png``: ``deploy/gcp/deploy.sh`` run against stubs of ``gcloud`` and ``docker`` that
-  record their arguments (Google Cloud cannot be reached here; ``tests/test_deploy.py`` does the same);
-* ``image_history.png``: ``git log`` of the image and deployment definitions and a run of
-  ``pytest tests/test_deploy.py``, the checks CI runs on them;
+* ``local_images.png``: the local image store of the engine ``make image`` used (``buildah images``
+  here, where no Docker engine runs) and the serving image's configuration; Google Cloud's registry
+  cannot be reached from here;
+* ``image_history.png``: the serving image's layer history (``buildah inspect``) and ``git log`` of
+  the image, CI and deployment definitions;
+  both keep the existing figure when no ``emotion-serve`` image is in the local store;
 * ``loadtest.png`` (used by the project README): copied from ``loadtest/results/`` when
   ``make loadtest`` has written it, otherwise left as it is.
 """
@@ -22,12 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import zipfile
 from collections.abc import Callable
@@ -150,59 +149,84 @@ def dvc_remote() -> Path:
     )
 
 
-def stub(bin_dir: Path, name: str, log: Path) -> None:
-    """A command that records its arguments; "describe" fails so the script takes its create branches."""
-    path = bin_dir / name
-    path.write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\ncase "$*" in *describe*) exit 1;; esac\n')
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+def image_engine() -> str | None:
+    """The image engine `make image` used here: buildah where no Docker engine answers, else docker."""
+    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        return "docker"
+    return "buildah" if shutil.which("buildah") else None
 
 
-def deploy_calls() -> Path:
-    """What deploy/gcp/deploy.sh asks of docker and gcloud, recorded by stubs."""
-    archive = ROOT / "model_store" / "emotion.mar"
-    placeholder = not archive.exists()  # the script only checks that the archive exists
-    with tempfile.TemporaryDirectory() as tmp:
-        bin_dir, log = Path(tmp), Path(tmp) / "calls.log"
-        for name in ("gcloud", "docker"):
-            stub(bin_dir, name, log)
-        env = dict(
-            os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PROJECT="demo-project", ALLOWED_SOURCE="203.0.113.0/24"
-        )
-        try:
-            if placeholder:
-                archive.touch()
-            run(["bash", "deploy/gcp/deploy.sh"], env=env)
-        finally:
-            if placeholder:
-                archive.unlink()
-        calls = [
-            line.split(" --metadata ")[0] + (" --metadata <startup script>" if " --metadata " in line else "")
-            for line in log.read_text().splitlines()
-        ]
-    lines = ["$ PROJECT=demo-project ALLOWED_SOURCE=203.0.113.0/24 deploy/gcp/deploy.sh", "# calls recorded:", *calls]
+def built_images() -> tuple[str, list[str]]:
+    """The engine and the project's images in its local store (names starting localhost/emotion-)."""
+    engine = image_engine()
+    if engine is None:
+        return "", []
+    name = "{{.Name}}:{{.Tag}}" if engine == "buildah" else "{{.Repository}}:{{.Tag}}"
+    listing = run([engine, "images", "--format", name], check=False).splitlines()
+    return engine, sorted(name for name in listing if name.startswith(("localhost/emotion-", "emotion-")))
+
+
+def serving_image(images: list[str]) -> str:
+    """The serving image to describe: the one `make image` tags (:cpu) when present, else the newest."""
+    serving = [name for name in images if "emotion-serve" in name]
+    return next((name for name in serving if name.endswith(":cpu")), serving[-1] if serving else "")
+
+
+def keep_or_missing(path: Path, why: str) -> Path:
+    """An existing figure is kept when its source is gone (e.g. images removed); else name the command."""
+    if path.is_file():
+        print(f"{path.name}: {why}; figure kept as it is", file=sys.stderr)
+        return path
+    raise MissingSource(f"{why}: make image-smoke")
+
+
+def local_images() -> Path:
+    """The images `make image` built here, as the local image store lists them, and their configuration."""
+    out = FIGURES / "local_images.png"
+    engine, images = built_images()
+    image = serving_image(images)
+    if not image:
+        return keep_or_missing(out, "no emotion-serve image in the local image store")
+    lines = [f"$ {engine} images", *run([engine, "images"]).splitlines()]
+    inspect = "{{.Docker.Config.User}} | {{.Docker.Config.ExposedPorts}} | {{.Docker.Config.Entrypoint}}"
+    if engine == "buildah":
+        config = run(["buildah", "inspect", "--type", "image", "--format", inspect, image]).strip()
+    else:
+        config = run(["docker", "image", "inspect", "--format", inspect.replace(".Docker.", ""), image]).strip()
+    lines += ["", f"$ {engine} inspect {image}   (user | exposed ports | entrypoint)", config]
     return text_figure(
-        "No container registry: the build and push that deploy/gcp/deploy.sh performs (stubbed)",
+        f"No container registry: the images built here by make image ({engine}), in the local image store",
         lines,
-        FIGURES / "deploy_calls.png",
+        out,
     )
 
 
 def image_history() -> Path:
-    """Commits that changed the image and deployment definitions, and the tests CI runs on them."""
-    log = run(["git", "log", "--date=short", "--format=%h %ad %s", "--", "docker", "deploy"]).splitlines()
-    tests = run(
-        [str(BIN / "python"), "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "tests/test_deploy.py"],
-        check=False,
-    ).splitlines()
+    """The layer history of the serving image built here, and the commits of the build definitions."""
+    out = FIGURES / "image_history.png"
+    engine, images = built_images()
+    image = serving_image(images)
+    if not image:
+        return keep_or_missing(out, "no emotion-serve image in the local image store")
+    history_format = '{{range .Docker.History}}{{.Created}} | {{.CreatedBy}}{{"\\n"}}{{end}}'
+    if engine == "buildah":
+        history = run(["buildah", "inspect", "--type", "image", "--format", history_format, image]).splitlines()
+    else:
+        history = run(["docker", "history", "--no-trunc", "--format", "{{.CreatedAt}} | {{.CreatedBy}}", image])
+        history = history.splitlines()[::-1]
+    # one line per layer: the time to the second and the instruction, shortened
+    layers = [f"{line[:19]}  {line.split(' | ', 1)[-1].replace('/bin/sh -c #(nop) ', '')[:92]}" for line in history]
+    definitions = ["docker", "deploy", "cloudbuild.yaml", ".github", ".dockerignore"]
+    log = run(["git", "log", "--date=short", "--format=%h %ad %s", "--", *definitions]).splitlines()
     lines = [
-        "$ git log --date=short --format='%h %ad %s' -- docker deploy",
-        *log,
+        f"$ {engine} inspect {image}   (layer history, oldest first)",
+        *layers,
         "",
-        "$ pytest -q -rA tests/test_deploy.py",
-        *[t for t in tests if t.strip() and not t.startswith("=")],
+        f"$ git log --format='%h %ad %s' -- {' '.join(definitions)}",
+        *[line[:140] for line in log],
     ]
     return text_figure(
-        "No Cloud Build: history of the image definitions and their checks", lines, FIGURES / "image_history.png"
+        "No Cloud Build: the build history of the serving image made here, and of its definitions", lines, out
     )
 
 
@@ -216,7 +240,7 @@ FIGURE_MAKERS: dict[str, Callable[[], object]] = {
     "architecture": architecture,
     "training": training_plots,
     "dvc_remote": dvc_remote,
-    "deploy_calls": deploy_calls,
+    "local_images": local_images,
     "image_history": image_history,
     "loadtest": loadtest,
 }

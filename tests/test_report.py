@@ -216,3 +216,13 @@ def test_dvc_remote_objects_are_named_from_their_manifests(tmp_path):
 def test_text_figure_is_a_png(tmp_path):
     path = figures.text_figure("title", ["$ command", "a long line " * 20], tmp_path / "out.png")
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_serving_image_described_is_the_one_make_image_tags():
+    assert figures.serving_image(["localhost/emotion-base:bookworm", "localhost/emotion-serve:cpu"]) == (
+        "localhost/emotion-serve:cpu"
+    )
+    assert figures.serving_image(["localhost/emotion-base:bookworm", "localhost/emotion-serve:test"]) == (
+        "localhost/emotion-serve:test"
+    )
+    assert figures.serving_image(["localhost/emotion-base:bookworm"]) == ""
