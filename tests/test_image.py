@@ -114,11 +114,11 @@ def test_image_smoke_serves_a_prediction_on_loopback_and_stops_cleanly(tiny_mode
     archive = build_archive(tiny_model_dir, tmp_path / "store", without_weights=True)
     tag = "localhost/emotion-serve:test"
     result = subprocess.run(
-        ["make", "image-smoke", f"IMAGE_ARCHIVE={archive}", f"IMAGE_TAG={tag}"],
+        ["make", "--no-print-directory", "image-smoke", f"IMAGE_ARCHIVE={archive}", f"IMAGE_TAG={tag}"],
         cwd=ROOT, capture_output=True, text=True, timeout=2300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{")))
     assert report["image"] == tag and report["answer"]["label"] in report["answer"]["probabilities"]
     assert report["seconds_to_stop"] < 60
     # Nothing of the container is left: no namespace, no working container, no process.
