@@ -24,10 +24,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from emotion_backends import load_backend
-from emotion_batch import Batch, plan_passes
+from emotion_batch import Batch
+from emotion_engine import EmotionEngine
 from emotion_inputs import InputError, extract_text
 from emotion_metrics import EmotionMetrics
 from emotion_monitor import EmotionMonitor, make_records
@@ -36,9 +35,6 @@ from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
 log = logging.getLogger(__name__)
-
-# A single text and a padded pair: the shapes a dynamic torch.compile specialises on.
-WARM_UP_TEXTS = ("i feel fine", "i could not sleep because i was worried about what would happen tomorrow")
 
 
 class EmotionHandler(BaseHandler):
@@ -51,8 +47,6 @@ class EmotionHandler(BaseHandler):
 
     def initialize(self, context) -> None:
         """Load tokenizer and model from ``model_dir`` and read the handler settings."""
-        from transformers import AutoTokenizer
-
         self.context = context
         properties = context.system_properties
         model_dir = Path(properties["model_dir"])
@@ -64,20 +58,16 @@ class EmotionHandler(BaseHandler):
         if self.settings.threads > 0:
             torch.set_num_threads(self.settings.threads)
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.max_length = self.settings.max_length or self.tokenizer.model_max_length
-        self.pad_token_id = self.tokenizer.pad_token_id or 0
-        self.model = load_backend(model_dir, self.settings, self.device)
-        config = self.model.config
-        self.labels = [config.id2label[i] for i in range(config.num_labels)]
-        self._warm_up()
+        self.engine = EmotionEngine(model_dir, self.settings, self.device)
+        self.labels = self.engine.labels
+        self.engine.warm_up()
         self.emotion_metrics = EmotionMetrics(context.metrics, context.model_name)
         self.monitor = EmotionMonitor.from_settings(self.emotion_metrics, self.labels, self.settings)
         self.initialized = True
         log.info(
             "emotion handler ready: labels %s, max_length %d, %d thread(s)",
             self.labels,
-            self.max_length,
+            self.engine.max_length,
             torch.get_num_threads(),
         )
 
@@ -111,7 +101,7 @@ class EmotionHandler(BaseHandler):
         """Tokenise the valid texts together and compute their label probabilities.
 
         With ``sort_by_length`` the batch runs as several forward passes of texts of similar length
-        (see ``plan_passes``); otherwise as one pass padded to its longest text. A text the
+        (see ``emotion_batch.plan_passes``); otherwise as one pass padded to its longest text. A text the
         tokenizer or the model fails on fails alone (see ``_tokenize`` and ``_run_pass``).
         """
         start = time.perf_counter()
@@ -121,10 +111,7 @@ class EmotionHandler(BaseHandler):
             return batch
         indices = list(token_ids)
         lengths = [len(token_ids[i]) for i in indices]
-        if self.settings.sort_by_length:
-            passes = [[indices[k] for k in rows] for rows in plan_passes(lengths, self.settings.pass_cost_tokens)]
-        else:
-            passes = [indices]
+        passes = [[indices[k] for k in rows] for rows in self.engine.passes(lengths)]
         model_ms = sum(self._run_pass(batch, token_ids, rows) for rows in passes)
         failed = [e for e in batch.errors.values() if e.kind == "UnprocessableText"]
         if len(failed) > 1 and not batch.probabilities:
@@ -137,7 +124,7 @@ class EmotionHandler(BaseHandler):
             [token_ids[i] for i in answered],
             [batch.probabilities[i] for i in answered],
             self.labels,
-            self.tokenizer.unk_token_id,
+            self.engine.tokenizer.unk_token_id,
             [i in batch.truncated for i in answered],
         )
         self.monitor.observe_batch(records)
@@ -154,15 +141,8 @@ class EmotionHandler(BaseHandler):
                 rejected[error.kind] += 1
                 body = error.to_response()
             else:
-                row = batch.probabilities[idx]
-                best = max(range(len(row)), key=row.__getitem__)
-                labels[self.labels[best]] += 1
-                body = {
-                    "label": self.labels[best],
-                    "score": row[best],
-                    "probabilities": dict(zip(self.labels, row, strict=True)),
-                    "truncated": idx in batch.truncated,
-                }
+                body = self.engine.answer(batch.probabilities[idx], idx in batch.truncated)
+                labels[body["label"]] += 1
             self.context.set_response_content_type(idx, "application/json")
             responses.append(json.dumps(body))
         self.emotion_metrics.predictions(labels)
@@ -191,24 +171,9 @@ class EmotionHandler(BaseHandler):
         return token_ids
 
     def _token_ids(self, batch: Batch, indices: list[int]) -> list[list[int]]:
-        encoded = self.tokenizer(
-            [batch.texts[i] for i in indices],
-            truncation=True,
-            max_length=self.max_length,
-            return_overflowing_tokens=self.tokenizer.is_fast,
-        )
-        if not self.tokenizer.is_fast:  # slow tokenizers have no overflow mapping: count untruncated
-            for i in indices:
-                if len(self.tokenizer(batch.texts[i])["input_ids"]) > self.max_length:
-                    batch.truncated.add(i)
-            return encoded["input_ids"]
-        rows: dict[int, list[int]] = {}
-        for row, sample in zip(encoded["input_ids"], encoded["overflow_to_sample_mapping"], strict=True):
-            if sample in rows:  # an overflow row: the text did not fit in the window
-                batch.truncated.add(indices[sample])
-            else:
-                rows[sample] = row
-        return [rows[k] for k in range(len(indices))]
+        token_ids, truncated = self.engine.token_ids([batch.texts[i] for i in indices])
+        batch.truncated.update(i for i, cut in zip(indices, truncated, strict=True) if cut)
+        return token_ids
 
     def _run_pass(self, batch: Batch, token_ids: dict[int, list[int]], rows: list[int]) -> float:
         """One forward pass over ``rows`` (request indices); returns its model milliseconds.
@@ -219,7 +184,7 @@ class EmotionHandler(BaseHandler):
         gateway retries on another worker.
         """
         try:
-            probabilities, model_ms = self._forward([token_ids[i] for i in rows])
+            probabilities, model_ms = self.engine.forward([token_ids[i] for i in rows])
         except Exception:
             if len(rows) > 1:
                 log.warning("a forward pass of %d texts failed; running them one by one", len(rows), exc_info=True)
@@ -231,28 +196,6 @@ class EmotionHandler(BaseHandler):
         for i, row in zip(rows, probabilities.tolist(), strict=True):
             batch.probabilities[i] = row
         return model_ms
-
-    def _warm_up(self) -> None:
-        """Forward passes at load time, inside TorchServe's startupTimeout: torch.compile compiles
-        here (minutes on a small CPU) instead of on the first requests, which would exceed
-        responseTimeout; the other backends allocate their buffers."""
-        for texts in (WARM_UP_TEXTS[:1], WARM_UP_TEXTS):
-            self._forward(self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"])
-
-    def _forward(self, token_ids: list[list[int]]) -> tuple[np.ndarray, float]:
-        """One forward pass of the token sequences, padded to the longest: their label
-        probabilities (softmax) and the milliseconds the model took."""
-        longest = max(len(ids) for ids in token_ids)
-        input_ids = np.full((len(token_ids), longest), self.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((len(token_ids), longest), dtype=np.int64)
-        for row, ids in enumerate(token_ids):
-            input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
-        start = time.perf_counter()
-        logits = self.model(input_ids, attention_mask)
-        model_ms = 1000 * (time.perf_counter() - start)
-        exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return exp / exp.sum(axis=-1, keepdims=True), model_ms
 
     def _headers(self, idx: int) -> dict[str, Any]:
         """The request's headers as TorchServe recorded them (request- and parameter-level)."""

@@ -156,7 +156,7 @@ def test_gpu_worker_runs_half_precision_on_cuda(tiny_model_dir, loaded, backend)
     handler = EmotionHandler()
     handler.initialize(context)
     assert handler.device.type == "cuda"
-    assert next(handler.model.model.parameters()).dtype == torch.float16
+    assert next(handler.engine.model.model.parameters()).dtype == torch.float16
     texts = [("i feel so glad", "text/plain"), ("i am scared of the dark", "text/plain")]
     on_gpu = run_batch(handler, context, texts)
     on_cpu = run_batch(*loaded, texts)

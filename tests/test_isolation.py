@@ -132,8 +132,8 @@ class ExplodingBackend:
 
 def test_a_text_the_model_fails_on_fails_alone(served, monkeypatch):
     handler, context, alone = served
-    token = handler.tokenizer.convert_tokens_to_ids("volcano")
-    monkeypatch.setattr(handler, "model", ExplodingBackend(handler.model, token))
+    token = handler.engine.tokenizer.convert_tokens_to_ids("volcano")
+    monkeypatch.setattr(handler.engine, "model", ExplodingBackend(handler.engine.model, token))
     batch = [(g[0].encode(), g[1], {}) for g in GOOD] + [(b"the volcano", "text/plain", {})]
     results = run(handler, context, batch)
     assert results[-1][0] == 422 and results[-1][1]["type"] == "UnprocessableText"
@@ -146,14 +146,16 @@ def test_a_batch_the_model_fails_on_entirely_is_a_server_error(served, monkeypat
     from ts.utils.util import PredictionException
 
     handler, context, _ = served
-    monkeypatch.setattr(handler, "model", ExplodingBackend(handler.model, handler.tokenizer.cls_token_id))
+    monkeypatch.setattr(
+        handler.engine, "model", ExplodingBackend(handler.engine.model, handler.engine.tokenizer.cls_token_id)
+    )
     with pytest.raises(PredictionException):
         run(handler, context, [(g[0].encode(), g[1], {}) for g in GOOD])
 
 
 def test_a_text_the_tokenizer_fails_on_fails_alone(served, monkeypatch):
     handler, context, alone = served
-    tokenizer = handler.tokenizer
+    tokenizer = handler.engine.tokenizer
 
     class Fragile:
         def __getattr__(self, name):
@@ -164,7 +166,7 @@ def test_a_text_the_tokenizer_fails_on_fails_alone(served, monkeypatch):
                 raise ValueError("cannot tokenise")
             return tokenizer(texts, **kwargs)
 
-    monkeypatch.setattr(handler, "tokenizer", Fragile())
+    monkeypatch.setattr(handler.engine, "tokenizer", Fragile())
     results = run(handler, context, [(b"shatter it", "text/plain", {}), (GOOD[0][0].encode(), GOOD[0][1], {})])
     assert results[0][0] == 400 and results[0][1]["type"] == "UntokenizableText"
     assert results[1][0] == 200
@@ -173,7 +175,7 @@ def test_a_text_the_tokenizer_fails_on_fails_alone(served, monkeypatch):
 
 def test_long_texts_are_answered_as_truncated(served):
     handler, context, _ = served
-    long_text = "i feel " + "very " * (handler.max_length + 10) + "happy"
+    long_text = "i feel " + "very " * (handler.engine.max_length + 10) + "happy"
     results = run(handler, context, [(long_text.encode(), "text/plain", {}), (b"i feel happy", "text/plain", {})])
     assert [r[0] for r in results] == [200, 200]
     assert results[0][1]["truncated"] is True and results[1][1]["truncated"] is False

@@ -63,7 +63,7 @@ def test_onnx_int8_stays_close_to_fp32(onnx_model_dir):
 @pytest.mark.parametrize(("spin_wait", "allowed"), [(False, "0"), (True, "1")])
 def test_idle_threads_spin_only_when_asked(onnx_model_dir, spin_wait, allowed):
     handler, _ = handler_for(onnx_model_dir, {"backend": "onnx", "precision": "fp32", "spin_wait": spin_wait})
-    options = handler.model.session.get_session_options()
+    options = handler.engine.model.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == allowed
 
 

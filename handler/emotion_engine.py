@@ -1,0 +1,107 @@
+"""The model engine of the emotion classifier, without TorchServe: tokenizer, backend, forward
+passes by length and softmax.
+
+``EmotionHandler`` runs it for TorchServe. The benchmark's in-process ceiling and the peer servers
+(LitServe, Ray Serve; ``bench/peers.py``) run the same object, so every row of ``make bench``
+serves the same model with the same engine, tokenizer and passes; only the server differs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from emotion_backends import Backend, load_backend
+from emotion_batch import plan_passes
+from emotion_settings import HandlerSettings
+
+# A single text and a padded pair: the shapes a dynamic torch.compile specialises on.
+WARM_UP_TEXTS = ("i feel fine", "i could not sleep because i was worried about what would happen tomorrow")
+
+
+class EmotionEngine:
+    """Tokenizer and backend loaded from a model directory (an unpacked archive or a training output).
+
+    Attributes:
+        model: The backend (``emotion_backends``): int64 ids and mask in, float32 logits out.
+        labels: Label names in the model's output order (``id2label``).
+        max_length: Truncation length in tokens.
+    """
+
+    def __init__(self, model_dir: Path, settings: HandlerSettings, device: torch.device | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.settings = settings
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.max_length = settings.max_length or self.tokenizer.model_max_length
+        self.pad_token_id = self.tokenizer.pad_token_id or 0
+        self.model: Backend = load_backend(Path(model_dir), settings, device or torch.device("cpu"))
+        config = self.model.config
+        self.labels = [config.id2label[i] for i in range(config.num_labels)]
+
+    def token_ids(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids of each text, truncated to ``max_length``, and whether each was truncated."""
+        encoded = self.tokenizer(
+            texts, truncation=True, max_length=self.max_length, return_overflowing_tokens=self.tokenizer.is_fast
+        )
+        if not self.tokenizer.is_fast:  # slow tokenizers have no overflow mapping: count untruncated
+            full = self.tokenizer(texts)["input_ids"]
+            return encoded["input_ids"], [len(ids) > self.max_length for ids in full]
+        rows: dict[int, list[int]] = {}
+        truncated = [False] * len(texts)
+        for row, sample in zip(encoded["input_ids"], encoded["overflow_to_sample_mapping"], strict=True):
+            if sample in rows:  # an overflow row: the text did not fit in the window
+                truncated[sample] = True
+            else:
+                rows[sample] = row
+        return [rows[k] for k in range(len(texts))], truncated
+
+    def passes(self, lengths: list[int]) -> list[list[int]]:
+        """The forward passes (index lists into ``lengths``) for texts of these token counts."""
+        if self.settings.sort_by_length:
+            return plan_passes(lengths, self.settings.pass_cost_tokens)
+        return [list(range(len(lengths)))]
+
+    def forward(self, token_ids: list[list[int]]) -> tuple[np.ndarray, float]:
+        """One forward pass of the token sequences, padded to the longest: their label
+        probabilities (softmax) and the milliseconds the model took."""
+        longest = max(len(ids) for ids in token_ids)
+        input_ids = np.full((len(token_ids), longest), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(token_ids), longest), dtype=np.int64)
+        for row, ids in enumerate(token_ids):
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+        start = time.perf_counter()
+        logits = self.model(input_ids, attention_mask)
+        model_ms = 1000 * (time.perf_counter() - start)
+        exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return exp / exp.sum(axis=-1, keepdims=True), model_ms
+
+    def warm_up(self) -> None:
+        """Forward passes before serving: torch.compile compiles here (minutes on a small CPU)
+        instead of on the first requests; the other backends allocate their buffers."""
+        for texts in (WARM_UP_TEXTS[:1], WARM_UP_TEXTS):
+            self.forward(self.token_ids(list(texts))[0])
+
+    def predict(self, texts: list[str]) -> list[dict]:
+        """Answers for valid texts, in order, as the handler gives them (label, score,
+        probabilities, truncated). No per-text fault isolation: that is the handler's job."""
+        token_ids, truncated = self.token_ids(texts)
+        probabilities: list[list[float]] = [[]] * len(texts)
+        for rows in self.passes([len(ids) for ids in token_ids]):
+            result, _ = self.forward([token_ids[i] for i in rows])
+            for i, row in zip(rows, result.tolist(), strict=True):
+                probabilities[i] = row
+        return [self.answer(row, cut) for row, cut in zip(probabilities, truncated, strict=True)]
+
+    def answer(self, probabilities: list[float], truncated: bool) -> dict:
+        """The response body for one text's probabilities."""
+        best = max(range(len(probabilities)), key=probabilities.__getitem__)
+        return {
+            "label": self.labels[best],
+            "score": probabilities[best],
+            "probabilities": dict(zip(self.labels, probabilities, strict=True)),
+            "truncated": truncated,
+        }
