@@ -92,8 +92,11 @@ monitor: system-deps ## Prometheus on 127.0.0.1:9090 scraping TorchServe and the
 	prometheus --config.file=monitoring/prometheus.yml --web.listen-address=127.0.0.1:9090 \
 		--storage.tsdb.path=outputs/prometheus
 
-bench: system-deps train ## In-process vs FastAPI vs stock vs tuned TorchServe, one run, on models/emotion-$EXPERIMENT
+bench: system-deps train ## In-process, FastAPI, stock and tuned TorchServe, LitServe, Ray Serve, ceiling: one run on models/emotion-$EXPERIMENT
 	$(BIN)/python -m bench.run
+
+engines: system-deps train ## ONNX Runtime vs OpenVINO, fp32 vs dynamic vs static int8: speed, accuracy, GFLOP/s
+	$(BIN)/python -m bench.engines --model-dir $(MODEL_DIR)
 
 batching: $(ARCHIVE) ## Measure batchSize x maxBatchDelay x workers (loadtest/results/batching.json)
 	$(BIN)/python -m loadtest.batching_sweep
@@ -150,4 +153,4 @@ report: $(BIN)/.installed system-deps ## Exam report: figures from the project's
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps experiment data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench batching drift robustness lint format test test-fast report clean image-deps image image-smoke
+.PHONY: help venv system-deps experiment data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench engines batching drift robustness lint format test test-fast report clean image-deps image image-smoke

@@ -1,11 +1,24 @@
--- wrk script: POST validation texts round-robin as text/plain, then print latency percentiles as JSON.
+-- wrk script: POST validation texts round-robin, then print latency percentiles as JSON.
 -- env: BENCH_TEXTS (one text per line), BENCH_AUTH (optional bearer key),
---      BENCH_THINK_MS (optional mean pause before each request, exponentially distributed: paced load)
+--      BENCH_THINK_MS (optional mean pause before each request, exponentially distributed: paced load),
+--      BENCH_BODY ("text": text/plain bodies, the default; "json": {"text": ...} JSON bodies)
+local as_json = os.getenv("BENCH_BODY") == "json"
+
+local function json_string(s)
+  s = s:gsub('[%c"\\]', function(c)
+    if c == '"' then return '\\"' elseif c == "\\" then return "\\\\" end
+    return string.format("\\u%04x", c:byte())
+  end)
+  return '"' .. s .. '"'
+end
+
 local texts = {}
-for line in io.lines(os.getenv("BENCH_TEXTS")) do texts[#texts + 1] = line end
+for line in io.lines(os.getenv("BENCH_TEXTS")) do
+  texts[#texts + 1] = as_json and ('{"text": ' .. json_string(line) .. "}") or line
+end
 local counter = 0
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "text/plain"
+wrk.headers["Content-Type"] = as_json and "application/json" or "text/plain"
 local key = os.getenv("BENCH_AUTH")
 if key and #key > 0 then wrk.headers["Authorization"] = "Bearer " .. key end
 

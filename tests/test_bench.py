@@ -86,9 +86,12 @@ def test_benchmark_runs_every_setup_and_prints_the_checks(tiny_model_dir, tmp_pa
     argv = ["--model-dir", str(tiny_model_dir), "--texts-file", str(FIXTURE_DATA / "val.txt"), "--out", str(tmp_path)]
     assert main([*argv, "--duration", "2", "--warmup", "1", "--concurrency", "4"]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert set(report["results"]) == {"a", "b", "c", "d"}
-    assert all(row["requests_per_s"] > 0 for row in report["results"].values())
-    assert set(report["ratios"]) == {"d/a", "d/b", "d/c"}
+    assert set(report["results"]) == {"a", "b", "c", "d", "e", "f", "ceiling"}
+    assert all("failed" not in row and row["requests_per_s"] > 0 for row in report["results"].values())
+    assert set(report["ratios"]) == {"d/a", "d/b", "d/c", "d/ceiling", "d/best peer"}
+    d = report["results"]["d"]
+    assert d["archive_mb"] > 0 and d["cold_start_s"] > 0 and d["half_load"]["p99_ms"] > 0
+    assert report["checks"]["every setup ran"] is True
     printed = capsys.readouterr().out
     for check in report["checks"]:
         assert f": {check}" in printed

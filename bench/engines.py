@@ -1,0 +1,276 @@
+"""Inference engines and quantisation schemes for the served model, for speed and accuracy.
+
+``python -m bench.engines [--model-dir DIR]`` (``make engines``) exports the model (default: the
+one of the experiment in ``params.yaml``) to ONNX and measures, in this process:
+
+- ONNX Runtime: fp32; int8 with dynamic quantisation (the shipped backend: weights per output
+  channel, activations quantised on the fly); int8 with static quantisation (QDQ, activation
+  ranges calibrated on training texts);
+- OpenVINO: fp32; int8 from the same static QDQ graph; the dynamic graph where OpenVINO reads it.
+
+Every engine runs in the handler's ``EmotionEngine`` (same tokenizer, passes by length, softmax)
+with the shipped handler settings. Speed: texts/s over batches of the shipped ``batchSize``
+validation texts back to back, one process; accuracy: every validation text. The matrix-product
+rate is the model's multiply-adds over the padded tokens it computed (2 FLOP each) per second of
+forward pass, against this CPU's fp32 peak (cores x clock x 32 FLOP per cycle for two 256-bit FMA
+units; AVX2) and its int8 peak (4x that: 8-bit multiply-adds on the same units).
+Writes ``bench/results/engines.json`` and prints a Markdown table; the last line names the
+fastest engine within ``--max-drop`` accuracy points of ONNX Runtime fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import psutil
+import yaml
+
+from loadtest.texts import read_labelled
+from project import PROJECT_ROOT, current_experiment, handler_module
+from training.config import experiment_paths
+
+MODEL_CONFIG = PROJECT_ROOT / "handler" / "model-config.yaml"
+CALIBRATION_TEXTS = 256
+FLOP_PER_CYCLE_FP32 = 32  # 2 FMA units x 8 fp32 lanes x 2 FLOP (AVX2)
+INT8_OPS_PER_FP32_FLOP = 4  # 32 8-bit lanes per 256-bit register against 8 fp32 lanes
+
+
+def cpu_peak_gflops() -> float:
+    """This machine's fp32 peak from its core count and clock (``/proc/cpuinfo``, else psutil)."""
+    mhz = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                mhz = float(line.split(":")[1])
+                break
+    except OSError:
+        pass
+    mhz = mhz or (psutil.cpu_freq().current if psutil.cpu_freq() else 2000.0)
+    return psutil.cpu_count(logical=False) * mhz / 1000 * FLOP_PER_CYCLE_FP32
+
+
+def matmul_flops(config, batch: int, tokens: int) -> float:
+    """FLOPs of a BERT encoder's matrix products for ``batch`` sequences padded to ``tokens``."""
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    per_token = 4 * hidden * hidden + 2 * hidden * inter  # Q, K, V, output; two feed-forward layers
+    attention = 2 * tokens * hidden  # scores and weighted sum, per token
+    return 2.0 * batch * tokens * layers * (per_token + attention)
+
+
+class OrtBackend:
+    """ONNX Runtime on one graph, with the shipped backend's session options."""
+
+    def __init__(self, path: Path, config, threads: int) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.config = config
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        (logits,) = self.session.run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})
+        return logits.astype(np.float32, copy=False)
+
+
+class OpenVinoBackend:
+    """OpenVINO's CPU plugin on one ONNX graph, latency hint, ``threads`` inference threads."""
+
+    def __init__(self, path: Path, config, threads: int) -> None:
+        import openvino
+
+        core = openvino.Core()
+        model = core.read_model(str(path))
+        self.compiled = core.compile_model(
+            model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+        )
+        self.request = self.compiled.create_infer_request()
+        self.config = config
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        result = self.request.infer({"input_ids": input_ids, "attention_mask": attention_mask})
+        return np.asarray(result[self.compiled.output(0)], dtype=np.float32)
+
+
+def quantize_static(fp32_path: Path, target: Path, tokenizer, texts: list[str], max_length: int) -> Path:
+    """QDQ int8 graph: MatMul weights per output channel (int8), activations per tensor (uint8)
+    with ranges calibrated on ``texts``. Only MatMuls with a weight initializer are quantised, as
+    in the dynamic scheme (the attention products of two activations stay fp32)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    graph = onnx.load(str(fp32_path))
+    weights = {init.name for init in graph.graph.initializer}
+    nodes = [n.name for n in graph.graph.node if n.op_type == "MatMul" and any(i in weights for i in n.input)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            batches = [texts[i : i + 16] for i in range(0, len(texts), 16)]
+            self.feeds = iter(
+                {
+                    key: value.astype(np.int64)
+                    for key, value in tokenizer(
+                        batch, padding=True, truncation=True, max_length=max_length, return_tensors="np"
+                    ).items()
+                    if key in ("input_ids", "attention_mask")
+                }
+                for batch in batches
+            )
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    ort_quantize_static(
+        str(fp32_path),
+        str(target),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_quantize=nodes,
+    )
+    return target
+
+
+def build_graphs(model_dir: Path, out: Path, calibration: list[str], tokenizer, max_length: int) -> dict[str, Path]:
+    """The fp32, dynamic int8 and static int8 ONNX graphs of ``model_dir``."""
+    onnx_module = handler_module("emotion_onnx")
+    fp32 = onnx_module.export_onnx(model_dir, out / "fp32", "fp32")
+    dynamic = onnx_module.export_onnx(model_dir, out / "dynamic", "int8")
+    static = quantize_static(fp32, out / "model-int8-static.onnx", tokenizer, calibration, max_length)
+    return {"fp32": fp32, "int8 dynamic": dynamic, "int8 static": static}
+
+
+def measure(engine, texts: list[str], labels: list[str], batch: int, seconds: float) -> dict:
+    """Texts/s and matrix-product rate on back-to-back batches; accuracy on every text."""
+    config = engine.model.config
+    engine.warm_up()
+    done, busy, flops, index = 0, 0.0, 0.0, 0
+    forward = engine.forward
+
+    def counting_forward(token_ids):
+        nonlocal busy, flops
+        probabilities, model_ms = forward(token_ids)
+        busy += model_ms / 1000
+        flops += matmul_flops(config, len(token_ids), max(len(ids) for ids in token_ids))
+        return probabilities, model_ms
+
+    engine.forward = counting_forward
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        engine.predict([texts[(index + k) % len(texts)] for k in range(batch)])
+        index += batch
+        done += batch
+    elapsed = time.perf_counter() - start
+    engine.forward = forward
+    correct = 0
+    for i in range(0, len(texts), 64):
+        answers = engine.predict(texts[i : i + 64])
+        correct += sum(a["label"] == gold for a, gold in zip(answers, labels[i : i + 64], strict=True))
+    return {
+        "texts_per_s": round(done / elapsed, 1),
+        "val_accuracy": round(correct / len(texts), 4),
+        "model_share": round(busy / elapsed, 3),
+        "gflops": round(flops / busy / 1e9, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=experiment_paths(current_experiment()).model_dir)
+    parser.add_argument("--val-file", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
+    parser.add_argument(
+        "--calibration-file",
+        type=Path,
+        default=PROJECT_ROOT / "data" / "processed" / "train.txt",
+        help=f"text;label file whose first {CALIBRATION_TEXTS} texts calibrate static quantisation",
+    )
+    parser.add_argument("--duration", type=float, default=15, help="seconds of measured load per engine")
+    parser.add_argument("--max-drop", type=float, default=0.3, help="accuracy points an engine may lose")
+    parser.add_argument("--only", nargs="*", help="engine rows to run (default: all)")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "results" / "engines.json")
+    args = parser.parse_args(argv)
+
+    settings_module, engine_module = handler_module("emotion_settings"), handler_module("emotion_engine")
+    shipped = yaml.safe_load(MODEL_CONFIG.read_text())
+    settings = settings_module.HandlerSettings.from_yaml(shipped.get("handler"))
+    import torch
+
+    threads = settings.threads or torch.get_num_threads()
+    labelled = read_labelled(args.val_file)
+    texts, labels = [t for t, _ in labelled], [lab for _, lab in labelled]
+    calibration = [t for t, _ in read_labelled(args.calibration_file)][:CALIBRATION_TEXTS]
+    # Built on the torch backend (the model directory has no graph yet); each row swaps the model.
+    engine = engine_module.EmotionEngine(
+        args.model_dir, dataclasses.replace(settings, backend="torch", precision="fp32", spin_wait=False)
+    )
+    engine.settings = settings
+    rows: list[dict] = []
+    peak = cpu_peak_gflops()
+    with tempfile.TemporaryDirectory() as tmp:
+        graphs = build_graphs(args.model_dir, Path(tmp), calibration, engine.tokenizer, engine.max_length)
+        runners: dict[str, Callable] = {}
+        for scheme, path in graphs.items():
+            runners[f"onnxruntime {scheme}"] = lambda p=path: OrtBackend(p, engine.model.config, threads)
+            runners[f"openvino {scheme}"] = lambda p=path: OpenVinoBackend(p, engine.model.config, threads)
+        for name, make in runners.items():
+            if args.only and name not in args.only:
+                continue
+            print(f"{name} ...", flush=True)
+            try:
+                engine.model = make()
+                row = {"engine": name, **measure(engine, texts, labels, int(shipped["batchSize"]), args.duration)}
+            except Exception as err:  # an engine that cannot run this graph is a row, not a crash
+                row = {"engine": name, "failed": f"{type(err).__name__}: {str(err)[:300]}"}
+            row["graph_mb"] = round(graphs[name.split(" ", 1)[1]].stat().st_size / 1e6, 1)
+            if "gflops" in row:
+                row["fp32_peak_share"] = round(row["gflops"] / peak, 3)
+                row["int8_peak_share"] = round(row["gflops"] / (peak * INT8_OPS_PER_FP32_FLOP), 3)
+            rows.append(row)
+    ran = [r for r in rows if "failed" not in r]
+    reference = next((r for r in ran if r["engine"] == "onnxruntime fp32"), ran[0] if ran else None)
+    print(f"\nCPU fp32 peak {peak:.0f} GFLOP/s ({psutil.cpu_count(logical=False)} cores), threads {threads}\n")
+    print("| engine | texts/s | speed-up | val accuracy | GFLOP/s | of fp32 peak | of int8 peak | graph MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        if "failed" in row:
+            print(f"| {row['engine']} | did not run: {row['failed']} | | | | | | {row['graph_mb']} |")
+            continue
+        row["speedup"] = round(row["texts_per_s"] / reference["texts_per_s"], 2)
+        print(
+            f"| {row['engine']} | {row['texts_per_s']} | {row['speedup']}x | {100 * row['val_accuracy']:.2f}% "
+            f"| {row['gflops']} | {100 * row['fp32_peak_share']:.0f}% | {100 * row['int8_peak_share']:.0f}% "
+            f"| {row['graph_mb']} |"
+        )
+    eligible = [r for r in ran if 100 * (reference["val_accuracy"] - r["val_accuracy"]) <= args.max_drop]
+    best = max(eligible, key=lambda r: r["texts_per_s"]) if eligible else None
+    if best:
+        print(f"\nfastest within {args.max_drop} points of {reference['engine']}: {best['engine']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "model_dir": os.path.relpath(args.model_dir, PROJECT_ROOT),
+        "threads": threads,
+        "cpu_fp32_peak_gflops": round(peak, 1),
+        "duration_s": args.duration,
+        "rows": rows,
+        "fastest_within_max_drop": best["engine"] if best else None,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
