@@ -19,6 +19,7 @@ class Batch:
     errors: dict[int, InputError] = field(default_factory=dict)
     probabilities: dict[int, list[float]] = field(default_factory=dict)
     truncated: set[int] = field(default_factory=set)  # texts longer than the model's token window
+    probes: set[int] = field(default_factory=set)  # readiness probes: answered, not counted as traffic
 
 
 def plan_passes(lengths: list[int], pass_cost_tokens: int) -> list[list[int]]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from emotion_batch import Batch
 from emotion_engine import EmotionEngine
-from emotion_inputs import InputError, extract_text
+from emotion_inputs import InputError, extract_text, is_probe
 from emotion_metrics import EmotionMetrics
 from emotion_monitor import EmotionMonitor, make_records
 from emotion_settings import HandlerSettings
@@ -89,7 +89,10 @@ class EmotionHandler(BaseHandler):
         batch = Batch(size=len(data))
         for idx, request in enumerate(data):
             try:
-                batch.texts[idx] = extract_text(request, self._headers(idx), self.settings.max_text_chars)
+                headers = self._headers(idx)
+                if is_probe(headers):
+                    batch.probes.add(idx)
+                batch.texts[idx] = extract_text(request, headers, self.settings.max_text_chars)
             except InputError as err:
                 batch.errors[idx] = err
             except Exception:  # a request nobody foresaw still fails alone
@@ -118,7 +121,8 @@ class EmotionHandler(BaseHandler):
             # Not one text went through: the model itself is broken, not the requests.
             raise PredictionException("the model failed on every text of the batch", 500)
         self.emotion_metrics.batch(sum(lengths), tokenize_ms, model_ms)
-        answered = [i for i in indices if i in batch.probabilities]
+        # The readiness probe's golden text is not traffic: it stays out of the drift statistics.
+        answered = [i for i in indices if i in batch.probabilities and i not in batch.probes]
         records = make_records(
             [batch.texts[i] for i in answered],
             [token_ids[i] for i in answered],
@@ -142,7 +146,8 @@ class EmotionHandler(BaseHandler):
                 body = error.to_response()
             else:
                 body = self.engine.answer(batch.probabilities[idx], idx in batch.truncated)
-                labels[body["label"]] += 1
+                if idx not in batch.probes:
+                    labels[body["label"]] += 1
             self.context.set_response_content_type(idx, "application/json")
             responses.append(json.dumps(body))
         self.emotion_metrics.predictions(labels)

@@ -83,6 +83,16 @@ class MediaType:
         return self.essence in RAW_TYPES or (self.essence.startswith("text/") and not self.is_json)
 
 
+# Set by the front door's readiness check (serving/health.py) on its golden request, and stripped
+# by the gateway from every client request: a probe is answered but not counted as traffic.
+PROBE_HEADER = "x-emotion-probe"
+
+
+def is_probe(headers: Mapping[str, Any] | None) -> bool:
+    """Whether the request is the front door's readiness probe (``PROBE_HEADER`` present)."""
+    return PROBE_HEADER in header_map(headers)
+
+
 def header_map(headers: Mapping[str, Any] | None) -> dict[str, str]:
     """The request's HTTP headers with lower-case names (TorchServe keeps the client's spelling)."""
     return {str(k).lower(): v for k, v in (headers or {}).items() if isinstance(v, str)}

@@ -14,6 +14,10 @@ from typing import Any
 
 import requests
 
+# The readiness probe's mark (handler/emotion_inputs.py PROBE_HEADER; gateway/nginx.conf strips it
+# from client requests).
+PROBE_HEADER = "X-Emotion-Probe"
+
 APIS = ("inference", "management", "API")
 
 
@@ -71,9 +75,15 @@ class TorchServeClient:
         """The ``Authorization`` header for ``inference``, ``management`` or ``API`` calls."""
         return auth_header(self.keys, api)
 
-    def predict(self, text: str, model: str = "emotion", timeout: float = 30) -> requests.Response:
-        """POST one text as ``text/plain`` to ``/predictions/<model>``."""
+    def predict(self, text: str, model: str = "emotion", timeout: float = 30, probe: bool = False) -> requests.Response:
+        """POST one text as ``text/plain`` to ``/predictions/<model>``.
+
+        ``probe``: mark it as a readiness probe, which the handler answers without counting it in
+        its prediction metrics, drift statistics and request log.
+        """
         headers = {"Content-Type": "text/plain; charset=utf-8", **self.headers("inference")}
+        if probe:
+            headers[PROBE_HEADER] = "readiness"
         return requests.post(
             f"{self.inference_url}/predictions/{model}", data=text.encode(), headers=headers, timeout=timeout
         )

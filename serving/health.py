@@ -94,7 +94,7 @@ class Readiness:
 
     def _check_golden(self) -> None:
         try:
-            response = self.client.predict(self.golden_text, self.model, timeout=5)
+            response = self.client.predict(self.golden_text, self.model, timeout=5, probe=True)
         except requests.RequestException as err:
             log.warning("golden check: no answer (%s); keeping the last verdict", err)
             return

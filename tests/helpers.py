@@ -51,14 +51,17 @@ def make_context(model_dir: Path, handler_section: dict | None = None, gpu: int 
     )
 
 
-def run_batch(handler: Any, context: Any, requests: list[tuple[object, str]]) -> list[tuple[int, dict]]:
-    """Send (payload, content type) pairs as one TorchServe batch; return (status, body) per request."""
+def run_batch(handler: Any, context: Any, requests: list[tuple]) -> list[tuple[int, dict]]:
+    """Send (payload, content type[, headers]) tuples as one TorchServe batch; return (status, body)
+    per request."""
     from ts.context import RequestProcessor
 
-    context.request_processor = [RequestProcessor({"body": {"content-type": ct}}) for _, ct in requests]
+    context.request_processor = [
+        RequestProcessor({"body": {"content-type": r[1]}, **(r[2] if len(r) > 2 else {})}) for r in requests
+    ]
     context.request_ids = {i: f"req-{i}" for i in range(len(requests))}
     context.metrics.request_ids = context.request_ids
-    outputs = handler.handle([{"body": payload} for payload, _ in requests], context)
+    outputs = handler.handle([{"body": r[0]} for r in requests], context)
     assert len(outputs) == len(requests)
     return [(context.get_response_status(i)[0], json.loads(out)) for i, out in enumerate(outputs)]
 

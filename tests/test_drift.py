@@ -277,6 +277,34 @@ def test_handler_exports_drift_metrics_and_logs_requests(tiny_model_dir, tmp_pat
     assert entries[1]["unknown_share"] > 0 and "text" not in entries[0]
 
 
+def test_the_readiness_probe_is_answered_but_not_counted_as_traffic(tiny_model_dir, tmp_path, caplog):
+    from emotion_handler import EmotionHandler
+    from emotion_inputs import PROBE_HEADER
+
+    from serving.client import PROBE_HEADER as CLIENT_PROBE_HEADER
+    from tests.helpers import make_context, run_batch
+
+    assert CLIENT_PROBE_HEADER.lower() == PROBE_HEADER
+    context = make_context(tiny_model_dir, {"request_log_dir": str(tmp_path)})
+    handler = EmotionHandler()
+    handler.initialize(context)
+    with caplog.at_level("INFO", logger="ts.metrics.caching_metric"):
+        results = run_batch(
+            handler,
+            context,
+            [("i feel glad", "text/plain", {CLIENT_PROBE_HEADER: "readiness"}), ("i feel glad", "text/plain")],
+        )
+    assert [status for status, _ in results] == [200, 200]
+    assert results[0][1]["label"] == results[1][1]["label"]
+    assert results[0][1]["probabilities"] == pytest.approx(results[1][1]["probabilities"], abs=1e-5)
+    lines = [r.getMessage() for r in caplog.records]
+    predictions = [line for line in lines if line.startswith("[METRICS]EmotionPredictions.Count:")]
+    assert [line.split("|")[0] for line in predictions] == ["[METRICS]EmotionPredictions.Count:1"]
+    counted = [line for line in lines if line.startswith("[METRICS]EmotionTokenLength.Count:") and ":0|" not in line]
+    assert sum(int(line.split(":")[1].split("|")[0]) for line in counted) == 1
+    assert len((tmp_path / "requests.jsonl").read_text().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_robustness_runs_the_archive_handler_under_each_perturbation(profiled_store, tmp_path):  # noqa: F811
     from monitoring import robustness

@@ -8,6 +8,7 @@ import pytest
 import requests
 
 from serving.access_log import AccessLog
+from serving.client import PROBE_HEADER
 from serving.gateway import Gateway, GatewaySettings, attempts, client_keys_map, render
 from serving.server import free_port
 from tests.helpers import ScriptedHandler, loopback_http_server
@@ -39,6 +40,7 @@ class ScriptedUpstream(ScriptedHandler):
         payload = body if status == 200 else b'{"message": "scripted failure"}'
         self.send_header("X-Seen-Authorization", self.headers.get("Authorization", ""))
         self.send_header("X-Seen-Content-Type", self.headers.get("Content-Type", ""))
+        self.send_header("X-Seen-Probe", self.headers.get(PROBE_HEADER, "absent"))
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
@@ -118,6 +120,13 @@ def test_keys_change_without_a_restart(gateway):
     time.sleep(0.5)
     assert post(gateway, "echo").status_code == 401
     assert post(gateway, "echo", key="new-key").status_code == 200
+
+
+@pytest.mark.parametrize("model", ["echo", "fail-once", "died-once"])  # first attempts and both retry paths
+def test_a_client_cannot_pass_its_request_off_as_the_readiness_probe(gateway, model):
+    answer = post(gateway, model, **{PROBE_HEADER: "readiness"})
+    assert answer.status_code == 200
+    assert answer.headers["X-Seen-Probe"] == "absent"
 
 
 def test_curl_default_form_body_is_read_as_text(gateway):
