@@ -3,9 +3,9 @@
 ``python docker/smoke.py --image localhost/emotion-serve:cpu`` (``make image-smoke``) runs the
 image's own entrypoint and checks, through the front door published on 127.0.0.1:
 
-* a prediction with the inference key answers 200 with the six labels' probabilities;
-* with ``serving/stack.py`` in the image: ``/live`` and ``/ready`` answer 200 without a key, a
-  prediction without a key is refused, and the image's HEALTHCHECK command passes;
+* a prediction with the front-door key answers 200 with the six labels' probabilities;
+* ``/live`` and ``/ready`` answer 200 without a key, a prediction without a key is refused, and
+  the image's HEALTHCHECK command passes;
 * on SIGTERM the container stops within ``--stop-timeout`` and leaves no process behind.
 
 Engines: ``docker run -p 127.0.0.1:PORT:8080`` where a Docker engine answers; otherwise
@@ -278,10 +278,9 @@ class DockerContainer:
         subprocess.run(["docker", "rm", "-f", self.name], capture_output=True)
 
 
-def read_key(container: BuildahContainer | DockerContainer, has_stack: bool) -> str | None:
-    """The key a client sends: the front-door key (serving.stack), else TorchServe's inference key."""
-    command = ("python", "-m", "serving.stack", "key") if has_stack else ("python", "-m", "serving.server", "key")
-    result = container.exec(*command)
+def read_key(container: BuildahContainer | DockerContainer) -> str | None:
+    """The key a client sends: the front-door key (``serving.stack key``), once the stack made it."""
+    result = container.exec("python", "-m", "serving.stack", "key")
     return result.stdout.strip().splitlines()[-1] if result.returncode == 0 and result.stdout.strip() else None
 
 
@@ -294,12 +293,11 @@ def check(container: BuildahContainer | DockerContainer, timeout: float) -> dict
         if time.monotonic() > deadline or not container.running():
             raise SmokeError("the container's entrypoint did not start")
         time.sleep(0.5)
-    has_stack = container.exec("test", "-f", "/srv/serving/stack.py").returncode == 0
     status, body, key = 0, b"", None
     while time.monotonic() < deadline:
         if not container.running():
             raise SmokeError("the container exited before it answered")
-        key = key or read_key(container, has_stack)
+        key = key or read_key(container)
         if key:
             status, body = http("POST", f"{base}/predictions/emotion", b"i feel wonderful today", key)
             if status == 200:
@@ -313,18 +311,17 @@ def check(container: BuildahContainer | DockerContainer, timeout: float) -> dict
     if abs(sum(answer["probabilities"].values()) - 1) > 1e-3:
         raise SmokeError(f"probabilities do not sum to 1: {answer}")
     result = {"seconds_to_first_prediction": round(time.monotonic() - began, 1), "answer": answer}
-    if has_stack:
-        for path in ("/live", "/ready"):
-            if (got := http("GET", f"{base}{path}")[0]) != 200:
-                raise SmokeError(f"GET {path} answered {got} without a key, expected 200")
-        if (got := http("POST", f"{base}/predictions/emotion", b"i feel fine")[0]) not in (401, 403):
-            raise SmokeError(f"a prediction without a key answered {got}, expected 401 or 403")
-        healthcheck = (container.config.get("Healthcheck") or {}).get("Test") or []
-        if healthcheck[:1] != ["CMD"]:
-            raise SmokeError(f"the image has no exec-form HEALTHCHECK: {healthcheck}")
-        if (run := container.exec(*healthcheck[1:])).returncode != 0:
-            raise SmokeError(f"the HEALTHCHECK command failed: {run.stderr[-500:]}")
-    result["front_door"] = "serving.stack" if has_stack else "legacy entrypoint (no /live, /ready)"
+    for path in ("/live", "/ready"):
+        if (got := http("GET", f"{base}{path}")[0]) != 200:
+            raise SmokeError(f"GET {path} answered {got} without a key, expected 200")
+    if (got := http("POST", f"{base}/predictions/emotion", b"i feel fine")[0]) not in (401, 403):
+        raise SmokeError(f"a prediction without a key answered {got}, expected 401 or 403")
+    healthcheck = (container.config.get("Healthcheck") or {}).get("Test") or []
+    if healthcheck[:1] != ["CMD"]:
+        raise SmokeError(f"the image has no exec-form HEALTHCHECK: {healthcheck}")
+    if (run := container.exec(*healthcheck[1:])).returncode != 0:
+        raise SmokeError(f"the HEALTHCHECK command failed: {run.stderr[-500:]}")
+    result["front_door"] = "serving.stack"
     return result
 
 

@@ -44,6 +44,9 @@ from serving.server import TorchServe
 
 log = logging.getLogger("serving.stack")
 
+# Seconds between the supervisor's rounds of key reloads, access-log reading and metrics writing.
+HOUSEKEEPING_INTERVAL = 1.0
+
 WORKDIR = PROJECT_ROOT / "outputs" / "serve"
 
 
@@ -61,7 +64,7 @@ class Stack:
         ts_overrides: Properties that replace ``config.properties`` values.
         golden: The readiness check's text and expected label.
         drain: Seconds between readiness dropping and the gateway stopping.
-        tick: Seconds between supervisor rounds.
+        tick: Seconds between supervisor rounds (health checks; see ``HOUSEKEEPING_INTERVAL``).
         key_renewal: Share of the TorchServe key's lifetime left when it is renewed.
     """
 
@@ -140,10 +143,12 @@ class Stack:
             lambda: self.readiness.state.ready, timeout, f"ready (health: {self.readiness.state})"
         )
 
-    def supervise_once(self) -> None:
-        """One supervisor round: health, keys, access log, metrics."""
+    def supervise_once(self, housekeeping: bool = True) -> None:
+        """One supervisor round: health; with ``housekeeping`` also keys, access log and metrics."""
         state = self.readiness.check()
         self.gateway.set_health(up=state.up, ready=state.ready and not self._draining.is_set())
+        if not housekeeping:
+            return
         self._renew_torchserve_key()
         self.gateway.update_keys(self.client_keys(), self.torchserve.keys.get("inference"))
         self.access_log.poll()
@@ -155,11 +160,18 @@ class Stack:
         os.replace(tmp, self.gateway.workdir / "metrics.prom")
 
     def _supervise(self) -> None:
+        # Health every tick (a dead model is refused within a fraction of a second); key files,
+        # the access log and the metrics file at most once per HOUSEKEEPING_INTERVAL.
+        last = float("-inf")
         while not self._stop.is_set():
+            now = time.monotonic()
+            housekeeping = now - last >= HOUSEKEEPING_INTERVAL
             try:
-                self.supervise_once()
+                self.supervise_once(housekeeping)
             except Exception:  # the supervisor must outlive any one failed round
                 log.exception("supervisor round failed")
+            if housekeeping:
+                last = now
             self._stop.wait(self.tick)
 
     def _renew_torchserve_key(self) -> None:
