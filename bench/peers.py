@@ -20,7 +20,9 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +140,8 @@ def serve_ray(engine_dir: Path, port: int, threads: int, temp_dir: Path | None) 
             return await self.classify(text_of(await request.body(), request.headers.get("content-type", "")))
 
     stop = _stop_flag()
+    # Ray's socket paths must stay under 108 bytes: a short folder of its own under /tmp by default.
+    session_dir = Path(temp_dir) if temp_dir else Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     ray.init(
         address="local",
         _node_ip_address="127.0.0.1",
@@ -147,7 +151,7 @@ def serve_ray(engine_dir: Path, port: int, threads: int, temp_dir: Path | None) 
         runtime_env={
             "env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
         },
-        _temp_dir=str(temp_dir) if temp_dir else None,
+        _temp_dir=str(session_dir),
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -157,6 +161,8 @@ def serve_ray(engine_dir: Path, port: int, threads: int, temp_dir: Path | None) 
     finally:
         serve.shutdown()
         ray.shutdown()
+        if not temp_dir:
+            shutil.rmtree(session_dir, ignore_errors=True)
 
 
 def _stop_flag() -> list[int]:
@@ -216,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-dir", type=Path, required=True, help="an unpacked model archive")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=0, help="engine threads per worker (0: the archive's)")
-    parser.add_argument("--temp-dir", type=Path, help="Ray's session folder (default: Ray's own)")
+    parser.add_argument("--temp-dir", type=Path, help="Ray's session folder (default: a new one under /tmp)")
     args = parser.parse_args(argv)
     if args.server == "litserve":
         serve_litserve(args.engine_dir.resolve(), args.port, args.threads)

@@ -259,7 +259,7 @@ def peer_setup(server: str, engine_dir: Path, texts_file: Path, args, workdir: P
     """Setups e and f: a peer server (``bench.peers``) on d's unpacked archive."""
     port = free_port()
     command = [sys.executable, "-m", "bench.peers", server, "--engine-dir", str(engine_dir), "--port", str(port)]
-    if server == "ray":
+    if server == "ray":  # a session folder inside the benchmark's, removed with it
         command += ["--temp-dir", str(workdir / "ray")]
     url = f"http://127.0.0.1:{port}/predictions/emotion"
     with ManagedProcess(server, command, workdir / f"{server}.log", cwd=PROJECT_ROOT) as process:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -61,8 +62,6 @@ def test_text_of_reads_json_and_plain_bodies(body, content_type):
 def test_peer_answers_as_the_engine_does(server, engine_dir, expected, tmp_path):
     port = free_port()
     command = [sys.executable, "-m", "bench.peers", server, "--engine-dir", str(engine_dir), "--port", str(port)]
-    if server == "ray":
-        command += ["--temp-dir", str(tmp_path / "ray")]
     url = f"http://127.0.0.1:{port}{peers.ROUTE}"
 
     def answers() -> bool:
@@ -71,15 +70,19 @@ def test_peer_answers_as_the_engine_does(server, engine_dir, expected, tmp_path)
         except requests.RequestException:
             return False
 
-    with ManagedProcess(server, command, tmp_path / "peer.log", cwd=PROJECT_ROOT) as process:
-        process.start()
-        process.wait_until(answers, timeout=600, what="answering")
-        for text, want in zip(TEXTS, expected, strict=True):
-            got = requests.post(url, json={"text": text}, timeout=30).json()
-            assert got["label"] == want["label"]
-            assert got["truncated"] == want["truncated"]
-            assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
-    assert not process.running()
+    # Ray's socket paths must stay under 108 bytes: a short session folder, removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as session:
+        if server == "ray":
+            command += ["--temp-dir", session]
+        with ManagedProcess(server, command, tmp_path / "peer.log", cwd=PROJECT_ROOT) as process:
+            process.start()
+            process.wait_until(answers, timeout=600, what="answering")
+            for text, want in zip(TEXTS, expected, strict=True):
+                got = requests.post(url, json={"text": text}, timeout=30).json()
+                assert got["label"] == want["label"]
+                assert got["truncated"] == want["truncated"]
+                assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+        assert not process.running()
 
 
 def test_ceiling_runs_the_archive_worker_count(engine_dir):
