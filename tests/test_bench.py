@@ -47,6 +47,15 @@ def test_closed_loop_run_sends_the_texts_and_reports_percentiles(echo_url, texts
     assert set(Echo.bodies) == {b"i feel fine", b"i am scared"}
 
 
+def test_json_bodies_carry_each_text_exactly(echo_url, tmp_path):
+    texts = ['she said "no" \\ twice', "tab\there", "caf\u00e9 \U0001f600", "plain"]
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    result = wrk(echo_url, path, None, concurrency=1, seconds=1, body="json")
+    assert result["errors"] == 0
+    assert {json.loads(body)["text"] for body in Echo.bodies} == set(texts)
+
+
 def test_paced_load_stays_near_the_asked_rate(echo_url, texts_file):
     args = argparse.Namespace(concurrency=4, warmup=2, duration=3)
     result = at_rate(echo_url, texts_file, None, rate=40, args=args)
