@@ -19,10 +19,11 @@ export WANDB_SILENT := true
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F ':.*?## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-serve.txt
+$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-serve.txt requirements-openvino.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/openvino -r requirements-openvino.txt
 	touch $@
 
 venv: $(BIN)/.installed ## Create the virtualenv and install the pinned requirements

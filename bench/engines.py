@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,6 +39,9 @@ from project import PROJECT_ROOT, current_experiment, handler_module
 from training.config import experiment_paths
 
 MODEL_CONFIG = PROJECT_ROOT / "handler" / "model-config.yaml"
+# Where `make venv` installs OpenVINO, apart from site-packages: TorchServe's BaseHandler imports
+# `openvino.torch` whenever it can, which slows every worker's start (requirements-openvino.txt).
+OPENVINO_DIR = Path(os.environ.get("OPENVINO_DIR", Path(sys.prefix) / "openvino"))
 CALIBRATION_TEXTS = 256
 FLOP_PER_CYCLE_FP32 = 32  # 2 FMA units x 8 fp32 lanes x 2 FLOP (AVX2)
 INT8_OPS_PER_FP32_FLOP = 4  # 32 8-bit lanes per 256-bit register against 8 fp32 lanes
@@ -84,11 +88,20 @@ class OrtBackend:
         return logits.astype(np.float32, copy=False)
 
 
+def import_openvino():
+    """OpenVINO from ``OPENVINO_DIR`` (see requirements-openvino.txt), else from site-packages."""
+    if OPENVINO_DIR.is_dir() and str(OPENVINO_DIR) not in sys.path:
+        sys.path.append(str(OPENVINO_DIR))
+    import openvino
+
+    return openvino
+
+
 class OpenVinoBackend:
     """OpenVINO's CPU plugin on one ONNX graph, latency hint, ``threads`` inference threads."""
 
     def __init__(self, path: Path, config, threads: int) -> None:
-        import openvino
+        openvino = import_openvino()
 
         core = openvino.Core()
         model = core.read_model(str(path))
@@ -203,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="engine rows to run (default: all)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "results" / "engines.json")
     args = parser.parse_args(argv)
+    if not (args.model_dir / "config.json").is_file():
+        raise SystemExit(f"{args.model_dir} is not a trained model directory: make train EXPERIMENT=<experiment>")
 
     settings_module, engine_module = handler_module("emotion_settings"), handler_module("emotion_engine")
     shipped = yaml.safe_load(MODEL_CONFIG.read_text())

@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         "--skip-peer", action="append", default=[], choices=sorted(PEERS.values()), help="leave a peer row out"
     )
     args = parser.parse_args(argv)
+    if not (args.model_dir / "config.json").is_file():
+        raise SystemExit(f"{args.model_dir} is not a trained model directory: make train EXPERIMENT=<experiment>")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (make system-deps)")
     settings = LoadTestSettings.load()
