@@ -8,6 +8,7 @@ serves the same model with the same engine, tokenizer and passes; only the serve
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -21,6 +22,86 @@ from emotion_settings import HandlerSettings
 WARM_UP_TEXTS = ("i feel fine", "i could not sleep because i was worried about what would happen tomorrow")
 
 
+class FastTokenizer:
+    """A model directory's ``tokenizer.json`` run by the ``tokenizers`` library, which transformers'
+    fast tokenizers wrap: the same ids, without importing transformers in the worker (about 1.5 s
+    of every worker's start here).
+
+    Special tokens and ``model_max_length`` come from ``tokenizer_config.json``, as transformers
+    reads them; without ``model_max_length``, the model's ``max_position_embeddings``.
+    """
+
+    is_fast = True
+
+    def __init__(self, model_dir: Path) -> None:
+        import tokenizers
+
+        model_dir = Path(model_dir)
+        self.backend = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.backend.no_padding()
+        config = _read_json(model_dir / "tokenizer_config.json")
+        for name in ("pad", "unk", "cls", "sep"):
+            token = config.get(f"{name}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            setattr(self, f"{name}_token_id", self.backend.token_to_id(token) if token else None)
+        length = config.get("model_max_length")
+        if not isinstance(length, int) or length > 1_000_000:  # transformers' "no limit" sentinel
+            length = _read_json(model_dir / "config.json").get("max_position_embeddings", 512)
+        self.model_max_length = int(length)
+
+    def encode(self, texts: list[str], max_length: int) -> tuple[list[list[int]], list[bool]]:
+        """Ids of each text with the model's special tokens, cut to ``max_length`` tokens, and
+        whether each was cut (it had tokens left over)."""
+        self.backend.enable_truncation(max_length)
+        encodings = self.backend.encode_batch(texts)
+        return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+
+class TransformersTokenizer:
+    """transformers' AutoTokenizer behind ``FastTokenizer``'s ``encode``, for a model directory
+    without ``tokenizer.json`` (only ``vocab.txt``: a slow tokenizer). Other attributes are the
+    wrapped tokenizer's."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.wrapped = AutoTokenizer.from_pretrained(model_dir)
+
+    def __getattr__(self, name: str):
+        return getattr(self.wrapped, name)
+
+    def encode(self, texts: list[str], max_length: int) -> tuple[list[list[int]], list[bool]]:
+        """As ``FastTokenizer.encode``."""
+        encoded = self.wrapped(
+            texts, truncation=True, max_length=max_length, return_overflowing_tokens=self.wrapped.is_fast
+        )
+        if not self.wrapped.is_fast:  # slow tokenizers have no overflow mapping: count untruncated
+            full = self.wrapped(texts)["input_ids"]
+            return encoded["input_ids"], [len(ids) > max_length for ids in full]
+        rows: dict[int, list[int]] = {}
+        truncated = [False] * len(texts)
+        for row, sample in zip(encoded["input_ids"], encoded["overflow_to_sample_mapping"], strict=True):
+            if sample in rows:  # an overflow row: the text did not fit in the window
+                truncated[sample] = True
+            else:
+                rows[sample] = row
+        return [rows[k] for k in range(len(texts))], truncated
+
+
+def load_tokenizer(model_dir: Path) -> FastTokenizer | TransformersTokenizer:
+    """``FastTokenizer`` on ``tokenizer.json``; transformers' tokenizer when there is none."""
+    if (Path(model_dir) / "tokenizer.json").is_file():
+        return FastTokenizer(model_dir)
+    return TransformersTokenizer(model_dir)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 class EmotionEngine:
     """Tokenizer and backend loaded from a model directory (an unpacked archive or a training output).
 
@@ -31,10 +112,8 @@ class EmotionEngine:
     """
 
     def __init__(self, model_dir: Path, settings: HandlerSettings, device: torch.device | None = None) -> None:
-        from transformers import AutoTokenizer
-
         self.settings = settings
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
         self.max_length = settings.max_length or self.tokenizer.model_max_length
         self.pad_token_id = self.tokenizer.pad_token_id or 0
         self.model: Backend = load_backend(Path(model_dir), settings, device or torch.device("cpu"))
@@ -43,20 +122,7 @@ class EmotionEngine:
 
     def token_ids(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
         """Token ids of each text, truncated to ``max_length``, and whether each was truncated."""
-        encoded = self.tokenizer(
-            texts, truncation=True, max_length=self.max_length, return_overflowing_tokens=self.tokenizer.is_fast
-        )
-        if not self.tokenizer.is_fast:  # slow tokenizers have no overflow mapping: count untruncated
-            full = self.tokenizer(texts)["input_ids"]
-            return encoded["input_ids"], [len(ids) > self.max_length for ids in full]
-        rows: dict[int, list[int]] = {}
-        truncated = [False] * len(texts)
-        for row, sample in zip(encoded["input_ids"], encoded["overflow_to_sample_mapping"], strict=True):
-            if sample in rows:  # an overflow row: the text did not fit in the window
-                truncated[sample] = True
-            else:
-                rows[sample] = row
-        return [rows[k] for k in range(len(texts))], truncated
+        return self.tokenizer.encode(texts, self.max_length)
 
     def passes(self, lengths: list[int]) -> list[list[int]]:
         """The forward passes (index lists into ``lengths``) for texts of these token counts."""

@@ -8,8 +8,10 @@ quantisation; activations are quantised on the fly).
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +92,23 @@ def export_onnx(model_dir: Path, out_dir: Path, precision: str = "fp32") -> Path
     return target
 
 
+@dataclass(frozen=True)
+class LabelConfig:
+    """The part of the model's ``config.json`` the engine reads (``id2label``), without
+    transformers' AutoConfig, which would import transformers into the worker."""
+
+    id2label: dict[int, str]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @classmethod
+    def read(cls, model_dir: Path) -> LabelConfig:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        return cls({int(k): str(v) for k, v in config["id2label"].items()})
+
+
 class OnnxBackend:
     """ONNX Runtime on the archive's ``model-<precision>.onnx``, returning float32 logits.
 
@@ -101,7 +120,6 @@ class OnnxBackend:
 
     def __init__(self, model_dir: Path, settings: HandlerSettings, device: torch.device | None = None) -> None:
         import onnxruntime
-        from transformers import AutoConfig
 
         path = Path(model_dir) / onnx_file_name(settings.precision)
         if not path.is_file():
@@ -117,7 +135,7 @@ class OnnxBackend:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spin_wait else "0")
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.config = AutoConfig.from_pretrained(model_dir)
+        self.config = LabelConfig.read(Path(model_dir))
         log.info("onnx backend: %s, %d thread(s)", path.name, options.intra_op_num_threads)
 
     @staticmethod
