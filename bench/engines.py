@@ -116,7 +116,7 @@ class OpenVinoBackend:
         return np.asarray(result[self.compiled.output(0)], dtype=np.float32)
 
 
-def quantize_static(fp32_path: Path, target: Path, tokenizer, texts: list[str], max_length: int) -> Path:
+def quantize_static(fp32_path: Path, target: Path, engine, texts: list[str]) -> Path:
     """QDQ int8 graph: MatMul weights per output channel (int8), activations per tensor (uint8)
     with ranges calibrated on ``texts``. Only MatMuls with a weight initializer are quantised, as
     in the dynamic scheme (the attention products of two activations stay fp32)."""
@@ -131,16 +131,8 @@ def quantize_static(fp32_path: Path, target: Path, tokenizer, texts: list[str], 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             batches = [texts[i : i + 16] for i in range(0, len(texts), 16)]
-            self.feeds = iter(
-                {
-                    key: value.astype(np.int64)
-                    for key, value in tokenizer(
-                        batch, padding=True, truncation=True, max_length=max_length, return_tensors="np"
-                    ).items()
-                    if key in ("input_ids", "attention_mask")
-                }
-                for batch in batches
-            )
+            padded = (engine.pad(engine.token_ids(batch)[0]) for batch in batches)
+            self.feeds = iter({"input_ids": ids, "attention_mask": mask} for ids, mask in padded)
 
         def get_next(self):
             return next(self.feeds, None)
@@ -158,12 +150,13 @@ def quantize_static(fp32_path: Path, target: Path, tokenizer, texts: list[str], 
     return target
 
 
-def build_graphs(model_dir: Path, out: Path, calibration: list[str], tokenizer, max_length: int) -> dict[str, Path]:
-    """The fp32, dynamic int8 and static int8 ONNX graphs of ``model_dir``."""
+def build_graphs(model_dir: Path, out: Path, calibration: list[str], engine) -> dict[str, Path]:
+    """The fp32, dynamic int8 and static int8 ONNX graphs of ``model_dir`` (``engine`` tokenises
+    the calibration texts)."""
     onnx_module = handler_module("emotion_onnx")
     fp32 = onnx_module.export_onnx(model_dir, out / "fp32", "fp32")
     dynamic = onnx_module.export_onnx(model_dir, out / "dynamic", "int8")
-    static = quantize_static(fp32, out / "model-int8-static.onnx", tokenizer, calibration, max_length)
+    static = quantize_static(fp32, out / "model-int8-static.onnx", engine, calibration)
     return {"fp32": fp32, "int8 dynamic": dynamic, "int8 static": static}
 
 
@@ -236,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     peak = cpu_peak_gflops()
     with tempfile.TemporaryDirectory() as tmp:
-        graphs = build_graphs(args.model_dir, Path(tmp), calibration, engine.tokenizer, engine.max_length)
+        graphs = build_graphs(args.model_dir, Path(tmp), calibration, engine)
         runners: dict[str, Callable] = {}
         for scheme, path in graphs.items():
             runners[f"onnxruntime {scheme}"] = lambda p=path: OrtBackend(p, engine.model.config, threads)

@@ -74,6 +74,16 @@ def load_engine(engine_dir: Path, threads: int | None = None):
     return engine
 
 
+def worker_threads(engine_dir: Path) -> int:
+    """The engine threads a TorchServe worker runs: the archive's ``threads``, else torch's default."""
+    settings = handler_module("emotion_settings").HandlerSettings.from_yaml(
+        read_model_config(engine_dir).get("handler")
+    )
+    import torch
+
+    return settings.threads or torch.get_num_threads()
+
+
 def text_of(body: bytes, content_type: str) -> str:
     """The text of a request body: ``{"text": ...}`` JSON, or the body itself as UTF-8."""
     if "json" in content_type.lower():
@@ -126,6 +136,9 @@ def serve_ray(engine_dir: Path, port: int, threads: int, temp_dir: Path | None) 
     from ray import serve
 
     shape = ServingShape.of(engine_dir)
+    # Ray sets OMP_NUM_THREADS=1 in a replica that reserves no CPU, and the ONNX backend takes its
+    # thread count from torch: resolve it here, as a TorchServe worker would see it.
+    threads = threads or worker_threads(engine_dir)
 
     @serve.deployment(num_replicas=shape.workers, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
     class Emotion:

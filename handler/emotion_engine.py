@@ -133,17 +133,22 @@ class EmotionEngine:
     def forward(self, token_ids: list[list[int]]) -> tuple[np.ndarray, float]:
         """One forward pass of the token sequences, padded to the longest: their label
         probabilities (softmax) and the milliseconds the model took."""
+        input_ids, attention_mask = self.pad(token_ids)
+        start = time.perf_counter()
+        logits = self.model(input_ids, attention_mask)
+        model_ms = 1000 * (time.perf_counter() - start)
+        exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return exp / exp.sum(axis=-1, keepdims=True), model_ms
+
+    def pad(self, token_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """The model's int64 ``input_ids`` and ``attention_mask`` for sequences padded to the longest."""
         longest = max(len(ids) for ids in token_ids)
         input_ids = np.full((len(token_ids), longest), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(token_ids), longest), dtype=np.int64)
         for row, ids in enumerate(token_ids):
             input_ids[row, : len(ids)] = ids
             attention_mask[row, : len(ids)] = 1
-        start = time.perf_counter()
-        logits = self.model(input_ids, attention_mask)
-        model_ms = 1000 * (time.perf_counter() - start)
-        exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return exp / exp.sum(axis=-1, keepdims=True), model_ms
+        return input_ids, attention_mask
 
     def warm_up(self) -> None:
         """Forward passes before serving: torch.compile compiles here (minutes on a small CPU)

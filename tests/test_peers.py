@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 import yaml
 
 from bench import peers
@@ -46,6 +47,7 @@ def test_serving_shape_copies_the_archive_batching(engine_dir):
     assert shape.workers == config["minWorkers"]
     assert shape.batch_size == config["batchSize"]
     assert shape.batch_delay_s == pytest.approx(config["maxBatchDelay"] / 1000)
+    assert peers.worker_threads(engine_dir) == (config["handler"].get("threads") or torch.get_num_threads())
 
 
 def test_a_folder_without_model_config_is_refused(tmp_path):
