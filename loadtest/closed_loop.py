@@ -21,6 +21,7 @@ class LoadResult:
     statuses: list[int] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    resent: int = 0  # requests sent again after a keep-alive connection closed with no answer
 
     @property
     def failed(self) -> int:
@@ -45,16 +46,32 @@ class ClosedLoop:
             with self.lock:
                 text = next(self.texts)
             start = time.perf_counter()
-            try:
-                status = session.post(self.url, data=text.encode(), headers=self.headers, timeout=60).status_code
-                error = ""
-            except requests.RequestException as err:
-                status, error = 0, str(err)
+            status, error = self._post(session, text)
             with self.lock:
                 self.result.statuses.append(status)
                 self.result.latencies.append(time.perf_counter() - start)
                 if error or status != 200:
                     self.result.errors.append(error or f"HTTP {status}")
+
+    def _post(self, session: requests.Session, text: str) -> tuple[int, str]:
+        """One request; ``(status, error)``, status 0 on a connection error.
+
+        A request that finds its idle keep-alive connection closed by the server with no answer
+        (nginx closes idle connections when it reloads, e.g. on a key rotation) is sent once more
+        on a new connection, as HTTP clients do: the server never read it.
+        """
+        for attempt in range(2):
+            try:
+                return session.post(self.url, data=text.encode(), headers=self.headers, timeout=60).status_code, ""
+            except requests.ConnectionError as err:
+                if attempt == 0 and "RemoteDisconnected" in str(err):
+                    with self.lock:
+                        self.result.resent += 1
+                    continue
+                return 0, str(err)
+            except requests.RequestException as err:
+                return 0, str(err)
+        return 0, "unreachable"
 
     def __enter__(self) -> ClosedLoop:
         for thread in self.threads:
