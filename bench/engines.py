@@ -69,25 +69,6 @@ def matmul_flops(config, batch: int, tokens: int) -> float:
     return 2.0 * batch * tokens * layers * (per_token + attention)
 
 
-class OrtBackend:
-    """ONNX Runtime on one graph, with the shipped backend's session options."""
-
-    def __init__(self, path: Path, config, threads: int) -> None:
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.config = config
-
-    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        (logits,) = self.session.run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})
-        return logits.astype(np.float32, copy=False)
-
-
 def import_openvino():
     """OpenVINO from ``OPENVINO_DIR`` (see requirements-openvino.txt), else from site-packages."""
     if OPENVINO_DIR.is_dir() and str(OPENVINO_DIR) not in sys.path:
@@ -160,9 +141,9 @@ def build_graphs(model_dir: Path, out: Path, calibration: list[str], engine) -> 
     return {"fp32": fp32, "int8 dynamic": dynamic, "int8 static": static}
 
 
-def measure(engine, texts: list[str], labels: list[str], batch: int, seconds: float) -> dict:
-    """Texts/s and matrix-product rate on back-to-back batches; accuracy on every text."""
-    config = engine.model.config
+def measure(engine, config, texts: list[str], labels: list[str], batch: int, seconds: float) -> dict:
+    """Texts/s and matrix-product rate on back-to-back batches; accuracy on every text. ``config``
+    is the model's transformers config (layer sizes for the matrix-product count)."""
     engine.warm_up()
     done, busy, flops, index = 0, 0.0, 0.0, 0
     forward = engine.forward
@@ -226,21 +207,23 @@ def main(argv: list[str] | None = None) -> int:
         args.model_dir, dataclasses.replace(settings, backend="torch", precision="fp32", spin_wait=False)
     )
     engine.settings = settings
+    config, batch = engine.model.config, int(shipped["batchSize"])
+    onnx_backend = handler_module("emotion_onnx").OnnxBackend
     rows: list[dict] = []
     peak = cpu_peak_gflops()
     with tempfile.TemporaryDirectory() as tmp:
         graphs = build_graphs(args.model_dir, Path(tmp), calibration, engine)
         runners: dict[str, Callable] = {}
         for scheme, path in graphs.items():
-            runners[f"onnxruntime {scheme}"] = lambda p=path: OrtBackend(p, engine.model.config, threads)
-            runners[f"openvino {scheme}"] = lambda p=path: OpenVinoBackend(p, engine.model.config, threads)
+            runners[f"onnxruntime {scheme}"] = lambda p=path: onnx_backend(args.model_dir, settings, graph=p)
+            runners[f"openvino {scheme}"] = lambda p=path: OpenVinoBackend(p, config, threads)
         for name, make in runners.items():
             if args.only and name not in args.only:
                 continue
             print(f"{name} ...", flush=True)
             try:
                 engine.model = make()
-                row = {"engine": name, **measure(engine, texts, labels, int(shipped["batchSize"]), args.duration)}
+                row = {"engine": name, **measure(engine, config, texts, labels, batch, args.duration)}
             except Exception as err:  # an engine that cannot run this graph is a row, not a crash
                 row = {"engine": name, "failed": f"{type(err).__name__}: {str(err)[:300]}"}
             row["graph_mb"] = round(graphs[name.split(" ", 1)[1]].stat().st_size / 1e6, 1)

@@ -109,8 +109,27 @@ class LabelConfig:
         return cls({int(k): str(v) for k, v in config["id2label"].items()})
 
 
+def ort_session(path: Path, settings: HandlerSettings):
+    """An ONNX Runtime CPU session on the graph at ``path`` with the handler's options:
+    ``settings.threads`` intra-op threads (``0``: torch's count), one inter-op thread, idle threads
+    spinning only with ``settings.spin_wait``, every graph optimisation."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = settings.threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    # Idle pool threads spinning for the next run take CPU the front end and this worker's own
+    # Python thread need when the cores are shared (README, "Speed-ups").
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spin_wait else "0")
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class OnnxBackend:
     """ONNX Runtime on the archive's ``model-<precision>.onnx``, returning float32 logits.
+
+    ``graph`` runs another ONNX graph of the same model instead (the engine benchmark's
+    quantisation schemes); ``model_dir`` still gives the labels.
 
     Raises:
         FileNotFoundError: The archive was built without the export for this precision.
@@ -118,25 +137,24 @@ class OnnxBackend:
 
     reads_weights = False  # the exported graph carries them: an archive may leave them out
 
-    def __init__(self, model_dir: Path, settings: HandlerSettings, device: torch.device | None = None) -> None:
-        import onnxruntime
-
-        path = Path(model_dir) / onnx_file_name(settings.precision)
+    def __init__(
+        self,
+        model_dir: Path,
+        settings: HandlerSettings,
+        device: torch.device | None = None,
+        *,
+        graph: Path | None = None,
+    ) -> None:
+        path = Path(graph) if graph is not None else Path(model_dir) / onnx_file_name(settings.precision)
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path.name} is not in the archive: rebuild it with `python -m serving.archive` "
                 f"and handler.backend: onnx, precision: {settings.precision} in model-config.yaml"
             )
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = settings.threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        # Idle pool threads spinning for the next run take CPU the front end and this worker's own
-        # Python thread need when the cores are shared (README, "Speed-ups").
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spin_wait else "0")
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, settings)
         self.config = LabelConfig.read(Path(model_dir))
-        log.info("onnx backend: %s, %d thread(s)", path.name, options.intra_op_num_threads)
+        threads = self.session.get_session_options().intra_op_num_threads
+        log.info("onnx backend: %s, %d thread(s)", path.name, threads)
 
     @staticmethod
     def export(model_dir: Path, out_dir: Path, settings: HandlerSettings) -> list[Path]:
