@@ -13,8 +13,9 @@ drift`` and ``make robustness`` compare live traffic with it. It holds
   compares logged requests with.
 
 Histograms use the handler's buckets (``handler/emotion_monitor.py``), so live and reference
-distributions are always on the same buckets. Texts are tokenised like the handler does
-(truncation at the tokenizer's ``model_max_length``).
+distributions are always on the same buckets. Texts are tokenised by the handler's own tokenizer
+(``handler/emotion_engine.py``'s ``load_tokenizer``), truncated at its ``model_max_length`` and
+flagged ``truncated`` as the handler flags them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from handler.emotion_monitor import (
     log_entry,
     make_records,
 )
+from project import handler_module
 from serving.archive import ARCHIVE_PROFILE_NAME, PROFILE_SUFFIX
 from training.data import load_split
 
@@ -65,16 +67,11 @@ def quantiles(values: Sequence[float]) -> dict[str, float]:
     return {f"p{round(q * 100):02d}": float(np.quantile(values, q)) for q in QUANTILES}
 
 
-def truncated_flags(tokenizer, texts: Sequence[str], max_length: int) -> list[bool]:
-    """Whether each text is longer than the model's window (as the handler reports ``truncated``)."""
-    return [len(ids) > max_length for ids in tokenizer(list(texts))["input_ids"]]
-
-
 def input_statistics(tokenizer, texts: Sequence[str], max_length: int, labels: Sequence[str]) -> dict:
-    """Token-length histogram and quantiles, unknown-token and truncated shares of ``texts``."""
-    token_ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    """Token-length histogram and quantiles, unknown-token and truncated shares of ``texts``
+    (``tokenizer``: the handler's, from ``load_tokenizer``)."""
+    token_ids, cut = tokenizer.encode(list(texts), max_length)
     uniform = [[1.0 / len(labels)] * len(labels)] * len(texts)  # probabilities are not needed here
-    cut = truncated_flags(tokenizer, texts, max_length)
     records = make_records(texts, token_ids, uniform, labels, tokenizer.unk_token_id, cut)
     tokens = [r.tokens for r in records]
     return {
@@ -108,10 +105,10 @@ def predict_probabilities(model, token_ids: Sequence[Sequence[int]], pad_id: int
 
 def build_profile(model_dir: Path, train_file: Path, val_file: Path, batch_size: int = 64) -> dict:
     """The reference profile of the model in ``model_dir`` on the given training and validation splits."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     model_dir = Path(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = handler_module("emotion_engine").load_tokenizer(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     max_length = tokenizer.model_max_length
@@ -123,10 +120,9 @@ def build_profile(model_dir: Path, train_file: Path, val_file: Path, batch_size:
     train_stats["label_shares"] = shares({name: train_counts[name] for name in labels})
 
     texts = [e.text for e in val]
-    token_ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    token_ids, cut = tokenizer.encode(texts, max_length)
     log.info("scoring %d validation texts", len(texts))
     probabilities = predict_probabilities(model, token_ids, tokenizer.pad_token_id or 0, batch_size)
-    cut = truncated_flags(tokenizer, texts, max_length)
     records = make_records(texts, token_ids, probabilities.tolist(), labels, tokenizer.unk_token_id, cut)
     confidences = [r.confidence for r in records]
     val_stats = input_statistics(tokenizer, texts, max_length, labels)
