@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from bench import peers
+from bench.run import answers
 from project import PROJECT_ROOT
 from serving.process import ManagedProcess
 from serving.server import free_port
@@ -65,20 +66,13 @@ def test_peer_answers_as_the_engine_does(server, engine_dir, expected, tmp_path)
     port = free_port()
     command = [sys.executable, "-m", "bench.peers", server, "--engine-dir", str(engine_dir), "--port", str(port)]
     url = f"http://127.0.0.1:{port}{peers.ROUTE}"
-
-    def answers() -> bool:
-        try:
-            return requests.post(url, json={"text": "hello"}, timeout=10).status_code == 200
-        except requests.RequestException:
-            return False
-
     # Ray's socket paths must stay under 108 bytes: a short session folder, removed afterwards.
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as session:
         if server == "ray":
             command += ["--temp-dir", session]
         with ManagedProcess(server, command, tmp_path / "peer.log", cwd=PROJECT_ROOT) as process:
             process.start()
-            process.wait_until(answers, timeout=600, what="answering")
+            process.wait_until(lambda: answers(url, {"text": "hello"}), timeout=600, what="answering")
             for text, want in zip(TEXTS, expected, strict=True):
                 got = requests.post(url, json={"text": text}, timeout=30).json()
                 assert got["label"] == want["label"]
