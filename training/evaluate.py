@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -26,17 +27,30 @@ from training.runtime import resolve_precision
 log = logging.getLogger(__name__)
 
 
-@torch.inference_mode()
+def batch_logits(
+    model,
+    split: TokenizedSplit,
+    batch_size: int,
+    precision: str = "fp32",
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """The model's fp32 logits over ``split`` in length-sorted batches: ``(indices, logits)`` pairs."""
+    model.eval()
+    batches = bucketed_batches(split.lengths(), batch_size, seed=0, epoch=0, shuffle=False)
+    with torch.inference_mode():
+        for indices in tqdm(batches, desc=desc, leave=False, disable=not progress):
+            batch = split.collate(indices)
+            batch.pop("labels")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(**batch).logits
+            yield indices, logits.float()
+
+
 def predict(model, split: TokenizedSplit, batch_size: int, precision: str = "fp32", progress: bool = True) -> list[int]:
     """Predicted label ids for every example of ``split``, in split order."""
-    model.eval()
     predictions = [0] * len(split)
-    batches = bucketed_batches(split.lengths(), batch_size, seed=0, epoch=0, shuffle=False)
-    for indices in tqdm(batches, desc="evaluate", leave=False, disable=not progress):
-        batch = split.collate(indices)
-        batch.pop("labels")
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(**batch).logits
+    for indices, logits in batch_logits(model, split, batch_size, precision, progress):
         for i, label in zip(indices, logits.argmax(dim=-1).tolist(), strict=True):
             predictions[i] = label
     return predictions

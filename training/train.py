@@ -25,6 +25,7 @@ from tqdm import tqdm
 from training.batching import TokenizedSplit, bucketed_batches
 from training.config import CONFIG_DIR
 from training.data import LABELS, Example, load_split
+from training.distill import Distiller, build_distiller
 from training.evaluate import predict
 from training.metrics import classification_metrics
 from training.outputs import provenance, report_run, save_outputs
@@ -95,6 +96,7 @@ class Fit:
     total_steps: int
     precision: str = "fp32"  # resolved: bf16 or fp32
     is_main: bool = True  # the DDP rank that shows progress, validates and writes
+    distiller: Distiller | None = None  # a teacher's soft targets in the loss (training/distill.py)
     step: int = 0
     history: dict[str, list[dict]] = field(default_factory=lambda: {"steps": [], "epochs": []})
 
@@ -131,7 +133,11 @@ def train_epoch(
     for indices in bar:
         batch = split.collate(indices)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fit.precision == "bf16"):
-            loss = fit.wrapped(**batch).loss
+            output = fit.wrapped(**batch)
+        if fit.distiller is None:
+            loss = output.loss
+        else:
+            loss = fit.distiller.loss(output.logits, indices, batch["labels"], fit.step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(fit.model.parameters(), tcfg.grad_clip)
         fit.optimizer.step()
@@ -146,7 +152,10 @@ def train_epoch(
         if fit.step % tcfg.log_every_n_steps == 0 or fit.step == 1:
             lr = fit.scheduler.get_last_lr()[0]
             fit.history["steps"].append({"step": fit.step, "loss": loss_value, "lr": lr})
-            tracker.log({"train/loss": loss_value, "train/lr": lr, "train/epoch": epoch}, step=fit.step)
+            logged = {"train/loss": loss_value, "train/lr": lr, "train/epoch": epoch}
+            if fit.distiller is not None:
+                logged["train/soft_target_weight"] = fit.distiller.weight(fit.step - 1)
+            tracker.log(logged, step=fit.step)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
         if fit.done:
             break
@@ -239,7 +248,10 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
         total_steps = min(total_steps, tcfg.max_steps)
     optimizer, scheduler = build_optimizer(model, tcfg, total_steps)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if runtime.distributed else model
-    fit = Fit(model, wrapped, optimizer, scheduler, total_steps, precision, is_main=runtime.is_main)
+    distiller = build_distiller(cfg.distill, train_examples, total_steps)
+    fit = Fit(model, wrapped, optimizer, scheduler, total_steps, precision, runtime.is_main, distiller=distiller)
+    if distiller is not None and runtime.is_main:
+        log.info("distilling from teacher %s: %s", cfg.distill.teacher, distiller.describe())
 
     started = time.perf_counter()
     metrics: dict = {}
@@ -269,6 +281,8 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
         world_size=runtime.world_size,
         threads_per_process=torch.get_num_threads(),
     )
+    if distiller is not None:
+        metrics["distill"] = {"teacher": str(cfg.distill.teacher), **distiller.describe()}
     made_by = provenance(cfg)
     save_outputs(cfg, model, tokenizer, fit.history, metrics, made_by)
     report_run(cfg, tracker, metrics, made_by, train_seconds)
