@@ -10,7 +10,7 @@ BIN         := $(VENV)/bin
 # metrics/$EXPERIMENT/ (named by the Hydra paths group and dvc.yaml alike).
 EXPERIMENT  ?= default
 # The Hydra experiment whose fine-tuned model teaches $EXPERIMENT by its soft targets (experiments
-# distill and distill4): teacher-mpnet (make teacher-deps), full, ...; none: labels only.
+# distill and distill4): mpnet (make teacher-deps), full, ...; none: labels only.
 TEACHER     ?= none
 ARCHIVE     := model_store/emotion.mar
 MODEL_DIR   := models/emotion-$(EXPERIMENT)

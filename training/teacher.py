@@ -1,7 +1,7 @@
 """The teacher of a distilled student: fine-tuned once, its logits on the training texts cached once.
 
 ``python -m training.teacher fit <experiment>`` fine-tunes the Hydra experiment ``<experiment>``
-(``teacher-mpnet``, or any other, e.g. the released ``full``) into ``models/teacher-<experiment>/``;
+(``mpnet``, or any other, e.g. the released ``full``) into ``models/teacher-<experiment>/``;
 ``python -m training.teacher logits <experiment>`` writes that model's logits on every training text
 to ``data/teacher/<experiment>.npz``. They are the DVC stages ``teacher`` and ``teacher_logits``,
 parametrised by ``teacher`` in params.yaml. With ``none`` (the committed default) both write only
