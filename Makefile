@@ -40,7 +40,7 @@ system-deps: ## Install Java 17 (TorchServe), Prometheus, wrk, nginx and Graphvi
 	@command -v dot >/dev/null || (apt-get update -qq && apt-get install -y -qq graphviz)
 
 experiment: $(BIN)/.installed ## Set `experiment` and `teacher` in params.yaml to $EXPERIMENT and $TEACHER (the pipeline targets do it)
-	@test -f training/conf/experiment/$(EXPERIMENT).yaml || \
+	@test $(EXPERIMENT) != none && test -f training/conf/experiment/$(EXPERIMENT).yaml || \
 		{ echo "no experiment '$(EXPERIMENT)': choose one of training/conf/experiment/*.yaml" >&2; exit 1; }
 	@test $(TEACHER) = none || test -f training/conf/experiment/$(TEACHER).yaml || \
 		{ echo "no teacher experiment '$(TEACHER)': choose none or one of training/conf/experiment/*.yaml" >&2; exit 1; }
