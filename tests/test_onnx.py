@@ -112,3 +112,25 @@ def test_archive_refuses_a_bad_handler_section(tiny_model_dir, tmp_path):
     with pytest.raises(ArchiveError, match="onnx backend"):
         build_archive(tiny_model_dir, tmp_path / "store", model_config=config)
     assert not (tmp_path / "store" / "emotion.mar").exists()
+
+
+def test_int8_export_refuses_a_quantisation_that_changes_the_answers(tiny_model_dir, tmp_path, monkeypatch):
+    import onnxruntime.quantization
+    from emotion_onnx import ExportError
+
+    def scrambled_quantisation(fp32_path, target, **_):
+        # A graph whose logits come out reversed and sharpened: what a broken quantisation looks like.
+        import onnx
+        from onnx import helper
+
+        graph = onnx.load(str(fp32_path))
+        for node in graph.graph.node:
+            node.output[:] = ["logits_raw" if name == "logits" else name for name in node.output]
+        scale = helper.make_node("Constant", [], ["scale"], value=helper.make_tensor("v", 1, [], [-100.0]))
+        graph.graph.node.extend([scale, helper.make_node("Mul", ["logits_raw", "scale"], ["logits"])])
+        onnx.save(graph, str(target))
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", scrambled_quantisation)
+    with pytest.raises(ExportError, match="archive it with precision fp32"):
+        export_onnx(tiny_model_dir, tmp_path, "int8")
+    assert not list(tmp_path.glob("*.onnx"))  # no graph left behind for the archive to pack
