@@ -78,7 +78,7 @@ archive: experiment ## Pack model_store/emotion.mar from models/emotion-$EXPERIM
 # nothing to report afterwards. Targets that need the archive depend on this file.
 $(ARCHIVE): repro ;
 
-repro: experiment ## The whole DVC pipeline (data -> train -> evaluate -> archive) for $EXPERIMENT
+repro: experiment ## The whole DVC pipeline (data, teacher, teacher_logits -> train -> evaluate -> archive) for $EXPERIMENT and $TEACHER
 	$(DVC) repro
 
 train-speed: data ## Epoch time fp32 vs bf16, with and without length buckets
