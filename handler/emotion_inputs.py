@@ -34,6 +34,11 @@ RAW_TYPES = ("", "application/octet-stream")
 HOW_TO_SEND = 'send the text as text/plain, or JSON {"text": "..."} as application/json'
 # Unicode categories that carry meaning: letters, numbers, symbols (emoji are symbols, "So").
 VISIBLE_CATEGORIES = ("L", "N", "S")
+# Letters by category that render as nothing (Unicode's default-ignorable Hangul fillers).
+INVISIBLE_LETTERS = frozenset("\u115f\u1160\u3164\uffa0")
+# Text codecs of Python's registry that are no character set a body can be written in.
+NOT_CHARSETS = frozenset({"idna", "punycode", "unicode-escape", "raw-unicode-escape", "undefined"})
+BOM = "\ufeff"
 
 
 class InputError(Exception):
@@ -99,15 +104,21 @@ def header_map(headers: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 def _codec(media: MediaType) -> str:
-    """The codec name for the body's charset; refuses charsets Python does not know."""
+    """The codec name for the body's charset; refuses charsets that are not text encodings.
+
+    Python's codec registry also holds transforms that are no character set: bytes-to-bytes
+    codecs (``base64``, ``hex``, ``zlib``, ...), ``rot13``, and codecs for domain names or Python
+    literals (``idna``, ``punycode``, ``unicode_escape``, ...). Those are refused like unknown names.
+    """
     if media.charset is None:
         return "utf-8"
     try:
-        return codecs.lookup(media.charset).name
-    except LookupError:
-        raise InputError(
-            415, "UnsupportedCharset", f"unknown charset {media.charset!r}: send UTF-8 (charset=utf-8)"
-        ) from None
+        info = codecs.lookup(media.charset)
+    except (LookupError, ValueError):  # ValueError: a NUL or an unpaired surrogate in the name
+        info = None
+    if info is None or not getattr(info, "_is_text_encoding", True) or info.name in NOT_CHARSETS:
+        raise InputError(415, "UnsupportedCharset", f"unknown charset {media.charset!r}: send UTF-8 (charset=utf-8)")
+    return info.name
 
 
 def _raw_bytes(payload: Any) -> bytes:
@@ -118,10 +129,14 @@ def _raw_bytes(payload: Any) -> bytes:
 
 
 def _decode(raw: bytes, codec: str) -> str:
+    """The body's text in ``codec``, without a leading byte order mark (which no codec but UTF-16
+    and UTF-32 removes, and which JSON parsers refuse)."""
     try:
-        return raw.decode(codec)
+        return raw.decode(codec).removeprefix(BOM)
     except UnicodeDecodeError as err:
         raise InputError(400, "InvalidEncoding", f"the body is not valid {codec} (byte {err.start})") from None
+    except UnicodeError:
+        raise InputError(400, "InvalidEncoding", f"the body is not valid {codec}") from None
 
 
 def _parse_json(text: str) -> Any:
@@ -161,9 +176,10 @@ def _from_json(value: Any) -> str:
     return text
 
 
-def _body(request: Mapping[str, Any]) -> Any:
+def _body(request: Mapping[str, Any], parsed: bool) -> Any:
+    """The request's body; with ``parsed`` (TorchServe parsed it as JSON) a JSON ``null`` too."""
     for key in ("body", "data"):
-        if request.get(key) is not None:
+        if request.get(key) is not None or (parsed and key in request):
             return request[key]
     raise InputError(400, "EmptyInput", f"the request has no body; {HOW_TO_SEND}")
 
@@ -176,11 +192,14 @@ def _form_text(request: Mapping[str, Any], media: MediaType) -> str:
             f"a {media.essence} body needs a field named 'text'; or {HOW_TO_SEND}",
         )
     value = request["text"]
-    return value if isinstance(value, str) else _decode(_raw_bytes(value), "utf-8")
+    if not isinstance(value, (str, bytes, bytearray, memoryview)):
+        # TorchServe parses a part sent as application/json: a number would become that many bytes.
+        raise InputError(400, "InvalidType", f"the form field 'text' must be text, got JSON {json_type(value)}")
+    return _decode(_raw_bytes(value), "utf-8")
 
 
 def _body_text(request: Mapping[str, Any], media: MediaType, parsed: bool) -> str:
-    payload = _body(request)
+    payload = _body(request, parsed)
     codec = _codec(media)
     if parsed and not isinstance(payload, (bytes, bytearray, memoryview)):
         return _from_json(payload)  # TorchServe parsed the application/json body itself
@@ -197,8 +216,8 @@ def check_text(text: str, max_chars: int) -> str:
 
     Raises:
         InputError: Unpaired surrogates (not Unicode text), nothing visible (no letter, digit,
-            symbol or emoji: only whitespace, control, format or punctuation characters), or more
-            than ``max_chars`` characters.
+            symbol or emoji: only whitespace, control, format or punctuation characters, or Hangul
+            fillers), or more than ``max_chars`` characters.
     """
     try:
         text.encode("utf-8")
@@ -207,10 +226,11 @@ def check_text(text: str, max_chars: int) -> str:
             400, "InvalidText", f"the text is not valid Unicode (unpaired surrogate at {err.start})"
         ) from None
     text = text.strip()
-    if not any(unicodedata.category(char)[0] in VISIBLE_CATEGORIES for char in text):
-        raise InputError(400, "EmptyText", "the text has no letter, digit, symbol or emoji to classify")
+    # The length first: looking for a visible character is a Python loop over the whole text.
     if len(text) > max_chars:
         raise InputError(413, "TextTooLong", f"the text has {len(text)} characters; the limit is {max_chars}")
+    if not any(unicodedata.category(char)[0] in VISIBLE_CATEGORIES and char not in INVISIBLE_LETTERS for char in text):
+        raise InputError(400, "EmptyText", "the text has no letter, digit, symbol or emoji to classify")
     return text
 
 

@@ -114,8 +114,9 @@ def client_keys_map(keys: list[str] | None) -> str:
         lines.append("    default 1;")
     else:
         lines.append("    default 0;")
-        # Front-door keys are URL-safe base64: no character needs escaping in the pattern.
-        lines += [f'    "~*^Bearer +{key} *$" 1;' for key in keys]
+        # Front-door keys are URL-safe base64: no character needs escaping in the pattern. The
+        # scheme's name is case-insensitive, the key is not.
+        lines += [f'    "~^(?i:bearer) +{key} *$" 1;' for key in keys]
     return "\n".join([*lines, "}"]) + "\n"
 
 

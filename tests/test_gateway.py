@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -226,3 +227,11 @@ def test_render_validates_and_fills_every_placeholder(tmp_path):
             GatewaySettings(**bad)
     assert "default 1;" in client_keys_map(None)
     assert "default 0;" in client_keys_map(["k"])
+
+
+def test_the_scheme_is_case_insensitive_and_the_key_is_not():
+    (pattern,) = re.findall(r'"~(.*)" 1;', client_keys_map([KEY]))
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        assert re.search(pattern, f"{scheme} {KEY}")
+    for wrong in (KEY.upper(), KEY.swapcase(), KEY + "x", KEY[:-1]):
+        assert not re.search(pattern, f"Bearer {wrong}")

@@ -6,6 +6,8 @@ request's bytes, content type and headers: that is what keeps one request from f
 
 from __future__ import annotations
 
+import codecs
+import encodings.aliases
 import json
 import unicodedata
 
@@ -22,8 +24,12 @@ any_char = st.characters(codec="utf-8")
 texts = st.builds(
     lambda a, b, c: a + b + c, st.text(any_char, max_size=40), visible_char, st.text(any_char, max_size=40)
 )
-# Nothing to classify: whitespace, control and format characters (NUL, zero-width, bidi marks), punctuation.
-invisible = st.text(st.characters(categories=["Z", "Cc", "Cf", "P"], codec="utf-8"), max_size=60)
+# Nothing to classify: whitespace, control and format characters (NUL, zero-width, bidi marks),
+# punctuation, Hangul fillers (letters that render as nothing).
+invisible = st.text(
+    st.characters(categories=["Z", "Cc", "Cf", "P"], include_characters="\u115f\u1160\u3164\uffa0", codec="utf-8"),
+    max_size=60,
+)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
@@ -177,3 +183,79 @@ def test_media_type_parsing():
     assert MediaType.parse("application/problem+json").is_json
     assert not MediaType.parse("text/json").is_text
     assert check_text("  i feel ok \n", 100) == "i feel ok"
+
+
+# Every name Python's codec registry knows, text encodings or not (base64, hex, zlib, rot13, ...),
+# and names no registry knows (a NUL, an unpaired surrogate, quotes).
+codec_names = sorted({*encodings.aliases.aliases, *encodings.aliases.aliases.values()})
+NOT_TEXT = ["rot13", "base64", "hex", "zlib", "bz2", "uu", "quopri", "idna", "punycode", "undefined", "unicode_escape"]
+charsets = st.sampled_from([*codec_names, *NOT_TEXT, "utf-7", "utf-8-sig"]) | st.text(max_size=12)
+
+
+@settings(max_examples=400)
+@given(
+    body=st.binary(max_size=100) | texts.map(str.encode),
+    charset=charsets,
+    essence=st.sampled_from(["text/plain", "application/json", ""]),
+    quoted=st.booleans(),
+)
+def test_any_charset_gives_a_text_or_a_client_error(body, charset, essence, quoted):
+    content_type = f"{essence or 'text/plain'}; charset={json.dumps(charset) if quoted else charset}"
+    headers = {**headers_for(essence), "Content-Type": content_type}
+    try:
+        text = extract_text(as_torchserve(body, essence), headers, LIMIT)
+    except InputError as err:
+        assert 400 <= err.status < 500
+    else:
+        assert text == text.strip() and any(unicodedata.category(c)[0] in "LNS" for c in text)
+        declared = MediaType.parse(content_type).charset
+        assert declared is None or codecs.lookup(declared)._is_text_encoding
+
+
+@pytest.mark.parametrize("charset", NOT_TEXT)
+def test_codecs_that_are_no_character_set_are_unsupported_charsets(charset):
+    content_type = f"text/plain; charset={charset}"
+    for body in (b"aGVsbG8gdGhlcmU=", b"i feel great", b"xn--i feel-", b"\\N{nope}"):
+        with pytest.raises(InputError) as info:
+            extract_text(as_torchserve(body, "text/plain"), headers_for(content_type), LIMIT)
+        assert (info.value.status, info.value.kind) == (415, "UnsupportedCharset")
+
+
+@given(text=texts, content_type=st.sampled_from(["text/plain", "application/json", "", "text/json"]))
+def test_a_utf8_byte_order_mark_is_not_part_of_the_text(text, content_type):
+    if len(text.strip()) > LIMIT:
+        return
+    body = json.dumps({"text": text}).encode() if "json" in content_type else text.encode()
+    request = as_torchserve(b"\xef\xbb\xbf" + body, content_type)
+    assert extract_text(request, headers_for(content_type), LIMIT) == text.strip().removeprefix("\ufeff").strip()
+
+
+# Non-string JSON values, numbers bounded: read as a byte count, a larger one would take gigabytes.
+non_string_json = st.recursive(
+    st.booleans() | st.integers(-(10**6), 10**6) | st.floats(allow_nan=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=10,
+)
+
+
+@given(value=non_string_json)
+def test_a_form_field_sent_as_json_that_is_not_a_string_is_refused(value):
+    # TorchServe parses a multipart part sent as application/json: the field arrives as that value.
+    headers = {"Content-Type": "multipart/form-data; boundary=x", "text": {"content-type": "application/json"}}
+    with pytest.raises(InputError) as info:
+        extract_text({"text": value}, headers, LIMIT)
+    assert (info.value.status, info.value.kind) == (400, "InvalidType")
+
+
+def test_a_json_null_body_is_not_an_object():
+    with pytest.raises(InputError) as info:
+        extract_text(as_torchserve(b"null", "application/json"), headers_for("application/json"), LIMIT)
+    assert (info.value.status, info.value.kind) == (400, "InvalidInput")
+
+
+def test_a_long_text_is_refused_for_its_length_before_it_is_scanned():
+    # A megabyte of NULs or zero-width spaces is not scanned character by character.
+    for char in ("\x00", "\u200b", "\u3164"):
+        with pytest.raises(InputError) as info:
+            check_text(char * 1_000_000, LIMIT)
+        assert (info.value.status, info.value.kind) == (413, "TextTooLong")
