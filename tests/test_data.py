@@ -91,3 +91,22 @@ def test_hub_rows_are_mapped_through_label_names():
 def test_hub_conversion_errors(rows, names, message):
     with pytest.raises(ValueError, match=message):
         rows_to_examples(rows, names, "train")
+
+
+def test_prepared_data_does_not_depend_on_where_the_project_is(tmp_path, monkeypatch):
+    import shutil
+
+    from training import prepare
+    from training.config import compose
+
+    outputs = []
+    for checkout in ("a", "elsewhere/b"):
+        root = tmp_path / checkout / "project"
+        shutil.copytree(FIXTURE_DATA, root.parent / "shared" / "emotion")
+        root.mkdir()
+        monkeypatch.setattr(prepare, "PROJECT_ROOT", root)
+        cfg = compose([f"data.source_dir={root}/../shared/emotion", f"paths.data_dir={root}/data/processed"])
+        stats = prepare.prepare(cfg)
+        assert stats["source"] == "../shared/emotion"
+        outputs.append({p.name: p.read_bytes() for p in (root / "data" / "processed").iterdir()})
+    assert outputs[0] == outputs[1]

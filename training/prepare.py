@@ -3,19 +3,23 @@
 ``python -m training.prepare`` reads ``train.txt`` and ``val.txt`` from
 ``data.source_dir`` (or downloads them from the hub with ``data.source=hub``),
 validates every line, and writes them with a ``stats.json`` of class counts and
-checksums to ``paths.data_dir``. The raw files are never modified.
+checksums to ``paths.data_dir``. The raw files are never modified. A local source is recorded
+relative to the project root, so the stage's outputs do not depend on where the project is
+checked out.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from project import PROJECT_ROOT
 from training.config import CONFIG_DIR
 from training.data import SPLITS, class_counts, file_md5, load_split, write_split
 
@@ -39,7 +43,8 @@ def prepare(cfg: DictConfig) -> dict:
             source_dir = Path(cfg.data.source_dir)
         else:
             raise ValueError(f"data.source must be 'local' or 'hub', not {cfg.data.source!r}")
-        stats: dict = {"source": str(cfg.data.hub_name if cfg.data.source == "hub" else source_dir), "splits": {}}
+        source = cfg.data.hub_name if cfg.data.source == "hub" else os.path.relpath(source_dir, PROJECT_ROOT)
+        stats: dict = {"source": str(source), "splits": {}}
         for split in SPLITS:
             examples = load_split(source_dir / f"{split}.txt")
             target = out_dir / f"{split}.txt"

@@ -20,7 +20,7 @@ import numpy as np
 from project import PROJECT_ROOT
 from training.batching import TokenizedSplit
 from training.config import compose
-from training.data import Example, load_split
+from training.data import LABELS, Example, load_split
 from training.distill import NO_TEACHER, TeacherLogits
 from training.evaluate import batch_logits
 
@@ -82,7 +82,7 @@ def cache_logits(teacher: str, train_file: Path | str, root: Path = PROJECT_ROOT
         FileNotFoundError: The teacher has not been fine-tuned (no model in its folder).
     """
     if teacher == NO_TEACHER:
-        empty = TeacherLogits(NO_TEACHER, (), np.zeros((0, 6), dtype=np.float32))
+        empty = TeacherLogits(NO_TEACHER, (), np.zeros((0, len(LABELS)), dtype=np.float32))
         return empty.save(logits_file(teacher, root))
     model_dir = teacher_dir(teacher, root)
     if not (model_dir / "config.json").is_file():
