@@ -5,7 +5,8 @@ one of the experiment in ``params.yaml``) to ONNX and measures, in this process:
 
 - ONNX Runtime: fp32; int8 with dynamic quantisation (the shipped backend: weights per output
   channel, activations quantised on the fly); int8 with static quantisation (QDQ, activation
-  ranges calibrated on training texts);
+  ranges calibrated on training texts); fp32 and dynamic int8 on the graph with fused transformer
+  layers (``handler.fuse``);
 - OpenVINO: fp32; int8 from the same static QDQ graph; the dynamic graph where OpenVINO reads it.
 
 Every engine runs in the handler's ``EmotionEngine`` (same tokenizer, passes by length, softmax)
@@ -131,14 +132,22 @@ def quantize_static(fp32_path: Path, target: Path, engine, texts: list[str]) -> 
     return target
 
 
+# Graphs of ONNX Runtime's own fused kernels (com.microsoft operators), which only it runs.
+ORT_ONLY_GRAPHS = ("fp32 fused", "int8 dynamic fused")
+
+
 def build_graphs(model_dir: Path, out: Path, calibration: list[str], engine) -> dict[str, Path]:
-    """The fp32, dynamic int8 and static int8 ONNX graphs of ``model_dir`` (``engine`` tokenises
-    the calibration texts)."""
-    onnx_module = handler_module("emotion_onnx")
-    fp32 = onnx_module.export_onnx(model_dir, out / "fp32", "fp32")
-    dynamic = onnx_module.export_onnx(model_dir, out / "dynamic", "int8")
-    static = quantize_static(fp32, out / "model-int8-static.onnx", engine, calibration)
-    return {"fp32": fp32, "int8 dynamic": dynamic, "int8 static": static}
+    """The fp32, dynamic int8 and static int8 ONNX graphs of ``model_dir``, and the fp32 and
+    dynamic int8 graphs with fused transformer layers (``engine`` tokenises the calibration texts)."""
+    export = handler_module("emotion_onnx").export_onnx
+    fp32 = export(model_dir, out / "fp32", "fp32")
+    return {
+        "fp32": fp32,
+        "int8 dynamic": export(model_dir, out / "dynamic", "int8"),
+        "int8 static": quantize_static(fp32, out / "model-int8-static.onnx", engine, calibration),
+        "fp32 fused": export(model_dir, out / "fused", "fp32", fuse=True),
+        "int8 dynamic fused": export(model_dir, out / "fused", "int8", fuse=True),
+    }
 
 
 def measure(engine, config, texts: list[str], labels: list[str], batch: int, seconds: float) -> dict:
@@ -216,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         runners: dict[str, Callable] = {}
         for scheme, path in graphs.items():
             runners[f"onnxruntime {scheme}"] = lambda p=path: onnx_backend(args.model_dir, settings, graph=p)
-            runners[f"openvino {scheme}"] = lambda p=path: OpenVinoBackend(p, config, threads)
+            if scheme not in ORT_ONLY_GRAPHS:
+                runners[f"openvino {scheme}"] = lambda p=path: OpenVinoBackend(p, config, threads)
         for name, make in runners.items():
             if args.only and name not in args.only:
                 continue

@@ -35,8 +35,9 @@ SWEEP_BATCHING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 16, "maxBatchDe
 # The shipped handler/model-config.yaml as a row: its batching and handler section, unchanged.
 SHIPPED = "shipped model-config.yaml"
 SHIPPED_SPIN = "shipped, spin_wait: true"
+SHIPPED_FUSED = "shipped, fuse: true"
 # Rows whose changes apply to the shipped configuration instead of SWEEP_BATCHING.
-ON_SHIPPED = {SHIPPED, SHIPPED_SPIN}
+ON_SHIPPED = {SHIPPED, SHIPPED_SPIN, SHIPPED_FUSED}
 
 # name -> (handler section changes, model-config.yaml top-level changes)
 SETTINGS: dict[str, tuple[dict, dict]] = {
@@ -82,6 +83,7 @@ SETTINGS: dict[str, tuple[dict, dict]] = {
     ),
     SHIPPED: ({}, {}),
     SHIPPED_SPIN: ({"spin_wait": True}, {}),
+    SHIPPED_FUSED: ({"fuse": True}, {}),
 }
 
 

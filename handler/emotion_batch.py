@@ -1,10 +1,19 @@
-"""One TorchServe batch inside the handler, and how it is cut into forward passes."""
+"""One TorchServe batch inside the handler, how it is cut into forward passes, and the softmax
+that turns a pass's logits into probabilities."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 from emotion_inputs import InputError
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis of ``logits``, shifted by each row's maximum so that no
+    exponential overflows."""
+    exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 @dataclass

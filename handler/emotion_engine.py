@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from emotion_backends import Backend, load_backend
-from emotion_batch import plan_passes
+from emotion_batch import plan_passes, softmax
 from emotion_settings import HandlerSettings
 
 # A single text and a padded pair: the shapes a dynamic torch.compile specialises on.
@@ -137,8 +137,7 @@ class EmotionEngine:
         start = time.perf_counter()
         logits = self.model(input_ids, attention_mask)
         model_ms = 1000 * (time.perf_counter() - start)
-        exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return exp / exp.sum(axis=-1, keepdims=True), model_ms
+        return softmax(logits), model_ms
 
     def pad(self, token_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """The model's int64 ``input_ids`` and ``attention_mask`` for sequences padded to the longest."""

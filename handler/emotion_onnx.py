@@ -4,6 +4,13 @@ is built.
 fp32: the PyTorch graph as is, checked against PyTorch on a sample batch.
 int8: the fp32 graph with MatMul weights quantised per output channel (ONNX Runtime's dynamic
 quantisation; activations are quantised on the fly).
+
+With ``fuse`` (``handler.fuse``), a BERT-family graph first goes through ONNX Runtime's transformer
+optimizer, which replaces each layer's attention, the embeddings' sum and LayerNorm, every residual
+add and LayerNorm, and bias + GELU by one kernel each (``Attention``, ``EmbedLayerNormalization``,
+``SkipLayerNormalization``, ``BiasGelu``); int8 quantisation then turns the attention and embedding
+kernels into their quantised forms (``QAttention``, ``QEmbedLayerNormalization``). The fused graph
+is checked against PyTorch like the plain one.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from emotion_batch import softmax
 from emotion_settings import BACKEND_PRECISIONS, HandlerSettings
 
 log = logging.getLogger(__name__)
@@ -28,6 +36,9 @@ FP32_TOLERANCE = 1e-3
 # Largest |probability| difference between the int8 and the fp32 graph accepted on the sample texts:
 # dynamic quantisation keeps MiniLM's answers, but breaks some architectures (MPNet: 30% agreement).
 INT8_TOLERANCE = 0.1
+# transformers' model types whose exported graph ONNX Runtime's "bert" optimizer fuses (their
+# layers are BERT's: post-LayerNorm residual blocks, GELU feed-forward, absolute positions).
+FUSABLE_MODEL_TYPES = ("bert",)
 
 
 class ExportError(RuntimeError):
@@ -39,12 +50,16 @@ def onnx_file_name(precision: str) -> str:
     return f"model-{precision}.onnx"
 
 
-def export_onnx(model_dir: Path, out_dir: Path, precision: str = "fp32") -> Path:
+def export_onnx(model_dir: Path, out_dir: Path, precision: str = "fp32", fuse: bool = False) -> Path:
     """Write ``out_dir/model-<precision>.onnx`` for ``model_dir`` and return its path.
+
+    ``fuse``: fuse the graph's transformer layers first (module docstring); a model type the
+    optimizer does not know (``FUSABLE_MODEL_TYPES``) is exported unfused, with a warning.
 
     Raises:
         ValueError: ``precision`` is not one the onnx backend runs.
-        ExportError: The exported fp32 graph's logits differ from PyTorch's.
+        ExportError: The exported fp32 (or fused) graph's logits differ from PyTorch's, or int8
+            quantisation moves the probabilities by more than ``INT8_TOLERANCE``.
     """
     import onnxruntime
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -56,10 +71,29 @@ def export_onnx(model_dir: Path, out_dir: Path, precision: str = "fp32") -> Path
     target = out_dir / onnx_file_name(precision)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    if fuse and model.config.model_type not in FUSABLE_MODEL_TYPES:
+        log.warning(
+            "handler.fuse: ONNX Runtime's optimizer does not fuse %s models (only %s); exporting unfused",
+            model.config.model_type,
+            ", ".join(FUSABLE_MODEL_TYPES),
+        )
+        fuse = False
+    if fuse:
+        # The optimizer matches attention as the explicit products and softmax of the eager
+        # implementation, not the single scaled_dot_product_attention call of the default one.
+        model.set_attn_implementation("eager")
     sample = tokenizer(list(SAMPLE_TEXTS), padding=True, return_tensors="pt")
     inputs = (sample["input_ids"], sample["attention_mask"])
     with torch.inference_mode():
         expected = model(input_ids=inputs[0], attention_mask=inputs[1]).logits.numpy()
+    feeds = {"input_ids": inputs[0].numpy(), "attention_mask": inputs[1].numpy()}
+
+    def check_fp32(path: Path, what: str) -> None:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        difference = float(np.abs(session.run(["logits"], feeds)[0] - expected).max())
+        if difference > FP32_TOLERANCE:
+            raise ExportError(f"{what} logits differ from PyTorch's by {difference:.2e} (> {FP32_TOLERANCE})")
+        log.info("%s graph matches PyTorch (max |logit difference| %.1e)", what, difference)
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = Path(tmp) / onnx_file_name("fp32")
@@ -78,18 +112,24 @@ def export_onnx(model_dir: Path, out_dir: Path, precision: str = "fp32") -> Path
             opset_version=OPSET,
             dynamo=False,
         )
-        session = onnxruntime.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-        feeds = {"input_ids": inputs[0].numpy(), "attention_mask": inputs[1].numpy()}
-        difference = float(np.abs(session.run(["logits"], feeds)[0] - expected).max())
-        if difference > FP32_TOLERANCE:
-            raise ExportError(f"ONNX logits differ from PyTorch's by {difference:.2e} (> {FP32_TOLERANCE})")
-        log.info("fp32 graph matches PyTorch (max |logit difference| %.1e)", difference)
+        check_fp32(fp32_path, "ONNX")
+        if fuse:
+            fp32_path = fuse_graph(fp32_path, Path(tmp) / "model-fp32-fused.onnx", model.config)
+            check_fp32(fp32_path, "fused ONNX")
         if precision == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(fp32_path, target, weight_type=QuantType.QInt8, per_channel=True)
+            # The fused kernels are ONNX Runtime's own operators, which ONNX shape inference cannot
+            # type: the quantiser is told that untyped tensors are float32.
+            quantize_dynamic(
+                fp32_path,
+                target,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                extra_options={"DefaultTensorType": 1},  # onnx.TensorProto.FLOAT
+            )
             int8 = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-            change = float(np.abs(_softmax(int8.run(["logits"], feeds)[0]) - _softmax(expected)).max())
+            change = float(np.abs(softmax(int8.run(["logits"], feeds)[0]) - softmax(expected)).max())
             if change > INT8_TOLERANCE:
                 target.unlink()
                 raise ExportError(
@@ -103,9 +143,24 @@ def export_onnx(model_dir: Path, out_dir: Path, precision: str = "fp32") -> Path
     return target
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
+def fuse_graph(source: Path, target: Path, config) -> Path:
+    """ONNX Runtime's transformer optimizer on the graph at ``source``, written to ``target``
+    (module docstring). ``config``: the model's transformers config (heads, hidden size)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    # opt_level 0: only the optimizer's own fusions; ONNX Runtime applies its generic graph
+    # optimisations when a session loads the graph (ort_session).
+    fused = optimize_model(
+        str(source),
+        model_type="bert",
+        num_heads=config.num_attention_heads,
+        hidden_size=config.hidden_size,
+        opt_level=0,
+    )
+    counts = {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
+    log.info("fused the graph's transformer layers: %s", counts)
+    fused.save_model_to_file(str(target))
+    return target
 
 
 @dataclass(frozen=True)
@@ -174,8 +229,9 @@ class OnnxBackend:
 
     @staticmethod
     def export(model_dir: Path, out_dir: Path, settings: HandlerSettings) -> list[Path]:
-        """The archive's build step for this backend: the graph for ``settings.precision``."""
-        return [export_onnx(model_dir, out_dir, settings.precision)]
+        """The archive's build step for this backend: the graph for ``settings.precision``, fused
+        with ``settings.fuse``."""
+        return [export_onnx(model_dir, out_dir, settings.precision, fuse=settings.fuse)]
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         (logits,) = self.session.run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})

@@ -12,7 +12,7 @@ from typing import Any
 # The precisions each backend runs; ``emotion_backends.BACKENDS`` holds one class per name.
 BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {"torch": ("fp32", "bf16", "int8"), "onnx": ("fp32", "int8")}
 # Settings that apply to one backend only.
-BACKEND_ONLY = {"compile": "torch", "spin_wait": "onnx"}
+BACKEND_ONLY = {"compile": "torch", "spin_wait": "onnx", "fuse": "onnx"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class HandlerSettings:
         pass_cost_tokens: The fixed cost of one forward pass, in tokens, for ``sort_by_length``.
         spin_wait: Let ONNX Runtime's idle threads spin waiting for the next run (its default)
             instead of sleeping; pays off only on cores the worker does not share.
+        fuse: Fuse the exported graph's transformer layers into ONNX Runtime's attention,
+            LayerNorm and GELU kernels when the archive is built (``emotion_onnx.fuse_graph``;
+            BERT-family models, others are exported unfused).
         compile: Wrap the model in ``torch.compile``; the handler compiles while loading, so worker
             start takes longer (about 85 s here) and no request waits for it.
         request_log: Append one JSON line per answered request to ``requests.jsonl`` (read by
@@ -56,6 +59,7 @@ class HandlerSettings:
     pass_cost_tokens: int = 16
     compile: bool = False
     spin_wait: bool = False
+    fuse: bool = False
     request_log: bool = True
     request_log_dir: str | None = None
     request_log_max_bytes: int = 20_000_000

@@ -35,6 +35,24 @@ def onnx_model_dir(tiny_model_dir, tmp_path_factory):
     return target
 
 
+@pytest.fixture(scope="module")
+def fused_model_dir(tiny_model_dir, tmp_path_factory):
+    """A copy of the tiny model directory with both fused ONNX exports beside the weights."""
+    import shutil
+
+    target = tmp_path_factory.mktemp("fused") / "model"
+    shutil.copytree(tiny_model_dir, target)
+    for precision in ("fp32", "int8"):
+        export_onnx(target, target, precision, fuse=True)
+    return target
+
+
+def op_types(path):
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
 def handler_for(model_dir, section):
     context = make_context(model_dir, section)
     handler = EmotionHandler()
@@ -60,6 +78,37 @@ def test_onnx_int8_stays_close_to_fp32(onnx_model_dir):
     ).stat().st_size
 
 
+def test_fused_graph_runs_each_layer_as_fused_kernels(onnx_model_dir, fused_model_dir):
+    fp32, int8 = op_types(fused_model_dir / "model-fp32.onnx"), op_types(fused_model_dir / "model-int8.onnx")
+    assert {"Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu"} <= fp32
+    assert {"QAttention", "QEmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu"} <= int8
+    # The plain export keeps the layers as ONNX's standard operators, which every engine reads.
+    assert not {"Attention", "QAttention", "SkipLayerNormalization"} & op_types(onnx_model_dir / "model-int8.onnx")
+
+
+def test_fused_graph_answers_like_torch(onnx_model_dir, fused_model_dir):
+    torch_results = run_batch(*handler_for(onnx_model_dir, {"precision": "fp32"}), TEXTS)
+    section = {"backend": "onnx", "precision": "fp32", "fuse": True}
+    fused = run_batch(*handler_for(fused_model_dir, section), TEXTS)
+    assert [status for status, _ in fused] == [200, 200, 200, 400]
+    for (_, a), (_, b) in zip(fused[:3], torch_results[:3], strict=True):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-4)
+    section["precision"] = "int8"
+    fused_int8 = run_batch(*handler_for(fused_model_dir, section), TEXTS[:3])
+    for (_, a), (_, b) in zip(fused_int8, torch_results[:3], strict=True):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=0.05)
+
+
+def test_fusion_skips_a_model_type_the_optimizer_does_not_know(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    import emotion_onnx
+
+    monkeypatch.setattr(emotion_onnx, "FUSABLE_MODEL_TYPES", ("mpnet",))
+    with caplog.at_level("WARNING", logger=emotion_onnx.__name__):
+        graph = export_onnx(tiny_model_dir, tmp_path, "fp32", fuse=True)
+    assert "exporting unfused" in caplog.text
+    assert not {"Attention", "SkipLayerNormalization"} & op_types(graph)
+
+
 @pytest.mark.parametrize(("spin_wait", "allowed"), [(False, "0"), (True, "1")])
 def test_idle_threads_spin_only_when_asked(onnx_model_dir, spin_wait, allowed):
     handler, _ = handler_for(onnx_model_dir, {"backend": "onnx", "precision": "fp32", "spin_wait": spin_wait})
@@ -79,6 +128,7 @@ def test_missing_export_is_a_clear_error(tiny_model_dir):
         ({"backend": "onnx", "precision": "bf16"}, "onnx backend"),
         ({"backend": "onnx", "compile": True}, "torch backend only"),
         ({"backend": "torch", "spin_wait": True}, "onnx backend only"),
+        ({"backend": "torch", "fuse": True}, "onnx backend only"),
     ],
 )
 def test_settings_reject_combinations_the_backend_cannot_run(section, message):
