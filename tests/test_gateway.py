@@ -130,10 +130,21 @@ def test_a_client_cannot_pass_its_request_off_as_the_readiness_probe(gateway, mo
     assert answer.headers["X-Seen-Probe"] == "absent"
 
 
-def test_curl_default_form_body_is_read_as_text(gateway):
-    answer = post(gateway, "echo", body=b"i feel great", **{"Content-Type": "application/x-www-form-urlencoded"})
+@pytest.mark.parametrize(
+    ("sent", "seen"),
+    [
+        ("application/x-www-form-urlencoded", "text/plain; charset=utf-8"),
+        ("Application/X-WWW-Form-Urlencoded ", "text/plain; charset=utf-8"),
+        ("application/x-www-form-urlencoded; charset=ISO-8859-1", "text/plain; charset=ISO-8859-1"),
+        ("application/x-www-form-urlencoded;charset=latin-1", "text/plain;charset=latin-1"),
+        # Not the form type, only a name that starts like it: passed on as sent.
+        ("application/x-www-form-urlencodedx", "application/x-www-form-urlencodedx"),
+    ],
+)
+def test_curl_default_form_body_is_read_as_text_in_its_charset(gateway, sent, seen):
+    answer = post(gateway, "echo", body=b"i feel great", **{"Content-Type": sent})
     assert answer.status_code == 200
-    assert answer.headers["X-Seen-Content-Type"] == "text/plain; charset=utf-8"
+    assert answer.headers["X-Seen-Content-Type"] == seen
     assert answer.content == b"i feel great"
 
 
