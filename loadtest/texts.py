@@ -11,8 +11,13 @@ from pathlib import Path
 
 
 def read_labelled(path: Path | str) -> list[tuple[str, str]]:
-    """The ``(text, label)`` pairs of a split file; lines without a ``;`` are skipped."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    """The ``(text, label)`` pairs of a split file; lines without a ``;`` are skipped.
+
+    Lines end at ``\n`` (and an ``\r`` before it) only, as ``training.data.load_split`` reads
+    them: a text may hold the other characters ``str.splitlines`` breaks at (U+2028, U+0085,
+    form feeds, ...).
+    """
+    lines = (line.removesuffix("\r") for line in Path(path).read_text(encoding="utf-8").split("\n"))
     return [(text, label) for text, sep, label in (line.rpartition(";") for line in lines) if sep]
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from handler.emotion_monitor import CONFIDENCE_BOUNDS, REQUEST_LOG_NAME, bucket_of, default_log_dir
+from loadtest.texts import read_labelled
 from monitoring.drift_stats import DRIFT_CONFIG, alerts_firing, load_drift_config, stream_statistics
 from monitoring.profile import load_profile, profile_path
 
@@ -65,8 +66,8 @@ def read_requests(log_dir: Path, window: int) -> list[dict[str, Any]]:
 
 
 def read_texts(path: Path) -> list[str]:
-    """Texts of a ``text;label`` split file."""
-    return [line.rpartition(";")[0].strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    """Texts of a ``text;label`` split file, stripped as the handler strips them."""
+    return [text.strip() for text, _ in read_labelled(path)]
 
 
 def _value_drift(snapshot) -> dict[str, dict[str, Any]]:

@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from training.data import LABELS, DataFormatError, Example, class_counts, load_split, parse_line, write_split
 from training.hub import rows_to_examples
@@ -110,3 +112,24 @@ def test_prepared_data_does_not_depend_on_where_the_project_is(tmp_path, monkeyp
         assert stats["source"] == "../shared/emotion"
         outputs.append({p.name: p.read_bytes() for p in (root / "data" / "processed").iterdir()})
     assert outputs[0] == outputs[1]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\n\r"), min_size=1),
+            st.sampled_from(LABELS),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_split_files_read_back_as_written_whatever_the_texts_hold(tmp_path, pairs):
+    from loadtest.texts import read_labelled
+    from monitoring.drift import read_texts
+
+    path = tmp_path / "split.txt"
+    write_split(path, [Example(text, LABELS.index(label)) for text, label in pairs])
+    assert read_labelled(path) == pairs
+    assert read_texts(path) == [text.strip() for text, _ in pairs]
