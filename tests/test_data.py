@@ -24,6 +24,11 @@ def test_fixture_split_loads_with_all_labels():
     assert set(class_counts(examples).values()) == {24}
 
 
+def test_a_byte_order_mark_that_starts_the_file_is_not_part_of_the_first_text(tmp_path):
+    examples = load_split(write(tmp_path, b"\xef\xbb\xbfi feel fine;joy\r\n\xef\xbb\xbfstill here;joy\n"))
+    assert [e.text for e in examples] == ["i feel fine", "\ufeffstill here"]
+
+
 def test_label_is_last_field_so_text_may_hold_semicolons():
     example = parse_line("i said; no; never;anger", "f", 1)
     assert example == Example(text="i said; no; never", label=LABELS.index("anger"))

@@ -72,7 +72,7 @@ def load_split(path: Path | str, labels: Sequence[str] = LABELS) -> list[Example
     """Read and validate a split file.
 
     Args:
-        path: A UTF-8 file of ``text;label`` lines.
+        path: A UTF-8 file of ``text;label`` lines (a leading byte order mark is skipped).
         labels: Known label names in id order.
 
     Returns:
@@ -89,7 +89,8 @@ def load_split(path: Path | str, labels: Sequence[str] = LABELS) -> list[Example
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8").rstrip("\r\n")
+                # utf-8-sig: a byte order mark that starts the file (Windows editors) is no text.
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
                 raise DataFormatError(path, line_no, f"not valid UTF-8 ({err.reason})") from None
             if not line.strip():
