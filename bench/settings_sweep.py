@@ -9,8 +9,10 @@ to the shipped ``handler/model-config.yaml``. It measures throughput and p95 wit
 client as ``make bench``) and the worker's resident memory, then sends every validation text
 once and compares the answers with the gold labels. Several ``--model-dir`` values (e.g. a
 pruned model beside its parent) run every setting for each model in the same run; speed-ups
-are relative to the first row. Writes ``bench/results/settings.json`` and prints a Markdown
-table.
+are relative to the first row. With ``--half-load`` each row is also driven at half its measured
+throughput (paced connections, as ``make bench`` drives d) and its latency there reported: the
+``shipped, maxBatchDelay ...`` and ``1 thread per worker`` rows trade batching for that latency.
+Writes ``bench/results/settings.json`` and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from bench.run import drive, torchserve_setup_server, worker_rss_mb
+from bench.run import at_rate, drive, torchserve_setup_server, worker_rss_mb
 from loadtest.texts import read_labelled, write_texts
 from project import PROJECT_ROOT, current_experiment, handler_module
 from training.config import experiment_paths
@@ -36,8 +38,16 @@ SWEEP_BATCHING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 16, "maxBatchDe
 SHIPPED = "shipped model-config.yaml"
 SHIPPED_SPIN = "shipped, spin_wait: true"
 SHIPPED_FUSED = "shipped, fuse: true"
+# The shipped configuration with less waiting for a batch and one thread per worker: what latency
+# at light load asks for (``--half-load``).
+SHIPPED_LATENCY = {
+    "shipped, maxBatchDelay 2": ({}, {"maxBatchDelay": 2}),
+    "shipped, maxBatchDelay 0": ({}, {"maxBatchDelay": 0}),
+    "shipped, 1 thread per worker": ({"threads": 1}, {}),
+    "shipped, maxBatchDelay 2, 1 thread per worker": ({"threads": 1}, {"maxBatchDelay": 2}),
+}
 # Rows whose changes apply to the shipped configuration instead of SWEEP_BATCHING.
-ON_SHIPPED = {SHIPPED, SHIPPED_SPIN, SHIPPED_FUSED}
+ON_SHIPPED = {SHIPPED, SHIPPED_SPIN, SHIPPED_FUSED, *SHIPPED_LATENCY}
 
 # name -> (handler section changes, model-config.yaml top-level changes)
 SETTINGS: dict[str, tuple[dict, dict]] = {
@@ -84,6 +94,7 @@ SETTINGS: dict[str, tuple[dict, dict]] = {
     SHIPPED: ({}, {}),
     SHIPPED_SPIN: ({"spin_wait": True}, {}),
     SHIPPED_FUSED: ({"fuse": True}, {}),
+    **SHIPPED_LATENCY,
 }
 
 
@@ -117,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=4)
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "results" / "settings.json")
     parser.add_argument("--only", nargs="+", choices=list(SETTINGS), help="run these settings only")
+    parser.add_argument(
+        "--half-load",
+        action="store_true",
+        help="also measure each row's latency at half its throughput (paced, as make bench does for d)",
+    )
     args = parser.parse_args(argv)
     base = yaml.safe_load((PROJECT_ROOT / "handler" / "model-config.yaml").read_text())
     rows = []
@@ -141,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                 with torchserve_setup_server(model_dir, config, Path(tmp) / str(index)) as (server, _):
                     url = f"{server.inference_url}/predictions/emotion"
                     speed = drive(url, texts_file, server.keys.get("inference"), warmup)
+                    half = (
+                        at_rate(url, texts_file, server.keys.get("inference"), speed["requests_per_s"] / 2, args)
+                        if args.half_load
+                        else None
+                    )
                     accuracy = validation_accuracy(url, server.headers("inference"), args.val_file)
                     rss = worker_rss_mb(server)
             except Exception as err:  # one broken setting must not lose the others' measurements
@@ -153,20 +174,28 @@ def main(argv: list[str] | None = None) -> int:
                     val_accuracy=accuracy,
                     rss_mb_per_worker=rss,
                 )
+                if half is not None:
+                    row["half_load"] = {k: half[k] for k in ("requests_per_s", "p50_ms", "p95_ms", "p99_ms", "errors")}
             rows.append(row)
             print(rows[-1], flush=True)
     base_row = rows[0]
-    print("\n| setting | requests/s | speed-up | p95 (ms) | RSS per worker (MB) | val accuracy | change (points) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    half_column = " p50 / p99 at half load (ms) |" if args.half_load else ""
+    print(
+        f"\n| setting | requests/s | speed-up | p95 (ms) |{half_column} RSS per worker (MB) | val accuracy "
+        "| change (points) |"
+    )
+    print("| --- | --- | --- | --- |" + (" --- |" if args.half_load else "") + " --- | --- | --- |")
     for row in rows:
         if "error" in row or "error" in base_row:
             print(f"| {row['setting']} | failed: {row.get('error', 'baseline failed')} | | | | | |")
             continue
         row["speedup"] = round(row["requests_per_s"] / base_row["requests_per_s"], 2)
         row["accuracy_change_points"] = round(100 * (row["val_accuracy"] - base_row["val_accuracy"]), 2)
+        half = row.get("half_load")
+        half_cell = f"| {half['p50_ms']:.0f} / {half['p99_ms']:.0f} " if half else ""
         print(
             f"| {row['setting']} | {row['requests_per_s']} | {row['speedup']} | {row['p95_ms']:.0f} "
-            f"| {row['rss_mb_per_worker']} "
+            f"{half_cell}| {row['rss_mb_per_worker']} "
             f"| {100 * row['val_accuracy']:.2f}% | {row['accuracy_change_points']:+.2f} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

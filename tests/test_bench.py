@@ -72,19 +72,24 @@ def test_settings_sweep_measures_speed_memory_and_accuracy(tiny_model_dir, tmp_p
 
     out = tmp_path / "settings.json"
     argv = ["--model-dir", str(tiny_model_dir), "--val-file", str(FIXTURE_DATA / "val.txt"), "--out", str(out)]
-    argv += ["--only", "torch fp32 (baseline)", "shipped model-config.yaml", "--duration", "2", "--warmup", "1"]
+    settings = ["torch fp32 (baseline)", "shipped model-config.yaml", "shipped, maxBatchDelay 0"]
+    argv += ["--only", *settings, "--duration", "2", "--warmup", "1", "--half-load"]
     assert main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [row["setting"] for row in rows] == ["torch fp32 (baseline)", "shipped model-config.yaml"]
+    assert [row["setting"] for row in rows] == settings
     for row in rows:
         assert row["errors"] == 0 and row["requests_per_s"] > 0
         assert 0 <= row["val_accuracy"] <= 1
         assert row["rss_mb_per_worker"] > 100
+        half = row["half_load"]
+        assert half["errors"] == 0 and 0 < half["p50_ms"] <= half["p99_ms"]
+        assert half["requests_per_s"] < row["requests_per_s"]
     assert rows[0]["speedup"] == 1.0
     shipped = yaml.safe_load((PROJECT_ROOT / "handler" / "model-config.yaml").read_text())
     assert (rows[0]["backend"], rows[0]["maxWorkers"], rows[0]["batchSize"]) == ("torch", 1, 16)
     assert rows[1]["backend"] == shipped["handler"]["backend"]
     assert (rows[1]["maxWorkers"], rows[1]["batchSize"]) == (shipped["maxWorkers"], shipped["batchSize"])
+    assert (rows[2]["maxBatchDelay"], rows[2]["batchSize"]) == (0, shipped["batchSize"])
 
 
 @pytest.mark.slow
