@@ -9,8 +9,8 @@ and exits
 
 * 0: nothing drifted;
 * 1: at least one column (or the texts) drifted;
-* 2: too few logged requests to tell (fewer than ``drift_report.min_requests``);
-* 3: no reference profile found.
+* 2: too few logged requests to tell (fewer than ``drift_report.min_requests``, whatever the window);
+* 3: no reference profile found, or the profile's labels are not those of the logged answers.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,25 @@ NUMERIC = ("chars", "tokens", "unknown_share")
 # systematic difference between the profile's fp32 answers and the served int8 answers look like drift.
 CATEGORICAL = ("confidence", "label", "truncated")
 EXIT_OK, EXIT_DRIFT, EXIT_TOO_FEW, EXIT_NO_PROFILE = 0, 1, 2, 3
+MIN_TEXTS = 2  # texts per side below which the domain classifier cannot be trained
+
+
+class ProfileMismatch(ValueError):
+    """The request log holds labels the reference profile does not know: it is another model's."""
+
+
+def check_labels(entries: list[dict[str, Any]], profile: dict[str, Any]) -> None:
+    """Raise :class:`ProfileMismatch` when the logged answers use labels outside the profile's
+    label set (their ``label`` or the keys of their ``probabilities``)."""
+    known = set(profile["labels"])
+    logged = {e["label"] for e in entries}
+    logged.update(name for e in entries if isinstance(e.get("probabilities"), dict) for name in e["probabilities"])
+    unknown = sorted(logged - known)
+    if unknown:
+        raise ProfileMismatch(
+            f"the request log holds labels the reference profile does not know ({', '.join(unknown)}; the profile "
+            f"has {', '.join(profile['labels'])}): the profile belongs to another model than the one that answered"
+        )
 
 
 def log_files(log_dir: Path) -> list[Path]:
@@ -50,15 +70,52 @@ def log_files(log_dir: Path) -> list[Path]:
     return [*rotated, current] if current.exists() else rotated
 
 
-def read_requests(log_dir: Path, window: int) -> list[dict[str, Any]]:
-    """The last ``window`` entries of the request log; unreadable lines are skipped with a warning."""
+# The fields of a request-log entry the comparison reads, and the types each must have.
+ENTRY_FIELDS: dict[str, tuple[type, ...]] = {
+    "chars": (int,),
+    "tokens": (int,),
+    "unknown_share": (int, float),
+    "confidence": (int, float),
+    "label": (str,),
+    "truncated": (bool,),
+}
+
+
+def usable_entry(entry: Any, fields: Mapping[str, tuple[type, ...]] | None = ENTRY_FIELDS) -> bool:
+    """Whether ``entry`` is a JSON object holding every one of ``fields`` with its type (``bool``
+    counts as no number: ``true`` is no token count); with ``fields`` None, any object."""
+    if not isinstance(entry, dict):
+        return False
+    for name, types in (fields or {}).items():
+        value = entry.get(name)
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            return False
+    return True
+
+
+def read_requests(
+    log_dir: Path, window: int, fields: Mapping[str, tuple[type, ...]] | None = None
+) -> list[dict[str, Any]]:
+    """The last ``window`` entries of the request log. Lines that are no JSON object, or (with
+    ``fields``, such as ``ENTRY_FIELDS``) lack one of those fields or its type, are skipped with a
+    warning, so they neither fill the window nor break the comparison.
+
+    Raises:
+        ValueError: ``window`` is below 1.
+    """
+    if window < 1:
+        raise ValueError(f"the drift window must be at least 1 request, not {window}")
     entries: list[dict[str, Any]] = []
     bad = 0
     for path in log_files(log_dir):
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                entries.append(json.loads(line))
+                entry = json.loads(line)
             except ValueError:
+                entry = None
+            if usable_entry(entry, fields):
+                entries.append(entry)
+            else:
                 bad += 1
     if bad:
         log.warning("skipped %d unreadable line(s) in %s", bad, log_dir)
@@ -122,8 +179,12 @@ def evidently_report(
         result["drifted"] = bool(result["value"] >= result["threshold"])  # NaN (constant column) is no drift
 
     current_texts = [e.get("text") for e in entries]
-    if reference_texts and all(isinstance(t, str) for t in current_texts):
-        size = min(len(reference_texts), len(current_texts))
+    size = min(len(reference_texts or ()), len(current_texts))
+    if reference_texts and all(isinstance(t, str) for t in current_texts) and size < MIN_TEXTS:
+        # The domain classifier trains on one half of the texts and scores the other: on a single
+        # text per side one half holds a single class, and the classifier cannot be fitted.
+        log.warning("texts not compared: %d per side, the domain classifier needs %d", size, MIN_TEXTS)
+    elif reference_texts and all(isinstance(t, str) for t in current_texts):
         ref_texts = pd.DataFrame({"text": reference_texts}).sample(size, random_state=0).reset_index(drop=True)
         cur_texts = pd.DataFrame({"text": current_texts}).sample(size, random_state=0).reset_index(drop=True)
         text_definition = DataDefinition(text_columns=["text"])
@@ -147,18 +208,27 @@ def run_drift(
     reference_texts: list[str] | None = None,
     config: dict[str, Any] | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """Compare the last ``window`` logged requests with ``profile``; returns (exit code, summary)."""
+    """Compare the last ``window`` logged requests with ``profile``; returns (exit code, summary).
+
+    Fewer than ``drift_report.min_requests`` usable entries in the window are too few to tell,
+    whatever the window (a verdict on a handful of requests would be noise).
+
+    Raises:
+        ValueError: ``window`` is below 1.
+        ProfileMismatch: The log's labels are not the profile's.
+    """
     config = config or load_drift_config()
     settings = config["drift_report"]
-    entries = read_requests(log_dir, window)
+    entries = read_requests(log_dir, window, ENTRY_FIELDS)
     summary: dict[str, Any] = {"log_dir": str(log_dir), "window": window, "requests": len(entries)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    needed = min(settings["min_requests"], window)
+    needed = settings["min_requests"]
     if len(entries) < needed:
         summary.update(verdict="too few requests", needed=needed)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return EXIT_TOO_FEW, summary
+    check_labels(entries, profile)
     columns = evidently_report(profile["records"], entries, reference_texts, settings, out_dir)
     deciding = [*settings["columns"], *(["text"] if "text" in columns else [])]
     drifted = [c for c in deciding if columns.get(c, {}).get("drifted")]
@@ -210,10 +280,23 @@ def default_profile(model_dir: Path) -> Path:
         return profile_path(model_dir)
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: a whole number of at least 1 (``--window``, ``$DRIFT_WINDOW``)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of requests >= 1, not {value!r}")
+    return number
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of ``make drift``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--window", type=int, default=int(os.environ.get("DRIFT_WINDOW") or 0) or None)
+    parser.add_argument(
+        "--window", type=positive_int, default=os.environ.get("DRIFT_WINDOW") or None, help="default: $DRIFT_WINDOW"
+    )
     parser.add_argument("--log-dir", type=Path, default=None, help="default: $LOG_LOCATION or logs")
     parser.add_argument("--profile", type=Path, default=None, help="profile JSON or archive (.mar)")
     parser.add_argument(
@@ -236,7 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_PROFILE
     texts = read_texts(args.reference_texts) if args.reference_texts and args.reference_texts.is_file() else None
     log_dir = args.log_dir or default_log_dir()
-    code, summary = run_drift(log_dir, profile, args.out_dir, window, texts, config)
+    try:
+        code, summary = run_drift(log_dir, profile, args.out_dir, window, texts, config)
+    except ProfileMismatch as err:
+        print(err, file=sys.stderr)
+        return EXIT_NO_PROFILE
     print_verdict(code, summary)
     return code
 

@@ -5,6 +5,7 @@ measurements (``make robustness``, threshold choice) and the live alerts agree."
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,11 @@ def stream_statistics(entries: Sequence[Mapping[str, Any]], profile: Mapping[str
     """
     val = profile["validation"]
     floor = 0.001
-    labels = profile["labels"]
     tokens = [e["tokens"] for e in entries]
     confidences = [e["confidence"] for e in entries]
-    label_counts = {name: sum(1 for e in entries if e["label"] == name) for name in labels}
+    # Every answer counts in the shares' total, as in the rules (a label's rate over the sum of all
+    # labels' rates): answers with a label the profile lacks lower the profile's labels' shares.
+    label_counts = Counter(e["label"] for e in entries)
     unknown = sum(e["unknown_share"] * e["tokens"] for e in entries)
     low = profile["low_confidence"]
     return {

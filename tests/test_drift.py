@@ -4,6 +4,7 @@ the handler's drift metrics, ``make drift``'s exit codes and the robustness runn
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import shutil
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from handler.emotion_backends import HandlerSettings
 from handler.emotion_monitor import (
@@ -230,6 +233,111 @@ def test_drift_exits_2_on_too_few_requests(tmp_path):
     assert drift.main(argv) == drift.EXIT_TOO_FEW
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["verdict"] == "too few requests"
     assert drift.main([*argv[:2], "--profile", str(tmp_path / "missing.json")]) == drift.EXIT_NO_PROFILE
+
+
+def log_line(i: int = 0, label: str = "joy", **changes) -> dict:
+    """A request-log entry as the handler writes it (``changes`` overrides or, with None, drops fields)."""
+    entry = {
+        "time": 1.0,
+        "chars": 10 + i,
+        "tokens": 5 + i % 20,
+        "unknown_share": 0.0,
+        "truncated": False,
+        "label": label,
+        "confidence": 0.9,
+        "probabilities": dict.fromkeys(LABELS, 0.1) | ({label: 0.5} if label in LABELS else {}),
+    }
+    entry.update(changes)
+    return {k: v for k, v in entry.items() if v is not None}
+
+
+LOG_FIELDS = ("chars", "tokens", "unknown_share", "truncated", "label", "confidence")  # what `make drift` reads
+VALID_LINES = [json.dumps(log_line(i)) for i in range(100)]
+JUNK_LINES = st.one_of(
+    st.sampled_from(["[1, 2]", "null", '"text"', "42", "{", "", "{}"]),
+    st.sampled_from(LOG_FIELDS).map(lambda name: json.dumps(log_line(**{name: None}))),
+    st.sampled_from([("tokens", "12"), ("label", 3), ("truncated", 0), ("confidence", None), ("chars", True)]).map(
+        lambda change: json.dumps(log_line(**dict([change])))
+    ),
+)
+
+
+@given(
+    lines=st.lists(st.one_of(st.sampled_from(VALID_LINES), JUNK_LINES)),
+    window=st.integers(1, 30),
+)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_read_requests_keeps_the_last_usable_entries_whatever_else_the_log_holds(tmp_path, lines, window):
+    (tmp_path / "requests.jsonl").write_text("".join(line + "\n" for line in lines))
+    usable = [json.loads(line) for line in lines if line in VALID_LINES]
+    entries = drift.read_requests(tmp_path, window, drift.ENTRY_FIELDS)
+    assert entries == usable[-window:]
+    assert all(isinstance(e, dict) for e in drift.read_requests(tmp_path, 1000))  # any object, no other JSON
+    stream_statistics(entries, fake_profile())  # every field it reads is there
+
+
+def test_read_requests_reads_rotated_files_oldest_first(tmp_path):
+    for name, first in (("requests.jsonl.2", 0), ("requests.jsonl.1", 10), ("requests.jsonl", 20)):
+        (tmp_path / name).write_text("".join(json.dumps(log_line(first + i)) + "\n" for i in range(10)))
+    (tmp_path / "requests.jsonl.lock").write_text("")
+    assert [e["chars"] - 10 for e in drift.read_requests(tmp_path, 25, drift.ENTRY_FIELDS)] == list(range(5, 30))
+
+
+def test_drift_refuses_a_window_below_one(tmp_path, capsys):
+    (tmp_path / "requests.jsonl").write_text(json.dumps(log_line()) + "\n")
+    for window in (0, -5):
+        with pytest.raises(ValueError, match="at least 1"):
+            drift.read_requests(tmp_path, window)
+    for window in ("0", "-5", "many"):
+        with pytest.raises(SystemExit):
+            drift.main(["--log-dir", str(tmp_path), "--window", window])
+        assert "--window" in capsys.readouterr().err
+
+
+def test_a_window_below_min_requests_is_still_too_few_to_tell(tmp_path):
+    config = load_drift_config()
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(log_line(i)) + "\n" for i in range(3)))
+    for window in (1, 3):
+        code, summary = drift.run_drift(tmp_path, fake_profile(), tmp_path / "out", window, None, config)
+        assert code == drift.EXIT_TOO_FEW
+        assert summary["needed"] == config["drift_report"]["min_requests"]
+
+
+def test_drift_names_a_profile_of_another_label_set(tmp_path, capsys):
+    config = load_drift_config()
+    config["drift_report"]["min_requests"] = 5
+    (tmp_path / "logs").mkdir()
+    lines = [json.dumps(log_line(i, label=["joy", "neutral"][i % 2])) for i in range(10)]
+    (tmp_path / "logs" / "requests.jsonl").write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(drift.ProfileMismatch, match="neutral"):
+        drift.run_drift(tmp_path / "logs", fake_profile(), tmp_path / "out", 100, None, config)
+    (tmp_path / "drift.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "profile.json").write_text(json.dumps(fake_profile()))
+    argv = ["--log-dir", str(tmp_path / "logs"), "--profile", str(tmp_path / "profile.json")]
+    assert drift.main([*argv, "--config", str(tmp_path / "drift.yaml"), "--out-dir", str(tmp_path / "out")]) == 3
+    assert "neutral" in capsys.readouterr().err
+
+
+def test_label_psi_counts_answers_with_labels_the_profile_lacks_like_the_rules():
+    profile = fake_profile()
+    known = [log_line(i, label=LABELS[i % 6]) for i in range(600)]
+    assert stream_statistics(known, profile)["label_psi"] == pytest.approx(0, abs=1e-9)
+    # Half the answers carry a seventh label: in the rules each known label's share halves.
+    mixed = known + [dict(e, label="neutral") for e in known]
+    # sum over the six labels of (1/12 - 1/6) * ln(1/2)
+    assert stream_statistics(mixed, profile)["label_psi"] == pytest.approx(0.5 * math.log(2))
+    other = [dict(e, label="positive") for e in known]  # another model's label set altogether
+    stats = stream_statistics(other, profile)
+    assert stats["label_psi"] > load_drift_config()["prometheus"]["label_psi"]
+    assert "EmotionLabelShift" in alerts_firing(stats, load_drift_config())
+
+
+def test_texts_are_not_compared_on_a_single_text_per_side(tmp_path, caplog):
+    reference = {name: [log_line(i)[name] for i in range(3)] for name in LOG_FIELDS}
+    settings_ = dict(load_drift_config()["drift_report"])
+    entries = [log_line(0, text="i feel fine")]
+    columns = drift.evidently_report(reference, entries, ["i am so happy today"], settings_, tmp_path)
+    assert "text" not in columns and "texts not compared" in caplog.text
 
 
 # ---- with a trained (tiny) model -------------------------------------------------------------
