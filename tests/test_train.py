@@ -1,13 +1,16 @@
 """Training smoke run, outputs, and reproducibility."""
 
 import json
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 
 from training.config import compose
 from training.data import LABELS
-from training.train import train
+from training.train import AT_LEAST_ONE, AT_LEAST_ONE_OR_NONE, check_config, train
 
 from .helpers import tiny_overrides
 
@@ -59,6 +62,26 @@ def test_missing_data_file_fails_with_clear_message(tmp_path):
         train(cfg)
 
 
+@pytest.mark.parametrize("key", [*AT_LEAST_ONE, *AT_LEAST_ONE_OR_NONE, "train.lr", "train.max_length"])
+@given(number=st.integers(max_value=0) | st.floats(max_value=0, allow_nan=False) | st.just(True))
+@settings(max_examples=25, deadline=None)
+def test_settings_no_run_can_train_with_are_refused_by_name(key, number):
+    cfg = compose([f"{key}={number}"])
+    with pytest.raises(ValueError, match=re.escape(key)):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize("override", ["train.epochs=0", "train.max_length=600"])
+def test_a_refused_run_leaves_the_last_model_as_it_was(tmp_path, override):
+    last = tmp_path / "model" / "model.safetensors"
+    last.parent.mkdir()
+    last.write_bytes(b"the last run's weights")
+    with pytest.raises(ValueError, match=re.escape(override.split("=")[0])):
+        train(compose(tiny_overrides(tmp_path, override)))
+    assert [p.name for p in last.parent.iterdir()] == [last.name]
+    assert last.read_bytes() == b"the last run's weights"
+
+
 def test_pruned_fine_tune_starts_from_a_trained_model_and_keeps_its_lowest_layers(tiny_model_dir, tmp_path):
     cfg = compose(
         tiny_overrides(tmp_path, "experiment=pruned", f"model.pretrained={tiny_model_dir}", "model.keep_layers=2")
@@ -98,3 +121,8 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively():
     assert resolve_precision("fp32") == "fp32"
     with pytest.raises(ValueError, match=r"train\.precision"):
         resolve_precision("fp16")
+
+
+def test_the_shipped_experiments_pass_the_settings_check():
+    for experiment in ("default", "full", "quick", "smoke", "distill", "distill4", "mpnet"):
+        check_config(compose([f"experiment={experiment}"]))

@@ -42,6 +42,49 @@ def subset(examples: list[Example], limit: int | None, seed: int) -> list[Exampl
     return random.Random(seed).sample(examples, limit)
 
 
+# Settings that must be whole numbers of at least 1 (None: no limit, where the key allows it).
+AT_LEAST_ONE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "train.bucket_size_batches")
+AT_LEAST_ONE_OR_NONE = ("train.max_steps", "data.max_train_examples", "data.max_val_examples")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse settings no run can train with, before anything is loaded or written (a run with no
+    optimizer step would otherwise save the untrained model over the last one).
+
+    Raises:
+        ValueError: A setting is out of its range; the message names its key.
+    """
+
+    def value(key: str):
+        section, name = key.split(".")
+        return cfg[section].get(name)
+
+    for key in (*AT_LEAST_ONE, *AT_LEAST_ONE_OR_NONE):
+        number = value(key)
+        if number is None and key in AT_LEAST_ONE_OR_NONE:
+            continue
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            allowed = "a whole number >= 1" + (" or null" if key in AT_LEAST_ONE_OR_NONE else "")
+            raise ValueError(f"{key} must be {allowed}, not {number!r}")
+    lr, length = value("train.lr"), value("train.max_length")
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
+        raise ValueError(f"train.lr must be a number > 0, not {lr!r}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise ValueError(f"train.max_length must be a whole number >= 2 (the special tokens), not {length!r}")
+
+
+def check_max_length(max_length: int, model) -> None:
+    """Refuse a truncation length the model has no position embeddings for: the first longer text
+    would fail mid-training, and the saved ``model_max_length`` would break the handler later.
+
+    Raises:
+        ValueError: ``max_length`` exceeds the model's ``max_position_embeddings``.
+    """
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"train.max_length {max_length} exceeds the model's {limit} positions")
+
+
 def build_model(cfg: DictConfig):
     """Tokenizer and sequence-classification model with the dataset's label order in its config."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -198,7 +241,11 @@ def train(cfg: DictConfig) -> dict:
 
     Returns:
         Final validation metrics plus timing (``epoch_seconds``, ``train_seconds``).
+
+    Raises:
+        ValueError: A setting no run can train with (``check_config``, ``check_max_length``).
     """
+    check_config(cfg)
     runtime = setup_runtime(cfg.seed, cfg.train.num_threads)
     tracker = Tracker(cfg, active=runtime.is_main)
     failed = True
@@ -217,6 +264,7 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
     train_examples = subset(load_split(cfg.data.train_file), cfg.data.max_train_examples, cfg.seed)
     val_examples = subset(load_split(cfg.data.val_file), cfg.data.max_val_examples, cfg.seed)
     tokenizer, model = build_model(cfg)
+    check_max_length(tcfg.max_length, model)
     train_split = TokenizedSplit(train_examples, tokenizer, tcfg.max_length)
     val_split = TokenizedSplit(val_examples, tokenizer, tcfg.max_length)
     lengths = train_split.lengths()
