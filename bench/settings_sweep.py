@@ -175,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                     rss_mb_per_worker=rss,
                 )
                 if half is not None:
-                    row["half_load"] = {k: half[k] for k in ("requests_per_s", "p50_ms", "p95_ms", "p99_ms", "errors")}
+                    row["half_load"] = {
+                        k: half[k]
+                        for k in ("target_requests_per_s", "requests_per_s", "p50_ms", "p95_ms", "p99_ms", "errors")
+                    }
             rows.append(row)
             print(rows[-1], flush=True)
     base_row = rows[0]
