@@ -61,7 +61,7 @@ class EmotionHandler(BaseHandler):
         self.engine = EmotionEngine(model_dir, self.settings, self.device)
         self.labels = self.engine.labels
         self.engine.warm_up()
-        self.emotion_metrics = EmotionMetrics(context.metrics, context.model_name)
+        self.emotion_metrics = EmotionMetrics(context.metrics, context.model_name, self.labels)
         self.monitor = EmotionMonitor.from_settings(self.emotion_metrics, self.labels, self.settings)
         self.initialized = True
         log.info(

@@ -13,6 +13,7 @@ sum of all buckets' rates (``monitoring/drift_rules.yml``).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 from emotion_monitor import CONFIDENCE_BOUNDS, TOKEN_BOUNDS, bucket_names
 from ts.metrics.metric_type_enum import MetricTypes
@@ -21,8 +22,9 @@ from ts.metrics.metric_type_enum import MetricTypes
 class EmotionMetrics:
     """Counters for predictions per label, rejected requests, input tokens and stage times."""
 
-    def __init__(self, metrics_cache, model_name: str) -> None:
+    def __init__(self, metrics_cache, model_name: str, labels: Sequence[str] = ()) -> None:
         self.model_name = model_name
+        self.labels = list(labels)
 
         def counter(name: str, unit: str, extra: list[str]):
             return metrics_cache.add_metric_to_cache(
@@ -40,8 +42,12 @@ class EmotionMetrics:
         self._truncated = counter("EmotionTruncated", "count", [])
 
     def start_distributions(self) -> None:
-        """Emit every bucket and drift counter once at zero, so that each series exists from the
-        start and a bucket no request has hit yet reads as a share of 0, not as a missing series."""
+        """Emit every bucket, label and drift counter once at zero, so that each series exists from
+        the start and a bucket or label no request has hit yet reads as a share of 0, not as a
+        missing series (which the rules' PSI, joining live and reference shares on their label,
+        would leave out of the sum)."""
+        for label in self.labels:
+            self._predictions.add_or_update(0, [self.model_name, label])
         for name in bucket_names(CONFIDENCE_BOUNDS):
             self._confidence.add_or_update(0, [self.model_name, name])
         for name in bucket_names(TOKEN_BOUNDS):

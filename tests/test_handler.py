@@ -123,6 +123,20 @@ def test_handler_emits_its_metrics(loaded, caplog):
     assert not any("Failed to update metric" in line for line in lines)
 
 
+def test_every_label_counter_starts_at_zero(tiny_model_dir, caplog):
+    """A label no request has been given yet still has its series, at 0: the drift rules join live
+    and reference label shares on the label, and a missing series would drop out of the PSI sum."""
+    context = make_context(tiny_model_dir)
+    with caplog.at_level("INFO", logger="ts.metrics.caching_metric"):
+        EmotionHandler().initialize(context)
+    started = {
+        line.split("Label:")[1].split("|")[0].split(",")[0]
+        for line in (r.getMessage() for r in caplog.records)
+        if line.startswith("[METRICS]EmotionPredictions.Count:0|")
+    }
+    assert started == set(LABELS)
+
+
 def test_settings_reject_unknown_keys_and_precisions():
     with pytest.raises(ValueError, match="unknown keys"):
         HandlerSettings.from_yaml({"presicion": "bf16"})

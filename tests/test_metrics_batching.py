@@ -1,6 +1,9 @@
 """Validation metrics and length-bucketed batching."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
 from training.batching import bucketed_batches
 from training.metrics import classification_metrics
@@ -19,6 +22,41 @@ def test_metrics_on_a_hand_checked_case():
 def test_metrics_reject_mismatched_inputs():
     with pytest.raises(ValueError):
         classification_metrics([0, 1], [0], ["a", "b"])
+    for gold, predicted in (([0, -1], [0, 1]), ([0, 1], [0, 2])):  # a negative id would wrap around
+        with pytest.raises(ValueError, match="label ids"):
+            classification_metrics(gold, predicted, ["a", "b"])
+
+
+def test_a_label_absent_from_gold_and_predictions_does_not_lower_macro_f1():
+    metrics = classification_metrics([0, 0, 1], [0, 1, 1], ["a", "b", "unseen"])
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert metrics["macro_f1_labels"] == ["a", "b"]
+
+
+@settings(deadline=None)
+@given(
+    st.integers(1, 6).flatmap(
+        lambda n: st.tuples(
+            st.just(n), st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), min_size=1, max_size=60)
+        )
+    )
+)
+def test_metrics_agree_with_scikit_learn(case):
+    n, pairs = case
+    gold, predicted = [g for g, _ in pairs], [p for _, p in pairs]
+    names = [f"l{i}" for i in range(n)]
+    metrics = classification_metrics(gold, predicted, names)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(gold, predicted))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(gold, predicted, average="macro", zero_division=0))
+    every = list(range(n))
+    for key, score in (
+        ("per_class_precision", precision_score),
+        ("per_class_recall", recall_score),
+        ("per_class_f1", f1_score),
+    ):
+        expected = score(gold, predicted, labels=every, average=None, zero_division=0)
+        assert [metrics[key][name] for name in names] == pytest.approx(list(expected))
+    assert sum(map(sum, metrics["confusion_matrix"])) == len(pairs) == metrics["support"]
 
 
 LENGTHS = [(i * 7919) % 61 + 3 for i in range(1000)]

@@ -13,6 +13,7 @@ import requests
 
 from monitoring.prometheus_server import Prometheus
 from serving.server import free_port
+from training.data import LABELS
 
 MONITORING = Path(__file__).resolve().parents[1] / "monitoring"
 needs_promtool = pytest.mark.skipif(
@@ -73,7 +74,8 @@ def test_prometheus_scrapes_torchserve_and_handler_metrics(torchserve, tmp_path)
         total = prometheus.query('sum(ts_inference_requests_total{model_name="emotion"})')
         assert float(total[0]["value"][1]) == len(texts) + 1  # the 400 was an inference request too
         per_label = {r["metric"]["Label"]: float(r["value"][1]) for r in prometheus.query("EmotionPredictions")}
-        assert per_label == {label: float(labels.count(label)) for label in set(labels)}
+        # every label has its series from the start, at 0 until the model first gives it
+        assert per_label == {label: float(labels.count(label)) for label in LABELS}
         rejected = prometheus.query('EmotionRejected{Reason="EmptyText"}')
         assert float(rejected[0]["value"][1]) == 1
         tokens = float(prometheus.query("sum(EmotionInputTokens)")[0]["value"][1])

@@ -10,6 +10,11 @@ import numpy as np
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict:
     """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix.
 
+    Macro-F1 averages over the labels that occur in the gold labels or the predictions (as
+    scikit-learn's ``f1_score(average="macro")`` does): a label absent from both has no F1 to speak
+    of, and counting it as 0 would lower the score of a split that lacks it. A label predicted but
+    never gold counts, with F1 0. ``macro_f1_labels`` names the labels averaged over.
+
     Args:
         y_true: Gold label ids.
         y_pred: Predicted label ids.
@@ -23,6 +28,9 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
     if true.shape != pred.shape or true.size == 0:
         raise ValueError(f"need equally long, non-empty label lists (got {true.size} and {pred.size})")
     n = len(labels)
+    for name, ids in (("gold", true), ("predicted", pred)):
+        if ids.min() < 0 or ids.max() >= n:
+            raise ValueError(f"{name} label ids must lie in 0..{n - 1} (got {ids.min()}..{ids.max()})")
     confusion = np.zeros((n, n), dtype=np.int64)
     np.add.at(confusion, (true, pred), 1)
     tp = np.diag(confusion).astype(float)
@@ -32,9 +40,11 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
     recall = np.divide(tp, actual, out=np.zeros(n), where=actual > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros(n), where=denom > 0)
+    present = (actual > 0) | (predicted > 0)
     return {
         "accuracy": float(tp.sum() / true.size),
-        "macro_f1": float(f1.mean()),
+        "macro_f1": float(f1[present].mean()),
+        "macro_f1_labels": [name for i, name in enumerate(labels) if present[i]],
         "per_class_f1": {name: float(f1[i]) for i, name in enumerate(labels)},
         "per_class_precision": {name: float(precision[i]) for i, name in enumerate(labels)},
         "per_class_recall": {name: float(recall[i]) for i, name in enumerate(labels)},

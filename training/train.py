@@ -86,17 +86,14 @@ def check_max_length(max_length: int, model) -> None:
 
 
 def build_model(cfg: DictConfig):
-    """Tokenizer and sequence-classification model with the dataset's label order in its config."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """Tokenizer and sequence-classification model with the dataset's label order in its config
+    and in its head's rows (a checkpoint's own head is reordered or replaced: ``training.heads``)."""
+    from transformers import AutoTokenizer
+
+    from training.heads import load_classifier
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.pretrained)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        cfg.model.pretrained,
-        num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)),
-        label2id={name: i for i, name in enumerate(LABELS)},
-        hidden_dropout_prob=cfg.model.dropout,
-    )
+    model = load_classifier(cfg.model.pretrained, LABELS, hidden_dropout_prob=cfg.model.dropout)
     keep_layers = cfg.model.get("keep_layers")
     if keep_layers is not None:
         from training.pruning import keep_bottom_layers
