@@ -226,3 +226,22 @@ def test_the_serving_image_described_is_the_one_make_image_tags():
         "localhost/emotion-serve:test"
     )
     assert figures.serving_image(["localhost/emotion-base:bookworm"]) == ""
+
+
+def test_every_commit_the_documents_cite_is_in_the_history():
+    """A commit id in the README or the report (a backticked hex word: seven characters, git's short
+    id, or longer with a letter in it, so that numbers are not taken for ids) names a commit of
+    this repository, and the release commit pins the released experiment."""
+    shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True, text=True)
+    if shallow.stdout.strip() != "false":
+        pytest.skip("a shallow clone (or no git) does not hold the history the documents cite")
+    cited = set()
+    for doc in ("README.md", "report/README.md"):
+        words = re.findall(r"`([0-9a-f]{7,40})`", (ROOT / doc).read_text())
+        cited |= {w for w in words if len(w) == 7 or re.search(r"[a-f]", w)}
+    assert "9304955" in cited
+    for commit in sorted(cited):
+        kind = subprocess.run(["git", "cat-file", "-t", commit], cwd=ROOT, capture_output=True, text=True)
+        assert kind.stdout.strip() == "commit", (commit, kind.stderr)
+    params = subprocess.run(["git", "show", "9304955:params.yaml"], cwd=ROOT, capture_output=True, text=True)
+    assert re.search(r"^experiment: full$", params.stdout, re.M), params.stdout
