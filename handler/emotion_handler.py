@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from emotion_batch import Batch
-from emotion_engine import EmotionEngine
+from emotion_engine import WARM_UP_TEXTS, EmotionEngine
 from emotion_inputs import InputError, extract_text, is_probe
 from emotion_metrics import EmotionMetrics
 from emotion_monitor import EmotionMonitor, make_records
@@ -61,6 +61,7 @@ class EmotionHandler(BaseHandler):
         self.engine = EmotionEngine(model_dir, self.settings, self.device)
         self.labels = self.engine.labels
         self.engine.warm_up()
+        self.known_good_ids = self.engine.token_ids([WARM_UP_TEXTS[0]])[0][0]
         self.emotion_metrics = EmotionMetrics(context.metrics, context.model_name, self.labels)
         self.monitor = EmotionMonitor.from_settings(self.emotion_metrics, self.labels, self.settings)
         self.initialized = True
@@ -117,9 +118,10 @@ class EmotionHandler(BaseHandler):
         passes = [[indices[k] for k in rows] for rows in self.engine.passes(lengths)]
         model_ms = sum(self._run_pass(batch, token_ids, rows) for rows in passes)
         failed = [e for e in batch.errors.values() if e.kind == "UnprocessableText"]
-        if len(failed) > 1 and not batch.probabilities:
-            # Not one text went through: the model itself is broken, not the requests.
-            raise PredictionException("the model failed on every text of the batch", 500)
+        if failed and not batch.probabilities and not self._model_answers():
+            # Not one text went through, and neither does a text it has answered before: the model
+            # itself is broken, not the requests (also for a batch of one, the usual at light load).
+            raise PredictionException("the model failed on every text of the batch and on a known-good text", 500)
         self.emotion_metrics.batch(sum(lengths), tokenize_ms, model_ms)
         # The readiness probe's golden text is not traffic: it stays out of the drift statistics.
         answered = [i for i in indices if i in batch.probabilities and i not in batch.probes]
@@ -185,8 +187,8 @@ class EmotionHandler(BaseHandler):
 
         If the pass fails, each of its texts is run alone, so that a text the model fails on fails
         only its own request (422), and the others are answered. If every text of the batch fails
-        alone, the model is what is broken: ``inference`` then fails the batch with a 500, which the
-        gateway retries on another worker.
+        alone and a known-good text fails too, the model is what is broken: ``inference`` then fails
+        the batch with a 500, which the gateway retries on another worker.
         """
         try:
             probabilities, model_ms = self.engine.forward([token_ids[i] for i in rows])
@@ -201,6 +203,15 @@ class EmotionHandler(BaseHandler):
         for i, row in zip(rows, probabilities.tolist(), strict=True):
             batch.probabilities[i] = row
         return model_ms
+
+    def _model_answers(self) -> bool:
+        """Whether the model still answers a text it answered at start-up (the first warm-up text)."""
+        try:
+            self.engine.forward([self.known_good_ids])
+        except Exception:
+            log.exception("the model failed on a known-good text too")
+            return False
+        return True
 
     def _headers(self, idx: int) -> dict[str, Any]:
         """The request's headers as TorchServe recorded them (request- and parameter-level)."""

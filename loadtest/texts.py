@@ -11,14 +11,16 @@ from pathlib import Path
 
 
 def read_labelled(path: Path | str) -> list[tuple[str, str]]:
-    """The ``(text, label)`` pairs of a split file; lines without a ``;`` are skipped.
+    """The ``(text, label)`` pairs of a split file, both stripped; lines without a ``;`` are skipped.
 
-    Lines end at ``\n`` (and an ``\r`` before it) only, as ``training.data.load_split`` reads
-    them: a text may hold the other characters ``str.splitlines`` breaks at (U+2028, U+0085,
+    Read as ``training.data.load_split`` reads them: a byte order mark that starts the file is
+    dropped, and lines end at ``\n`` (and an ``\r`` before it) only, so a text may hold the other
+    characters ``str.splitlines`` or universal newlines break at (a lone ``\r``, U+2028, U+0085,
     form feeds, ...).
     """
-    lines = (line.removesuffix("\r") for line in Path(path).read_text(encoding="utf-8").split("\n"))
-    return [(text, label) for text, sep, label in (line.rpartition(";") for line in lines) if sep]
+    content = Path(path).read_bytes().decode("utf-8-sig")
+    lines = (line.removesuffix("\r") for line in content.split("\n"))
+    return [(text.strip(), label.strip()) for text, sep, label in (line.rpartition(";") for line in lines) if sep]
 
 
 def read_texts(path: Path | str, limit: int | None = None, seed: int | None = None) -> list[str]:

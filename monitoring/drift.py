@@ -287,7 +287,7 @@ def positive_int(value: str) -> int:
     except ValueError:
         number = 0
     if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of requests >= 1, not {value!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {value!r}")
     return number
 
 

@@ -34,7 +34,7 @@ from handler.emotion_monitor import (
     RequestLog,
     histogram,
 )
-from monitoring.drift import read_requests, run_drift
+from monitoring.drift import positive_int, read_requests, run_drift
 from monitoring.drift_stats import alerts_firing, load_drift_config, stream_statistics
 from monitoring.profile import load_profile
 from training.data import load_split
@@ -201,6 +201,8 @@ def evaluate(
     """Per perturbation: accuracy, its change and the drift statistics of that stream; and the
     statistics' spread on undrifted streams (``noise``). With ``report_dir``, each stream's request
     log is also run through ``make drift``'s comparison (Evidently), reports under ``report_dir``."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 text, not {limit}")
     config = load_drift_config()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", type=Path, default=PROJECT_ROOT / "model_store" / "emotion.mar")
     parser.add_argument("--val-file", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
-    parser.add_argument("--limit", type=int, default=None, help="first N validation texts only")
+    parser.add_argument("--limit", type=positive_int, default=None, help="first N validation texts only")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "outputs" / "robustness" / "robustness.json")
     parser.add_argument("--no-drift-report", action="store_true", help="skip the Evidently report per stream")
     args = parser.parse_args(argv)

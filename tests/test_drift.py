@@ -459,3 +459,15 @@ def test_drift_config_thresholds_are_consistent():
     config = yaml.safe_load((MONITORING / "drift.yaml").read_text())
     assert config["drift_report"]["min_requests"] <= config["drift_report"]["window"]
     assert 0 < config["prometheus"]["psi_floor"] < 0.01
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "two"])
+def test_robustness_refuses_a_limit_below_one_text(limit, tmp_path, capsys):
+    from monitoring import robustness
+
+    with pytest.raises(SystemExit) as info:
+        robustness.main(["--archive", str(tmp_path / "none.mar"), "--limit", limit])
+    assert info.value.code == 2
+    assert "whole number >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at least 1 text"):
+        robustness.evaluate(tmp_path / "none.mar", FIXTURE_VAL, limit=0)

@@ -151,6 +151,17 @@ def test_a_batch_the_model_fails_on_entirely_is_a_server_error(served, monkeypat
     )
     with pytest.raises(PredictionException):
         run(handler, context, [(g[0].encode(), g[1], {}) for g in GOOD])
+    with pytest.raises(PredictionException):  # a batch of one, the usual at light load, alike
+        run(handler, context, [(GOOD[0][0].encode(), GOOD[0][1], {})])
+
+
+def test_a_batch_of_texts_the_model_fails_on_while_it_still_answers_others_is_the_clients(served, monkeypatch):
+    handler, context, _ = served
+    token = handler.engine.tokenizer.convert_tokens_to_ids("volcano")
+    monkeypatch.setattr(handler.engine, "model", ExplodingBackend(handler.engine.model, token))
+    for batch in ([(b"the volcano", "text/plain", {})], [(b"a volcano", "text/plain", {})] * 3):
+        results = run(handler, context, batch)
+        assert [(status, body["type"]) for status, body in results] == [(422, "UnprocessableText")] * len(batch)
 
 
 def test_a_text_the_tokenizer_fails_on_fails_alone(served, monkeypatch):

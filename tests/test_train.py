@@ -82,6 +82,31 @@ def test_a_refused_run_leaves_the_last_model_as_it_was(tmp_path, override):
     assert last.read_bytes() == b"the last run's weights"
 
 
+def test_a_world_of_more_ranks_than_batches_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """20 examples make one batch of 32; shared by two ranks, neither would make a step."""
+    import training.train as train_module
+    from training.runtime import Runtime
+
+    real_setup = train_module.setup_runtime
+
+    def two_ranks(seed, threads):
+        real_setup(seed, threads)
+        return Runtime(rank=0, world_size=2)
+
+    monkeypatch.setattr(train_module, "setup_runtime", two_ranks)
+    cfg = compose(tiny_overrides(tmp_path, "data.max_train_examples=20", "train.batch_size=32"))
+    with pytest.raises(ValueError, match=r"20 training examples make no batch of 32 for each of 2 rank"):
+        train(cfg)
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_subset_missing_a_class_is_warned_about(tmp_path, caplog):
+    cfg = compose(tiny_overrides(tmp_path, "data.max_val_examples=2", "train.max_steps=1"))
+    with caplog.at_level("WARNING", logger="training.train"):
+        train(cfg)
+    assert any("validation examples hold no" in r.getMessage() for r in caplog.records)
+
+
 def test_pruned_fine_tune_starts_from_a_trained_model_and_keeps_its_lowest_layers(tiny_model_dir, tmp_path):
     cfg = compose(
         tiny_overrides(tmp_path, "experiment=pruned", f"model.pretrained={tiny_model_dir}", "model.keep_layers=2")

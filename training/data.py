@@ -80,7 +80,8 @@ def load_split(path: Path | str, labels: Sequence[str] = LABELS) -> list[Example
 
     Raises:
         FileNotFoundError: The file does not exist.
-        DataFormatError: A line is malformed, or the file is not UTF-8 or empty.
+        DataFormatError: A line is malformed or holds a carriage return (other than the one of a
+            CRLF line ending), or the file is not UTF-8 or empty.
     """
     path = Path(path)
     if not path.is_file():
@@ -93,6 +94,8 @@ def load_split(path: Path | str, labels: Sequence[str] = LABELS) -> list[Example
                 line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
                 raise DataFormatError(path, line_no, f"not valid UTF-8 ({err.reason})") from None
+            if "\r" in line:  # a line break of old Mac files, which would join several examples into one
+                raise DataFormatError(path, line_no, "carriage return inside the line (CR-only line endings?)")
             if not line.strip():
                 raise DataFormatError(path, line_no, "blank line")
             examples.append(parse_line(line, path, line_no, labels))
@@ -119,6 +122,29 @@ def class_counts(examples: Iterable[Example], labels: Sequence[str] = LABELS) ->
     """Count examples per label name, in label order."""
     counts = Counter(example.label for example in examples)
     return {name: counts.get(i, 0) for i, name in enumerate(labels)}
+
+
+def duplicate_stats(train: Sequence[Example], val: Sequence[Example]) -> dict[str, int]:
+    """What a split pair repeats: texts seen more than once within a split (and those of them whose
+    copies disagree on the label), and validation texts that are also training texts (and those of
+    them labelled differently there)."""
+    stats: dict[str, int] = {}
+    for name, examples in (("train", train), ("val", val)):
+        labels_of: dict[str, set[int]] = {}
+        counts = Counter(e.text for e in examples)
+        for e in examples:
+            labels_of.setdefault(e.text, set()).add(e.label)
+        stats[f"{name}_duplicate_texts"] = sum(1 for c in counts.values() if c > 1)
+        stats[f"{name}_conflicting_labels"] = sum(1 for ls in labels_of.values() if len(ls) > 1)
+    train_labels: dict[str, set[int]] = {}
+    for e in train:
+        train_labels.setdefault(e.text, set()).add(e.label)
+    shared = {e.text for e in val if e.text in train_labels}
+    stats["texts_in_both_splits"] = len(shared)
+    stats["texts_in_both_splits_relabelled"] = len(
+        {e.text for e in val if e.text in shared and train_labels[e.text] != {e.label}}
+    )
+    return stats
 
 
 def file_md5(path: Path | str) -> str:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from training.batching import TokenizedSplit, bucketed_batches
 from training.config import CONFIG_DIR
-from training.data import LABELS, Example, load_split
+from training.data import LABELS, Example, class_counts, load_split
 from training.distill import Distiller, build_distiller
 from training.evaluate import predict
 from training.metrics import classification_metrics
@@ -266,6 +266,10 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
     val_split = TokenizedSplit(val_examples, tokenizer, tcfg.max_length)
     lengths = train_split.lengths()
     if runtime.is_main:
+        for name, examples in (("training", train_examples), ("validation", val_examples)):
+            missing = [label for label, count in class_counts(examples).items() if count == 0]
+            if missing:
+                log.warning("the %s examples hold no %s example", name, " or ".join(repr(m) for m in missing))
         log.info(
             "training %s on %d examples (validating on %d), %s, %d thread(s), world size %d",
             cfg.model.name,
@@ -288,7 +292,13 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
             world_size=runtime.world_size,
         )
 
-    total_steps = len(epoch_batches(0)) * tcfg.epochs
+    batches_per_epoch = len(epoch_batches(0))
+    if batches_per_epoch < 1:  # a world of more ranks than batches: no rank would make a step
+        raise ValueError(
+            f"{len(train_split)} training examples make no batch of {tcfg.batch_size} for each of "
+            f"{runtime.world_size} rank(s): no optimizer step; lower train.batch_size or use more examples"
+        )
+    total_steps = batches_per_epoch * tcfg.epochs
     if tcfg.max_steps is not None:
         total_steps = min(total_steps, tcfg.max_steps)
     optimizer, scheduler = build_optimizer(model, tcfg, total_steps)
