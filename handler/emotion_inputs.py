@@ -254,7 +254,7 @@ def extract_text(request: Mapping[str, Any], headers: Mapping[str, Any] | None, 
     """
     names = header_map(headers)
     if names.get("explain", "").lower() == "true":
-        raise InputError(404, "UnsupportedEndpoint", "explanations are not served: use /predictions/<model>")
+        raise InputError(400, "UnsupportedEndpoint", "explanations are not served: use /predictions/<model>")
     # TorchServe records the body's media type per parameter, without its parameters, and parses
     # the body itself when that type is exactly application/json.
     parameter_type = next(

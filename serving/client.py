@@ -35,6 +35,11 @@ def auth_header(keys: dict[str, str], api: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {keys[api]}"} if api in keys else {}
 
 
+def count_ready(description: dict) -> int:
+    """Workers in state READY in one version's description (the describe API's entry)."""
+    return sum(isinstance(w, dict) and w.get("status") == "READY" for w in description.get("workers") or [])
+
+
 class ManagementError(RuntimeError):
     """A management call TorchServe refused; carries its status and message."""
 
@@ -101,19 +106,33 @@ class TorchServeClient:
             raise ManagementError(f"{method} {path}: {response.status_code} {response.text.strip()}")
         return response.json()
 
-    def describe(self, model: str = "emotion", version: str | None = "all") -> list[dict]:
+    def describe(self, model: str = "emotion", version: str | None = "all", timeout: float = 10) -> list[dict]:
         """The model's versions with their workers (``GET /models/<model>[/<version>]``; None: the
         default version)."""
-        return self.manage("GET", f"/models/{model}" + (f"/{version}" if version else ""), timeout=10)
+        return self.manage("GET", f"/models/{model}" + (f"/{version}" if version else ""), timeout=timeout)
+
+    def default_version(self, model: str = "emotion", timeout: float = 10) -> dict:
+        """The version ``/predictions/<model>`` serves: TorchServe describes its default version
+        when the describe call names none (``GET /models/<model>``, a list of one entry).
+
+        Raises:
+            ManagementError, requests.RequestException: TorchServe refused or did not answer.
+            ValueError: The answer is not one description.
+        """
+        versions = self.describe(model, version=None, timeout=timeout)
+        if not isinstance(versions, list) or len(versions) != 1 or not isinstance(versions[0], dict):
+            raise ValueError(f"describe {model}: expected one description, got {versions!r:.200}")
+        return versions[0]
 
     def workers(self, model: str = "emotion") -> list[dict]:
         """Every worker of every version of ``model``."""
         return [w for version in self.describe(model) for w in version.get("workers", [])]
 
     def ready_workers(self, model: str = "emotion") -> int:
-        """Workers of ``model`` in state READY; 0 when TorchServe does not answer."""
+        """READY workers of the version ``/predictions/<model>`` serves (the default version; the
+        workers of other versions serve nothing there); 0 when TorchServe does not answer."""
         try:
-            return sum(w.get("status") == "READY" for w in self.workers(model))
+            return count_ready(self.default_version(model))
         except (requests.RequestException, ManagementError, ValueError):
             return 0
 

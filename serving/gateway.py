@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -27,9 +28,23 @@ TEMPLATE = PROJECT_ROOT / "gateway" / "nginx.conf"
 MODEL_CONFIG = PROJECT_ROOT / "handler" / "model-config.yaml"
 
 
+# Seconds the retries of one request may go on past the first attempt's timeout
+# (proxy_next_upstream_timeout is attempt_timeout plus this): an attempt that timed out is
+# retried once, a second one is not (for attempt timeouts over this margin).
+RETRY_MARGIN = 5
+# The route of a model name, as the gateway's prediction location matches it.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def response_timeout(model_config: Path = MODEL_CONFIG) -> int:
     """TorchServe's ``responseTimeout`` (seconds) from the model config; 120, its default, if unset."""
     return int((yaml.safe_load(model_config.read_text()) or {}).get("responseTimeout", 120))
+
+
+def max_text_chars(model_config: Path = MODEL_CONFIG) -> int:
+    """The handler's ``max_text_chars`` from the model config; 2000, its default, if unset."""
+    handler = (yaml.safe_load(model_config.read_text()) or {}).get("handler") or {}
+    return int(handler.get("max_text_chars", 2000))
 
 
 @dataclass(frozen=True)
@@ -43,13 +58,17 @@ class GatewaySettings:
         metrics_host: Address of the metrics port: 127.0.0.1, or 0.0.0.0 in a Kubernetes pod
             whose network policy admits only the metrics collector.
         tries: Attempts per request (first try plus retries) for answers from a removed worker,
-            refused connections and unanswered attempts.
+            refused connections and unanswered attempts; no retry starts later than
+            ``attempt_timeout`` plus ``RETRY_MARGIN`` seconds after the first; after a 507, one
+            attempt more.
         attempt_timeout: Seconds without an answer before an attempt is given up; default
             TorchServe's ``responseTimeout``.
         rate: Requests per second accepted from one client address (beyond ``burst``: 429).
         burst: Requests above ``rate`` one client may send at once.
         connections: Open connections allowed from one client address.
         retry_after: Seconds in the ``Retry-After`` header of 429 and 503 answers.
+        model: The served model: on its route (``/predictions/<model>``) TorchServe's 404
+            means the model is being unregistered or registered again, a 503 ``NotReady``.
     """
 
     host: str = "127.0.0.1"
@@ -62,6 +81,7 @@ class GatewaySettings:
     burst: int = 5000
     connections: int = 1024
     retry_after: int = 1
+    model: str = "emotion"
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "tries", "rate", "burst", "connections", "retry_after"):
@@ -69,6 +89,8 @@ class GatewaySettings:
                 raise ValueError(f"gateway {name} must be >= 1, not {getattr(self, name)}")
         if self.attempt_timeout is not None and self.attempt_timeout < 1:
             raise ValueError(f"gateway attempt_timeout must be >= 1, not {self.attempt_timeout}")
+        if not MODEL_NAME.fullmatch(self.model):
+            raise ValueError(f"gateway model must be a name matching {MODEL_NAME.pattern}, not {self.model!r}")
 
 
 def _check_address(address: str) -> None:
@@ -85,6 +107,7 @@ def render(upstream: str, prefix: Path, settings: GatewaySettings) -> str:
     """
     _check_address(upstream)
     servers = "\n".join(f"        server {upstream} max_fails=0;" for _ in range(settings.tries))
+    attempt_timeout = settings.attempt_timeout or response_timeout()
     values = {
         # Started as root, nginx runs its worker as "nobody", which could not read the health
         # files in the stack's folder: keep the worker under the user that runs the stack.
@@ -94,8 +117,11 @@ def render(upstream: str, prefix: Path, settings: GatewaySettings) -> str:
         "METRICS_LISTEN": f"{settings.metrics_host}:{settings.metrics_port}",
         "PREFIX": str(prefix),
         "HEALTH": str(prefix / "health"),
+        "MODEL": settings.model,
+        "MAX_TEXT_CHARS": str(max_text_chars()),
         "TRIES": str(settings.tries),
-        "ATTEMPT_TIMEOUT": str(settings.attempt_timeout or response_timeout()),
+        "ATTEMPT_TIMEOUT": str(attempt_timeout),
+        "RETRY_WINDOW": str(attempt_timeout + RETRY_MARGIN),
         "RATE": str(settings.rate),
         "BURST": str(settings.burst),
         "CONNECTIONS": str(settings.connections),

@@ -1,31 +1,58 @@
-"""What the front door's ``/ready`` says, and whether it lets predictions through.
+"""What the front door's ``/ready`` says, whether it lets predictions through, and when the
+supervisor gives up and has the service restarted.
 
 TorchServe's ``/ping`` answers "Healthy" while every worker is dead or still failing to load.
 :class:`Readiness` asks what matters instead, on TorchServe's own ports (never through the
-gateway): how many workers are READY (management API, every ``interval`` seconds), and whether
-a golden text gets its expected label (every ``golden_interval`` seconds, cached in between).
+gateway): how many workers of the served version are READY (management API, every ``interval``
+seconds), and whether a golden text gets its expected label (every ``golden_interval`` seconds,
+on a thread of its own so that a slow answer never delays the worker check).
 
-* ``up``: at least one READY worker. Without one, the gateway refuses predictions at once (503)
-  instead of letting them wait in TorchServe's queue until a timeout.
+* ``up``: at least one READY worker of the model's default version, the one
+  ``/predictions/<model>`` serves (workers of other versions do not count). Without one, the
+  gateway refuses predictions at once (503) instead of letting them wait in TorchServe's queue
+  until a timeout.
 * ``ready``: ``up`` and the golden text got its label at the last check. A golden request that
-  TorchServe refuses because it is busy (503) or that times out keeps the last verdict: load is
-  not a failure.
+  TorchServe refuses as busy (429, 503), that times out, or that meets a key TorchServe has just
+  replaced gives no verdict: the last good verdict is kept, but only while it is younger than
+  ``golden_max_age`` seconds. TorchServe answers 503 both for a full queue and for a handler that
+  fails every request, so a model that only ever answers 503 is not ready for long.
+
+:class:`Liveness` turns readiness into a restart decision for ``serving.stack run``: a service that
+was ready once and has then been not ready for longer than ``UNREADY_EXIT`` seconds exits.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import requests
 
-from serving.client import TorchServeClient
+from serving.client import ManagementError, TorchServeClient, count_ready
 
 log = logging.getLogger(__name__)
 
 GOLDEN_TEXT = "i feel so happy and excited about today, everything is wonderful"
 GOLDEN_LABEL = "joy"
+
+# Seconds a good golden verdict is kept while the golden checks get no verdict (busy, timed out):
+# six checks at the default golden_interval. Long enough that a burst of overload does not drop
+# readiness, short enough that a model answering every request with 503 is soon not ready.
+GOLDEN_MAX_AGE = 60.0
+
+# Seconds the service may stay not ready, after it was ready once, before `serving.stack run`
+# exits non-zero to have the container restarted. TorchServe restarts a failed worker itself,
+# with a growing back-off (1, 1, 2, 3, 5, ... s), and reports it unhealthy once it has failed for
+# maxRetryTimeoutInSec (300 s unless the model config sets it; handler/model-config.yaml does not);
+# each try may take up to startupTimeout (120 s) to load. 480 s = 300 + 120 + a minute: TorchServe's
+# own recovery gets its whole window before the container is restarted.
+UNREADY_EXIT = 480.0
+
+# A busy golden answer: TorchServe's queue is full (503), or it throttles (429).
+BUSY = (429, 503)
 
 
 @dataclass
@@ -36,6 +63,8 @@ class HealthState:
     golden_ok: bool | None = None  # None: not checked yet
     golden_label: str | None = None
     checked_at: float = 0.0
+    # minWorkers of the default version (None: not known yet). 0: an operator scaled it to zero.
+    expected_workers: int | None = None
 
     @property
     def up(self) -> bool:
@@ -56,6 +85,12 @@ class Readiness:
         golden_label: The label it must get.
         interval: Seconds between worker checks.
         golden_interval: Seconds between golden checks.
+        golden_max_age: Seconds a good golden verdict is kept while checks get no verdict.
+        workers_timeout: Seconds the worker check waits for TorchServe's describe answer (no
+            answer: no READY worker), so that it runs about every ``interval`` even when
+            TorchServe is slow.
+        golden_timeout: Seconds the golden request waits for its answer.
+        clock: Monotonic seconds (tests pass their own).
     """
 
     def __init__(
@@ -66,6 +101,10 @@ class Readiness:
         golden_label: str = GOLDEN_LABEL,
         interval: float = 1.0,
         golden_interval: float = 10.0,
+        golden_max_age: float = GOLDEN_MAX_AGE,
+        workers_timeout: float = 2.0,
+        golden_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.model = model
@@ -73,45 +112,139 @@ class Readiness:
         self.golden_label = golden_label
         self.interval = interval
         self.golden_interval = golden_interval
+        self.golden_max_age = golden_max_age
+        self.workers_timeout = workers_timeout
+        self.golden_timeout = golden_timeout
+        self.clock = clock
         self.state = HealthState()
         self._golden_at = float("-inf")
         self._workers_at = float("-inf")
+        self._good_at = float("-inf")  # when the last good golden verdict's request was sent
+        self._lock = threading.Lock()
+        self._golden_thread: threading.Thread | None = None
+        self._generation = 0  # golden answers to requests sent before the workers were lost are dropped
 
     def check(self, now: float | None = None) -> HealthState:
-        """Run the checks that are due; returns the current state."""
-        now = time.monotonic() if now is None else now
+        """Run the worker check if due, start the golden check if due; returns the current state."""
+        now = self.clock() if now is None else now
         if now - self._workers_at >= self.interval:
             self._workers_at = now
-            self.state.ready_workers = self.client.ready_workers(self.model)
-            self.state.checked_at = time.time()
-        if not self.state.up:
-            self.state.golden_ok = None  # check again as soon as a worker is back
-            self._golden_at = float("-inf")
-        elif now - self._golden_at >= self.golden_interval:
-            self._golden_at = now
-            self._check_golden()
+            self._check_workers()
+        with self._lock:
+            if not self.state.up:
+                self._generation += 1
+                self.state.golden_ok = None  # check again as soon as a worker is back
+                self._golden_at = self._good_at = float("-inf")
+            elif now - self._golden_at >= self.golden_interval and not self._golden_running():
+                self._golden_at = now
+                self._golden_thread = threading.Thread(
+                    target=self._check_golden, args=(now, self._generation), name="golden-check", daemon=True
+                )
+                self._golden_thread.start()
         return self.state
 
-    def _check_golden(self) -> None:
+    def wait_golden(self, timeout: float | None = None) -> None:
+        """Wait until the golden check in flight (if any) has its verdict."""
+        thread = self._golden_thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _golden_running(self) -> bool:
+        return self._golden_thread is not None and self._golden_thread.is_alive()
+
+    def _check_workers(self) -> None:
         try:
-            response = self.client.predict(self.golden_text, self.model, timeout=5, probe=True)
+            version = self.client.default_version(self.model, timeout=self.workers_timeout)
+        except (requests.RequestException, ManagementError, ValueError) as err:
+            log.debug("worker check: no answer (%s)", err)
+            self.state.ready_workers = 0  # expected_workers: the last known
+        else:
+            self.state.ready_workers = count_ready(version)
+            min_workers = version.get("minWorkers")
+            self.state.expected_workers = min_workers if isinstance(min_workers, int) else None
+        self.state.checked_at = time.time()
+
+    def _golden_answer(self) -> tuple[bool | None, str | None, str]:
+        """(verdict, label, what was seen); verdict None: no verdict (busy, no answer)."""
+        try:
+            response = self.client.predict(self.golden_text, self.model, timeout=self.golden_timeout, probe=True)
         except requests.RequestException as err:
-            log.warning("golden check: no answer (%s); keeping the last verdict", err)
-            return
-        if response.status_code in (429, 503):
-            log.info("golden check: TorchServe is busy (%d); keeping the last verdict", response.status_code)
-            return
+            return None, None, f"no answer ({err})"
+        if response.status_code in BUSY:
+            return None, None, f"TorchServe is busy ({response.status_code})"
+        if response.status_code == 400 and "Token Auth" in response.text:
+            # TorchServe has just issued a new inference key (the old one is invalid at once) and
+            # the request went out with the old one: no verdict on the model.
+            return None, None, "TorchServe refused the key it has just replaced"
         try:
             label = response.json().get("label") if response.status_code == 200 else None
-        except ValueError:
+        except (ValueError, AttributeError):
             label = None
-        ok = label == self.golden_label
-        if not ok:
-            log.error(
-                "golden check failed: %r got %s %s, expected %r",
-                self.golden_text,
-                response.status_code,
-                label,
-                self.golden_label,
-            )
-        self.state.golden_ok, self.state.golden_label = ok, label
+        return label == self.golden_label, label, f"{response.status_code} {label}"
+
+    def _check_golden(self, sent: float, generation: int) -> None:
+        try:
+            ok, label, seen = self._golden_answer()
+        except Exception as err:  # the thread must leave a verdict (or none) in any case
+            log.exception("golden check raised")
+            ok, label, seen = None, None, f"error ({err})"
+        with self._lock:
+            if generation != self._generation:
+                return  # the workers were lost since: the verdict is out of date
+            if ok is None:
+                age = sent - self._good_at
+                if self.state.golden_ok and age >= self.golden_max_age:
+                    log.error(
+                        "golden check: %s; the last good verdict is %.0f s old (golden_max_age %.0f s): not ready",
+                        seen,
+                        age,
+                        self.golden_max_age,
+                    )
+                    self.state.golden_ok, self.state.golden_label = False, None
+                else:
+                    log.info("golden check: %s; keeping the last verdict", seen)
+                return
+            if not ok:
+                log.error("golden check failed: %r got %s, expected %r", self.golden_text, seen, self.golden_label)
+            else:
+                self._good_at = sent
+            self.state.golden_ok, self.state.golden_label = ok, label
+
+
+class Liveness:
+    """Whether the service should be restarted, from the readiness verdicts it is shown.
+
+    Once the service has been ready, it fails when it has then been not ready (no READY worker,
+    or the golden check failing) continuously for longer than ``limit`` seconds. Before it has
+    ever been ready, startup is left to the start timeouts. Time does not count while ``paused``
+    (a deliberate drain or shutdown), nor while the served version's configured minimum of
+    workers is 0 (an operator scaled it to zero through the management API: no worker is
+    expected, and restarting would undo the operator's decision).
+
+    Args:
+        limit: Seconds (0: never fail).
+        clock: Monotonic seconds (tests pass their own).
+    """
+
+    def __init__(self, limit: float = UNREADY_EXIT, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.clock = clock
+        self.was_ready = False
+        self.unready_since: float | None = None
+
+    def failure(self, state: HealthState, paused: bool = False, now: float | None = None) -> str | None:
+        """Why the service should be restarted now, or None."""
+        now = self.clock() if now is None else now
+        if state.ready:
+            self.was_ready, self.unready_since = True, None
+            return None
+        if paused or not self.was_ready or self.limit <= 0 or state.expected_workers == 0:
+            self.unready_since = None
+            return None
+        if self.unready_since is None:
+            self.unready_since = now
+        elapsed = now - self.unready_since
+        if elapsed <= self.limit:
+            return None
+        why = "no READY worker" if not state.up else "the golden check has no good verdict"
+        return f"not ready for {elapsed:.0f} s after having been ready ({why}; limit {self.limit:.0f} s)"

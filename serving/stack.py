@@ -6,7 +6,13 @@ gateway in front of it, and supervises both in the foreground until SIGTERM or S
 * readiness (``serving.health``): the gateway's ``/ready`` and prediction route follow it;
 * keys: clients hold front-door keys (``serving.keys``), applied on change without a restart;
   TorchServe's inference key is passed upstream and followed through restarts and rotations,
-  and renewed through TorchServe's token API before it expires;
+  and renewed through TorchServe's token API before it expires. TorchServe holds one inference
+  key, so a request forwarded with the old one after a change would fail: the prediction route
+  is closed (a retryable 503 NotReady) from before the renewal until nginx's new workers, which
+  hold the new key, have taken over;
+* liveness: once ready, a service that stays not ready for longer than ``--unready-exit``
+  seconds ends ``run`` with exit code 1 (``serving.health.Liveness``), so that its container is
+  restarted;
 * the access log is counted into the gateway's metrics and rotated by size;
 * on SIGTERM, readiness drops first, requests keep being served for ``drain`` seconds (load
   balancers stop sending), then nginx finishes what is in flight, then TorchServe stops.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -32,6 +39,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import psutil
 import requests
 
 from project import PROJECT_ROOT
@@ -39,7 +47,7 @@ from serving import keys as frontdoor_keys
 from serving.access_log import AccessLog
 from serving.client import read_keys
 from serving.gateway import Gateway, GatewaySettings
-from serving.health import GOLDEN_LABEL, GOLDEN_TEXT, Readiness
+from serving.health import GOLDEN_LABEL, GOLDEN_MAX_AGE, GOLDEN_TEXT, UNREADY_EXIT, Liveness, Readiness
 from serving.server import TorchServe
 
 log = logging.getLogger("serving.stack")
@@ -47,7 +55,48 @@ log = logging.getLogger("serving.stack")
 # Seconds between the supervisor's rounds of key reloads, access-log reading and metrics writing.
 HOUSEKEEPING_INTERVAL = 1.0
 
+# Seconds the prediction route stays closed before TorchServe's inference key is replaced, so that
+# requests that have just passed the route's check reach TorchServe while the old key still holds.
+KEY_SWITCH_SETTLE = 0.1
+# Seconds to wait for nginx's new workers after a reload; the route reopens then in any case.
+RELOAD_TIMEOUT = 5.0
+# Seconds before a failed renewal of TorchServe's inference key is tried again.
+RENEWAL_RETRY = 60.0
+
 WORKDIR = PROJECT_ROOT / "outputs" / "serve"
+
+
+def nginx_workers(gateway: Gateway) -> dict[int, str]:
+    """The gateway's nginx worker processes by pid, with their titles (empty when it is not running)."""
+    if gateway.process is None or gateway.process.pid is None:
+        return {}
+    try:
+        children = psutil.Process(gateway.process.pid).children()
+    except psutil.Error:
+        return {}
+    workers = {}
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            title = " ".join(child.cmdline()).strip()
+            if "worker process" in title:
+                workers[child.pid] = title
+    return workers
+
+
+def wait_reloaded(gateway: Gateway, before: set[int], timeout: float = RELOAD_TIMEOUT) -> bool:
+    """Wait until nginx has taken a reload: a worker not in ``before`` (the pids before the reload)
+    runs, and every worker of ``before`` has gone or is shutting down (it accepts nothing new).
+    Returns False after ``timeout`` seconds (nginx kept its old config, or is not running)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = nginx_workers(gateway)
+        new = any(pid not in before and "shutting down" not in title for pid, title in workers.items())
+        old = any(pid in before and "shutting down" not in title for pid, title in workers.items())
+        if new and not old:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
 
 
 class Stack:
@@ -66,6 +115,10 @@ class Stack:
         drain: Seconds between readiness dropping and the gateway stopping.
         tick: Seconds between supervisor rounds (health checks; see ``HOUSEKEEPING_INTERVAL``).
         key_renewal: Share of the TorchServe key's lifetime left when it is renewed.
+        golden_max_age: Seconds a good golden verdict is kept while golden checks get no verdict
+            (``serving.health.GOLDEN_MAX_AGE``).
+        unready_exit: Seconds of not being ready, after having been ready, before
+            :meth:`liveness_failure` asks for a restart (``serving.health.UNREADY_EXIT``; 0: never).
     """
 
     def __init__(
@@ -82,6 +135,8 @@ class Stack:
         drain: float = 2.0,
         tick: float = 0.25,
         key_renewal: float = 0.1,
+        golden_max_age: float = GOLDEN_MAX_AGE,
+        unready_exit: float = UNREADY_EXIT,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.model = model
@@ -91,11 +146,16 @@ class Stack:
         self.key_renewal = key_renewal
         self.torchserve = TorchServe(model_store, self.workdir / "torchserve", models, ts_overrides, free_ports)
         upstream = self.torchserve.inference_url.split("//", 1)[-1]
+        # The front door maps TorchServe's 404 on this model's route to a retryable 503 NotReady.
+        gateway = dataclasses.replace(gateway or GatewaySettings(), model=model)
         self.gateway = Gateway(upstream, self.workdir / "gateway", gateway)
-        self.readiness = Readiness(self.torchserve.client, model, *golden)
+        self.readiness = Readiness(self.torchserve.client, model, *golden, golden_max_age=golden_max_age)
+        self.liveness = Liveness(unready_exit)
         self.access_log = AccessLog(self.gateway.access_log)
         self._stop = threading.Event()
         self._draining = threading.Event()
+        self._switching_key = threading.Event()
+        self._renew_retry_at = float("-inf")
         self._thread: threading.Thread | None = None
 
     @property
@@ -146,11 +206,15 @@ class Stack:
     def supervise_once(self, housekeeping: bool = True) -> None:
         """One supervisor round: health; with ``housekeeping`` also keys, access log and metrics."""
         state = self.readiness.check()
-        self.gateway.set_health(up=state.up, ready=state.ready and not self._draining.is_set())
+        self._set_health()
         if not housekeeping:
             return
-        self._renew_torchserve_key()
-        self.gateway.update_keys(self.client_keys(), self.torchserve.keys.get("inference"))
+        if self._torchserve_key_due():
+            self._switch_torchserve_key(renew=True)
+        elif self.torchserve.keys.get("inference") != self.gateway.upstream_key:
+            self._switch_torchserve_key(renew=False)  # TorchServe restarted, or an operator renewed it
+        else:
+            self.gateway.update_keys(self.client_keys(), self.gateway.upstream_key)
         self.access_log.poll()
         if self.access_log.rotate_if_needed():
             self.gateway.reopen_logs()
@@ -174,26 +238,64 @@ class Stack:
                 last = now
             self._stop.wait(self.tick)
 
-    def _renew_torchserve_key(self) -> None:
-        """Renew TorchServe's inference key through its token API before it expires."""
+    def _set_health(self) -> None:
+        """Open or close the prediction route and ``/ready`` from the last verdicts; both stay
+        closed while TorchServe's key is being switched, ``/ready`` also while draining."""
+        state = self.readiness.state
+        closed = self._switching_key.is_set()
+        ready = state.ready and not closed and not self._draining.is_set()
+        self.gateway.set_health(up=state.up and not closed, ready=ready)
+
+    def _torchserve_key_due(self) -> bool:
+        """Whether TorchServe's inference key is near enough its expiry to be renewed."""
         key_file = self.torchserve.client.key_file
-        if key_file is None or not key_file.exists():
-            return
+        if key_file is None or not key_file.exists() or time.monotonic() < self._renew_retry_at:
+            return False
         try:
             entry = json.loads(key_file.read_text())["inference"]
             expires = datetime.fromisoformat(entry["expiration time"].replace("Z", "+00:00")).timestamp()
         except (OSError, ValueError, KeyError, TypeError):
-            return
+            return False
         lifetime = 60 * float(self.torchserve.props.get("token_expiration_min", 60))
         if expires - time.time() < self.key_renewal * lifetime:
             log.info("renewing TorchServe's inference key (it expires in %.0f s)", expires - time.time())
-            self.torchserve.client.rotate_key("inference")
+            return True
+        return False
+
+    def _switch_torchserve_key(self, renew: bool) -> None:
+        """Hand nginx TorchServe's current inference key (with ``renew``, first have TorchServe
+        issue a new one through its token API) with the prediction route closed: TorchServe
+        accepts only its newest key, and nginx's old workers forward the old one until its new
+        workers, started by the reload, have taken over. Reopens once they have."""
+        self._switching_key.set()
+        try:
+            self._set_health()
+            if renew:
+                time.sleep(KEY_SWITCH_SETTLE)
+                try:
+                    self.torchserve.client.rotate_key("inference")
+                except Exception:
+                    # Not again at once: each try closes the route for a moment.
+                    self._renew_retry_at = time.monotonic() + RENEWAL_RETRY
+                    raise
+            before = set(nginx_workers(self.gateway))
+            changed = self.gateway.update_keys(self.client_keys(), self.torchserve.keys.get("inference"))
+            if changed and self.gateway.process is not None and not wait_reloaded(self.gateway, before):
+                log.warning("nginx did not reload within %.0f s; reopening the prediction route", RELOAD_TIMEOUT)
+        finally:
+            self._switching_key.clear()
+            self._set_health()
+
+    def liveness_failure(self) -> str | None:
+        """Why the service should be restarted now (see :class:`serving.health.Liveness`), or None;
+        never while draining."""
+        return self.liveness.failure(self.readiness.state, paused=self._draining.is_set())
 
     def stop(self) -> None:
         """Drop readiness, drain, stop the gateway gracefully, then TorchServe; safe to call twice."""
         if self._thread is not None:
             self._draining.set()
-            self.gateway.set_health(up=self.readiness.state.up, ready=False)
+            self._set_health()
             time.sleep(self.drain)
             self._stop.set()
             self._thread.join(timeout=10)
@@ -236,6 +338,8 @@ def run(args: argparse.Namespace) -> int:
         free_ports=args.ts_free_ports,
         golden=(args.golden_text, args.golden_label),
         drain=args.drain,
+        golden_max_age=args.golden_max_age,
+        unready_exit=args.unready_exit,
     )
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -243,13 +347,23 @@ def run(args: argparse.Namespace) -> int:
     try:
         stack.start()
         log.info("front door on %s:%d -> TorchServe %s", args.host, args.port, stack.torchserve.inference_url)
-        while not stopping.wait(0.5):
-            if not stack.torchserve.process.running():
-                log.error("TorchServe exited:\n%s", stack.torchserve.log_tail())
-                return 1
+        return watch(stack, stopping)
     finally:
         log.info("stopping: readiness down, draining for %.0f s", args.drain)
         stack.stop()
+
+
+def watch(stack: Stack, stopping: threading.Event, poll: float = 0.5) -> int:
+    """Wait for ``stopping`` (SIGTERM, SIGINT): 0. Exit code 1 when TorchServe exits, or when the
+    service, once ready, has been not ready for longer than the stack's ``unready_exit``."""
+    while not stopping.wait(poll):
+        if not stack.torchserve.process.running():
+            log.error("TorchServe exited:\n%s", stack.torchserve.log_tail())
+            return 1
+        failure = stack.liveness_failure()
+        if failure:
+            log.error("exiting so that the service is restarted: %s (health: %s)", failure, stack.readiness.state)
+            return 1
     return 0
 
 
@@ -349,6 +463,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=1024, help="connections per client address")
     parser.add_argument("--golden-text", default=GOLDEN_TEXT, help="readiness: a text whose label is known")
     parser.add_argument("--golden-label", default=GOLDEN_LABEL, help="readiness: the label it must get")
+    parser.add_argument(
+        "--golden-max-age",
+        type=float,
+        default=GOLDEN_MAX_AGE,
+        help="readiness: seconds a good golden verdict holds while golden checks get busy answers or none",
+    )
+    parser.add_argument(
+        "--unready-exit",
+        type=float,
+        default=UNREADY_EXIT,
+        help="run: exit 1 after this many seconds not ready, once it was ready (0: never)",
+    )
     parser.add_argument("--drain", type=float, default=2.0, help="seconds between not-ready and stopping")
     parser.add_argument("--timeout", type=float, default=240)
     parser.add_argument("--grace", type=float, default=3600, help="rotate-key: seconds the old keys stay valid")

@@ -10,7 +10,7 @@ import requests
 
 from serving.access_log import AccessLog
 from serving.client import PROBE_HEADER
-from serving.gateway import Gateway, GatewaySettings, attempts, client_keys_map, render
+from serving.gateway import RETRY_MARGIN, Gateway, GatewaySettings, attempts, client_keys_map, render
 from serving.server import free_port
 from tests.helpers import ScriptedHandler, loopback_http_server
 
@@ -19,11 +19,19 @@ pytestmark = pytest.mark.integration
 KEY = "front-door-key_1"
 
 
+TEXT_TOO_LONG = b'{"code": 413, "type": "TextTooLong", "message": "the text has 2001 characters; the limit is 2000"}'
+MODEL_NOT_FOUND = b'{"code": 404, "type": "ModelNotFoundException", "message": "Model not found: scaled-down"}'
+
+
 class ScriptedUpstream(ScriptedHandler):
     """Answers by model name: ``fail-once`` fails its first attempt with 500, ``died-once`` with
     TorchServe's 507, ``hang-once`` never answers its first attempt, ``busy`` is always a
-    queue-full 503, ``always-500`` always fails, ``bad`` is always a 400; others echo. Every
-    answer carries the Authorization and Content-Type headers the upstream received."""
+    queue-full 503, ``always-500`` always fails, ``bad`` is always a 400; ``always-507`` is
+    always a 507, ``died-then-drop`` and ``died-then-hang`` a 507 and then a closed connection or
+    no answer, ``always-hang`` never answers, ``fails-then-dies`` is 500, 500, 507 and then 500;
+    ``scaled-down`` a 500 and then TorchServe's 404 (the model unregistered), ``missing`` always
+    that 404, ``too-long`` the handler's 413; others echo. Every answer carries the Authorization
+    and Content-Type headers the upstream received."""
 
     attempts: dict[str, int] = {}
 
@@ -31,14 +39,20 @@ class ScriptedUpstream(ScriptedHandler):
         body = self.read_body()
         name = self.path.rsplit("/", 1)[-1]
         count = self.attempts[name] = self.attempts.get(name, 0) + 1
-        if name == "hang-once" and count == 1:
+        if (name == "hang-once" and count == 1) or name == "always-hang" or (name == "died-then-hang" and count > 1):
             time.sleep(3)  # longer than the gateway's attempt timeout
             return
-        status = {"bad": 400, "always-500": 500, "busy": 503}.get(name, 200)
-        if count == 1 and name in ("fail-once", "died-once"):
-            status = 500 if name == "fail-once" else 507
+        if name == "died-then-drop" and count > 1:
+            self.close_connection = True  # closed without an answer
+            return
+        status = {"bad": 400, "always-500": 500, "busy": 503, "always-507": 507, "fails-then-dies": 500}.get(name, 200)
+        status = {"missing": 404, "too-long": 413, "scaled-down": 404}.get(name, status)
+        if count == 1 and name in ("fail-once", "died-once", "died-then-drop", "died-then-hang", "scaled-down"):
+            status = 500 if name in ("fail-once", "scaled-down") else 507
+        if name == "fails-then-dies" and count == 3:
+            status = 507
         self.send_response(status)
-        payload = body if status == 200 else b'{"message": "scripted failure"}'
+        payload = {200: body, 404: MODEL_NOT_FOUND, 413: TEXT_TOO_LONG}.get(status, b'{"message": "scripted failure"}')
         self.send_header("X-Seen-Authorization", self.headers.get("Authorization", ""))
         self.send_header("X-Seen-Content-Type", self.headers.get("Content-Type", ""))
         self.send_header("X-Seen-Probe", self.headers.get(PROBE_HEADER, "absent"))
@@ -69,9 +83,9 @@ def gateway(upstream, tmp_path):
     running.stop()
 
 
-def post(gateway: Gateway, model: str, body: bytes = b"i feel fine", key: str | None = KEY, **headers):
+def post(gateway: Gateway, model: str, body=b"i feel fine", key: str | None = KEY, timeout: float = 10, **headers):
     auth = {"Authorization": f"Bearer {key}"} if key else {}
-    return requests.post(f"{gateway.url}/predictions/{model}", data=body, headers={**auth, **headers}, timeout=10)
+    return requests.post(f"{gateway.url}/predictions/{model}", data=body, headers={**auth, **headers}, timeout=timeout)
 
 
 @pytest.mark.parametrize("model", ["fail-once", "died-once", "hang-once"])
@@ -100,6 +114,62 @@ def test_client_errors_pass_through_without_retry(gateway):
 def test_attempts_are_bounded(gateway):
     assert post(gateway, "always-500").status_code == 500
     assert ScriptedUpstream.attempts["always-500"] == 3
+
+
+@pytest.mark.parametrize("model", ["always-507", "died-then-drop", "died-then-hang"])
+def test_a_retry_after_a_dead_worker_that_fails_too_is_a_json_503(gateway, model):
+    answer = post(gateway, model)
+    assert answer.status_code == 503 and answer.json()["type"] == "Unavailable"
+    assert answer.headers["Retry-After"] == "1"
+    assert ScriptedUpstream.attempts[model] <= 3  # the 507, one retry (and a reconnect if it was idle)
+
+
+def test_a_retry_after_a_dead_worker_is_one_attempt(gateway):
+    assert post(gateway, "fails-then-dies").status_code == 500  # TorchServe's last answer, passed on
+    assert ScriptedUpstream.attempts["fails-then-dies"] == 4  # tries, then one after the 507
+
+
+def test_retries_end_once_the_attempt_timeout_and_its_margin_are_over(upstream, tmp_path):
+    gateway = start_gateway(upstream, tmp_path / "gateway", tries=10)
+    try:
+        start = time.monotonic()
+        answer = post(gateway, "always-hang", timeout=30)
+        elapsed = time.monotonic() - start
+        assert answer.status_code == 503 and answer.json()["type"] == "Unavailable"
+        # attempt_timeout 1 s: no retry starts after 6 s, so the answer comes after 6-7 s, not 10.
+        window = 1 + RETRY_MARGIN
+        assert window - 0.5 < elapsed < window + 1 + 1.5
+        assert ScriptedUpstream.attempts["always-hang"] <= window + 1
+    finally:
+        gateway.stop()
+
+
+def test_the_served_model_unregistered_mid_request_is_a_503_not_ready(upstream, tmp_path):
+    gateway = start_gateway(upstream, tmp_path / "gateway", model="scaled-down")
+    try:
+        answer = post(gateway, "scaled-down")
+        assert answer.status_code == 503 and answer.json()["type"] == "NotReady"
+        assert answer.headers["Retry-After"] == "1"
+        assert ScriptedUpstream.attempts["scaled-down"] == 2
+        # Another model's name: TorchServe's 404 stays a 404, with no retry.
+        other = post(gateway, "missing")
+        assert other.status_code == 404 and other.json()["type"] == "ModelNotFound"
+        assert "Retry-After" not in other.headers
+        assert ScriptedUpstream.attempts["missing"] == 1
+    finally:
+        gateway.stop()
+
+
+def test_the_handlers_text_too_long_is_not_taken_for_a_body_too_large(gateway):
+    answer = post(gateway, "too-long")
+    assert answer.status_code == 413 and answer.json()["type"] == "TextTooLong"
+    assert "2000" in answer.json()["message"]  # the handler's limit (model-config.yaml)
+    assert "Retry-After" not in answer.headers
+    too_large = post(gateway, "too-long", body=b"x" * (2**20 + 1))
+    assert too_large.status_code == 413 and too_large.json()["type"] == "BodyTooLarge"
+    chunked = post(gateway, "too-long", body=iter([b"x" * 2**19] * 3))
+    assert chunked.status_code == 413 and chunked.json()["type"] == "BodyTooLarge"
+    assert ScriptedUpstream.attempts["too-long"] == 1
 
 
 def test_clients_need_a_front_door_key_and_never_see_torchserves(gateway):
@@ -230,10 +300,12 @@ def test_render_validates_and_fills_every_placeholder(tmp_path):
     assert config.count("server 127.0.0.1:8085 max_fails=0;") == 4
     assert "listen 127.0.0.1:8090;" in config and "listen 127.0.0.1:8093;" in config
     assert "proxy_read_timeout 7s;" in config
+    assert config.count(f"proxy_next_upstream_timeout {7 + RETRY_MARGIN}s;") == 2
+    assert "if ($uri = /predictions/emotion)" in config
     assert "@@" not in config
     with pytest.raises(ValueError):
         render("nowhere", tmp_path, settings)
-    for bad in ({"tries": 0}, {"port": 0}, {"attempt_timeout": 0}, {"rate": 0}):
+    for bad in ({"tries": 0}, {"port": 0}, {"attempt_timeout": 0}, {"rate": 0}, {"model": "a b"}, {"model": ""}):
         with pytest.raises(ValueError):
             GatewaySettings(**bad)
     assert "default 1;" in client_keys_map(None)
@@ -246,3 +318,10 @@ def test_the_scheme_is_case_insensitive_and_the_key_is_not():
         assert re.search(pattern, f"{scheme} {KEY}")
     for wrong in (KEY.upper(), KEY.swapcase(), KEY + "x", KEY[:-1]):
         assert not re.search(pattern, f"Bearer {wrong}")
+
+
+def test_the_stack_tells_the_front_door_which_model_it_serves(tmp_path):
+    from serving.stack import Stack
+
+    stack = Stack(tmp_path / "store", tmp_path / "work", models="other=other.mar", model="other", free_ports=True)
+    assert stack.gateway.settings.model == "other"

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serving.server import read_properties
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
@@ -62,6 +64,20 @@ def test_build_context_holds_what_the_image_copies_and_no_data_or_models():
     private += ["outputs/serve/keys.json", "serving/__pycache__/stack.cpython-311.pyc", "key_file.json"]
     for path in private:
         assert ignored(path, patterns), path
+
+
+def test_the_images_torchserve_config_agrees_with_the_repositorys():
+    """Every property both files set has the same value (the key lifetime among them: TorchServe
+    keeps one key, so a shorter one in the image means more renewals, each a window of refused
+    requests); the one deliberate difference is where the image keeps log4j2.xml (/srv)."""
+    image = read_properties(ROOT / "docker" / "config.properties")
+    repository = read_properties(ROOT / "config.properties")
+    assert image["token_expiration_min"] == repository["token_expiration_min"] == "525600"
+    log4j = "-Dlog4j.configurationFile="
+    assert image["vmargs"].replace(f"{log4j}/srv/", log4j) == repository["vmargs"]
+    assert {k: v for k, v in image.items() if k in repository and k != "vmargs"} == {
+        k: v for k, v in repository.items() if k in image and k != "vmargs"
+    }
 
 
 def test_image_shape_non_root_healthcheck_layers_and_entrypoint():

@@ -174,7 +174,7 @@ def test_form_fields_and_the_explanations_endpoint():
     assert extract_text({"text": bytearray(b"i feel great")}, headers_for(form), LIMIT) == "i feel great"
     with pytest.raises(InputError) as info:
         extract_text({"body": "i feel great"}, {"Content-Type": "text/plain", "explain": "True"}, LIMIT)
-    assert (info.value.status, info.value.kind) == (404, "UnsupportedEndpoint")
+    assert (info.value.status, info.value.kind) == (400, "UnsupportedEndpoint")
 
 
 def test_media_type_parsing():

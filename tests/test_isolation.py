@@ -198,6 +198,6 @@ def test_client_headers_cannot_switch_the_handler_mode(served):
         results = run(handler, context, [(GOOD[0][0].encode(), GOOD[0][1], headers)])
         status, body = results[0]
         if headers.get("explain"):  # what the /explanations endpoint sends: refused, alone
-            assert (status, body["type"]) == (404, "UnsupportedEndpoint")
+            assert (status, body["type"]) == (400, "UnsupportedEndpoint")
         else:
             assert status == 200 and body["label"] == alone[GOOD[0]][1]["label"]
