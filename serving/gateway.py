@@ -2,8 +2,9 @@
 
 :class:`Gateway` renders the config, runs nginx with :class:`serving.process.ManagedProcess`,
 and exposes what the stack's supervisor changes while it runs: the front-door keys and
-TorchServe's key (included files, applied with a graceful reload), the health files that
-``/ready`` and the prediction route read, and log reopening after rotation.
+TorchServe's key (included files, applied with a graceful reload), the drain (likewise: every
+answer closes its connection), the health files that ``/ready`` and the prediction route read,
+and log reopening after rotation.
 ``python -m serving.stack`` runs it together with TorchServe.
 """
 
@@ -15,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,8 @@ MODEL_CONFIG = PROJECT_ROOT / "handler" / "model-config.yaml"
 # (proxy_next_upstream_timeout is attempt_timeout plus this): an attempt that timed out is
 # retried once, a second one is not (for attempt timeouts over this margin).
 RETRY_MARGIN = 5
+# Seconds nginx keeps an idle client connection open (keepalive_timeout), except while draining.
+KEEPALIVE_TIMEOUT = 30
 # The route of a model name, as the gateway's prediction location matches it.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -152,6 +156,11 @@ def upstream_auth_map(key: str | None) -> str:
     return f'map $host $upstream_authorization {{\n    default "{value}";\n}}\n'
 
 
+def keepalive_conf(draining: bool) -> str:
+    """nginx ``keepalive_timeout``: 0 while draining (every answer carries ``Connection: close``)."""
+    return f"keepalive_timeout {'0' if draining else f'{KEEPALIVE_TIMEOUT}s'};\n"
+
+
 class Gateway:
     """An nginx process with its config, logs, health files and temp folders under ``workdir``.
 
@@ -176,7 +185,9 @@ class Gateway:
         self.config = render(upstream, self.workdir, self.settings)
         self.client_keys = client_keys
         self.upstream_key = upstream_key
+        self.draining = False
         self.process: ManagedProcess | None = None
+        self._reloading = threading.Lock()  # the supervisor's key changes and the drain
 
     @property
     def url(self) -> str:
@@ -206,18 +217,39 @@ class Gateway:
     def _write_includes(self) -> None:
         (self.workdir / "client_keys.conf").write_text(client_keys_map(self.client_keys))
         (self.workdir / "upstream_auth.conf").write_text(upstream_auth_map(self.upstream_key))
+        (self.workdir / "keepalive.conf").write_text(keepalive_conf(self.draining))
+
+    def _reload(self) -> None:
+        """Rewrite the included files and reload gracefully (connections in flight finish on the
+        old config; nginx closes the idle ones)."""
+        self._write_includes()
+        if self.process is not None:
+            self.process.send_signal(signal.SIGHUP)
 
     def update_keys(self, client_keys: list[str] | None, upstream_key: str | None) -> bool:
         """Apply new keys with a graceful reload (connections in flight finish on the old config).
 
         Returns whether anything changed.
         """
-        if (client_keys, upstream_key) == (self.client_keys, self.upstream_key):
-            return False
-        self.client_keys, self.upstream_key = client_keys, upstream_key
-        self._write_includes()
-        if self.process is not None:
-            self.process.send_signal(signal.SIGHUP)
+        with self._reloading:
+            if (client_keys, upstream_key) == (self.client_keys, self.upstream_key):
+                return False
+            self.client_keys, self.upstream_key = client_keys, upstream_key
+            self._reload()
+        return True
+
+    def drain(self) -> bool:
+        """From now on close every client connection after its answer (``Connection: close``),
+        with a graceful reload, so that clients on kept-alive connections reconnect (to another
+        replica behind a load balancer) instead of meeting :meth:`stop`. Until the next start.
+
+        Returns whether anything changed.
+        """
+        with self._reloading:
+            if self.draining:
+                return False
+            self.draining = True
+            self._reload()
         return True
 
     def reopen_logs(self) -> None:
@@ -236,6 +268,7 @@ class Gateway:
         if binary is None:
             raise FileNotFoundError("nginx is not installed (make system-deps, or apt-get install nginx)")
         self.health_dir.mkdir(parents=True, exist_ok=True)
+        self.draining = False
         config_path = self.workdir / "nginx.conf"
         config_path.write_text(self.config)
         self._write_includes()

@@ -15,7 +15,9 @@ gateway in front of it, and supervises both in the foreground until SIGTERM or S
   restarted;
 * the access log is counted into the gateway's metrics and rotated by size;
 * on SIGTERM, readiness drops first, requests keep being served for ``drain`` seconds (load
-  balancers stop sending), then nginx finishes what is in flight, then TorchServe stops.
+  balancers stop sending) and every answer closes its connection (clients on kept-alive
+  connections reconnect, to another replica), then nginx finishes what is in flight, then
+  TorchServe stops.
 
 ``start`` runs the same in the background (``make serve``) and waits until it is ready; ``stop``
 stops it (``make stop``) and leaves no process; ``key`` prints a front-door key; ``rotate-key``
@@ -292,10 +294,15 @@ class Stack:
         return self.liveness.failure(self.readiness.state, paused=self._draining.is_set())
 
     def stop(self) -> None:
-        """Drop readiness, drain, stop the gateway gracefully, then TorchServe; safe to call twice."""
+        """Drop readiness, drain (answers close their connections), stop the gateway gracefully,
+        then TorchServe; safe to call twice."""
         if self._thread is not None:
             self._draining.set()
             self._set_health()
+            try:
+                self.gateway.drain()
+            except OSError as err:  # the stop goes on: the drain's Connection: close is a courtesy
+                log.warning("could not switch the front door to closing connections: %s", err)
             time.sleep(self.drain)
             self._stop.set()
             self._thread.join(timeout=10)

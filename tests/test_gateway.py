@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -30,8 +31,8 @@ class ScriptedUpstream(ScriptedHandler):
     always a 507, ``died-then-drop`` and ``died-then-hang`` a 507 and then a closed connection or
     no answer, ``always-hang`` never answers, ``fails-then-dies`` is 500, 500, 507 and then 500;
     ``scaled-down`` a 500 and then TorchServe's 404 (the model unregistered), ``missing`` always
-    that 404, ``too-long`` the handler's 413; others echo. Every answer carries the Authorization
-    and Content-Type headers the upstream received."""
+    that 404, ``too-long`` the handler's 413; ``slow`` echoes after half a second, others at once.
+    Every answer carries the Authorization and Content-Type headers the upstream received."""
 
     attempts: dict[str, int] = {}
 
@@ -42,6 +43,8 @@ class ScriptedUpstream(ScriptedHandler):
         if (name == "hang-once" and count == 1) or name == "always-hang" or (name == "died-then-hang" and count > 1):
             time.sleep(3)  # longer than the gateway's attempt timeout
             return
+        if name == "slow":
+            time.sleep(0.5)  # shorter than the gateway's attempt timeout
         if name == "died-then-drop" and count > 1:
             self.close_connection = True  # closed without an answer
             return
@@ -191,6 +194,32 @@ def test_keys_change_without_a_restart(gateway):
     time.sleep(0.5)
     assert post(gateway, "echo").status_code == 401
     assert post(gateway, "echo", key="new-key").status_code == 200
+
+
+def test_a_drain_has_every_answer_close_its_connection(gateway):
+    """Clients on kept-alive connections reconnect during a drain (to another replica, behind a
+    load balancer) instead of sending requests until nginx's stop closes their connections."""
+    from serving.stack import nginx_workers, wait_reloaded
+
+    with requests.Session() as session:
+        before = session.post(f"{gateway.url}/predictions/echo", data=b"hi", headers={"Authorization": f"Bearer {KEY}"})
+        assert before.status_code == 200 and before.headers["Connection"] == "keep-alive"
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(post, gateway, "slow")
+        time.sleep(0.2)  # the request has reached the upstream
+        workers = set(nginx_workers(gateway))
+        assert gateway.drain()
+        assert not gateway.drain()  # once
+        assert wait_reloaded(gateway, workers)
+        assert in_flight.result(timeout=10).status_code == 200  # answered through the graceful reload
+    for _ in range(3):
+        answer = post(gateway, "echo")
+        assert answer.status_code == 200 and answer.headers["Connection"] == "close"
+    workers = set(nginx_workers(gateway))
+    gateway.update_keys([KEY], "rotated")  # a reload during the drain keeps it
+    assert wait_reloaded(gateway, workers)
+    answer = post(gateway, "echo")
+    assert answer.headers["X-Seen-Authorization"] == "Bearer rotated" and answer.headers["Connection"] == "close"
 
 
 @pytest.mark.parametrize("model", ["echo", "fail-once", "died-once"])  # first attempts and both retry paths

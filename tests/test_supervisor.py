@@ -240,3 +240,34 @@ def test_no_request_meets_a_replaced_torchserve_key_during_renewal(tmp_path):
     assert stack.gateway.upstream_key == "new-key"
     assert answers.count((200, "")) > 20
     assert set(answers) <= {(200, ""), (503, "NotReady")}, {a: answers.count(a) for a in set(answers)}
+
+
+class EchoUpstream(ScriptedHandler):
+    def do_POST(self):
+        self.answer(200, self.read_body())
+
+
+@pytest.mark.integration
+def test_during_the_drain_answers_close_their_connections_so_clients_move(tmp_path):
+    with loopback_http_server(EchoUpstream) as address:
+        stack = make_stack(tmp_path, upstream=address, drain=2.0)
+        stack.torchserve.start = lambda **_: 0.0  # the scripted upstream stands in for TorchServe
+        stack.start()
+        stopping = threading.Thread(target=stack.stop)
+        try:
+            url = f"{stack.url}/predictions/emotion"
+            before = requests.post(url, data=b"hi", timeout=5)
+            assert before.status_code == 200 and before.headers["Connection"] == "keep-alive"
+            stopping.start()
+            deadline = time.monotonic() + 1.5  # within the drain
+            while requests.get(f"{stack.url}/ready", timeout=5).status_code != 503:
+                assert time.monotonic() < deadline
+            answers = []
+            while not answers or answers[-1].headers["Connection"] != "close":
+                assert time.monotonic() < deadline, [a.headers["Connection"] for a in answers]
+                answers.append(requests.post(url, data=b"hi", timeout=5))
+            assert all(answer.status_code == 200 for answer in answers)  # still served
+        finally:
+            if stopping.ident is not None:
+                stopping.join(timeout=15)
+            stack.stop()
