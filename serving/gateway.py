@@ -87,6 +87,13 @@ class GatewaySettings:
     retry_after: int = 1
     model: str = "emotion"
 
+    def longest_request(self) -> int:
+        """Seconds the front door may keep one request: attempts start for up to the attempt
+        timeout plus ``RETRY_MARGIN`` after the first, the last may take the attempt timeout, and a
+        507 then gets one attempt more (3 x responseTimeout + 5 s = 95 s as shipped)."""
+        timeout = self.attempt_timeout or response_timeout()
+        return 3 * timeout + RETRY_MARGIN
+
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "tries", "rate", "burst", "connections", "retry_after"):
             if getattr(self, name) < 1:
@@ -289,9 +296,13 @@ class Gateway:
             self.stop()
             raise
 
-    def stop(self, timeout: float = 30) -> None:
-        """Graceful stop (SIGQUIT: answers in flight are finished), then kill; safe to call twice."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Graceful stop (SIGQUIT: answers in flight are finished), then kill; safe to call twice.
+        ``timeout``: seconds before the kill; default the longest a request can take here
+        (:meth:`GatewaySettings.longest_request`) plus 5, so that no request still retrying is cut."""
         if self.process is not None:
+            if timeout is None:
+                timeout = self.settings.longest_request() + 5
             self.process.stop(timeout, sig=signal.SIGQUIT)
             self.process = None
 

@@ -361,11 +361,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def watch(stack: Stack, stopping: threading.Event, poll: float = 0.5) -> int:
-    """Wait for ``stopping`` (SIGTERM, SIGINT): 0. Exit code 1 when TorchServe exits, or when the
-    service, once ready, has been not ready for longer than the stack's ``unready_exit``."""
+    """Wait for ``stopping`` (SIGTERM, SIGINT): 0. Exit code 1 when TorchServe or nginx exits, or
+    when the service, once ready, has been not ready for longer than the stack's ``unready_exit``."""
     while not stopping.wait(poll):
         if not stack.torchserve.process.running():
             log.error("TorchServe exited:\n%s", stack.torchserve.log_tail())
+            return 1
+        if stack.gateway.process is not None and not stack.gateway.process.running():
+            log.error("the front door (nginx) exited: see %s", stack.gateway.workdir / "nginx.out")
             return 1
         failure = stack.liveness_failure()
         if failure:

@@ -217,7 +217,11 @@ def test_a_changed_allowed_source_updates_the_existing_rule(cloud_stubs):
 def test_an_existing_vm_gets_the_new_startup_script_and_restarts(cloud_stubs):
     calls = cloud_stubs(("emotion-serve --zone",), "--allowed-source", "203.0.113.0/24")
     assert [c for c in calls if "instances add-metadata emotion-serve" in c]
-    assert [c for c in calls if "instances reset emotion-serve" in c]
+    # stopped and started, so that the guest shuts down and the container drains; never a power cycle
+    stop = [i for i, c in enumerate(calls) if "instances stop emotion-serve" in c]
+    start = [i for i, c in enumerate(calls) if "instances start emotion-serve" in c]
+    assert stop and start and stop[0] < start[0]
+    assert not [c for c in calls if "instances reset" in c]
     assert not [c for c in calls if "instances create" in c]
 
 
@@ -232,6 +236,37 @@ def test_startup_script_sets_up_driver_runtime_telemetry_tls_and_the_container()
     assert "-p" not in run and "--publish" not in run  # only nginx listens beyond the loopback
     assert run[-2:] == ["--host", "127.0.0.1"]  # the gateway behind nginx, on the VM's loopback
     assert "@IMAGE@" in script and "@REGISTRY@" in script and "@TLS_BUCKET@" in script
+
+
+def test_the_vm_replaces_its_container_gracefully_and_rebuilds_the_driver_for_a_new_kernel():
+    import yaml
+
+    from serving.gateway import RETRY_MARGIN
+
+    script = (GCP / "startup.sh").read_text()
+    flat = script.replace("\\\n", " ")
+    # the longest request behind the front door, the drain and TorchServe's stop fit in the stop timeout
+    timeout = int(yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["responseTimeout"])
+    (run_line,) = [line for line in flat.splitlines() if line.startswith("docker run")]
+    (stop_line,) = [line for line in flat.splitlines() if line.startswith("docker stop")]
+    budget = 2 + 3 * timeout + RETRY_MARGIN + 30
+    assert int(flag(shlex.split(run_line), "--stop-timeout")) >= budget
+    assert int(flag(shlex.split(stop_line), "--time")) >= budget
+    assert "docker rm -f" not in script  # a SIGKILL would drop the requests in flight
+    # headers of the kernel flavour's metapackage, so DKMS builds the driver for every new kernel
+    assert '"linux-headers-${KERNEL_FLAVOUR}"' in script and "dkms autoinstall" in script
+    flavour = subprocess.run(
+        [
+            "bash",
+            "-c",
+            "uname() { echo 6.1.0-28-cloud-amd64; }; "
+            + next(line for line in script.splitlines() if line.startswith("KERNEL_FLAVOUR="))
+            + '; echo "$KERNEL_FLAVOUR"',
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert flavour.stdout.strip() == "cloud-amd64"
 
 
 def test_shell_scripts_parse():

@@ -271,3 +271,28 @@ def test_during_the_drain_answers_close_their_connections_so_clients_move(tmp_pa
             if stopping.ident is not None:
                 stopping.join(timeout=15)
             stack.stop()
+
+
+def test_the_supervisor_exits_when_the_front_door_dies(tmp_path):
+    """Docker does not act on a failed HEALTHCHECK: the supervisor itself must exit for a restart."""
+    stack, _ = watched_stack(tmp_path)
+    stack.gateway.process = SimpleNamespace(running=lambda: False)
+    assert watch(stack, threading.Event(), poll=0.01) == 1
+    stack.gateway.process = SimpleNamespace(running=lambda: True)
+    stopping = threading.Event()
+    threading.Timer(0.2, stopping.set).start()
+    assert watch(stack, stopping, poll=0.01) == 0
+
+
+def test_the_front_door_waits_for_its_longest_request_before_it_is_killed(tmp_path):
+    from serving.gateway import RETRY_MARGIN, response_timeout
+
+    assert GatewaySettings(attempt_timeout=7).longest_request() == 3 * 7 + RETRY_MARGIN
+    assert GatewaySettings().longest_request() == 3 * response_timeout() + RETRY_MARGIN
+    from serving.gateway import Gateway
+
+    gateway = Gateway("127.0.0.1:9", tmp_path / "gateway", GatewaySettings(attempt_timeout=4))
+    stopped = []
+    gateway.process = SimpleNamespace(stop=lambda timeout, sig: stopped.append(timeout))
+    gateway.stop()
+    assert stopped == [3 * 4 + RETRY_MARGIN + 5]

@@ -158,9 +158,12 @@ sed -e "s|@IMAGE@|${IMAGE}|g" -e "s|@REGISTRY@|${REGISTRY}|g" -e "s|@TLS_BUCKET@
 if exists "${G[@]}" compute instances describe "$VM" --zone "$ZONE"; then
   # A new image or config: replace the startup script and restart the VM, which reruns it (it is
   # idempotent: the driver and runtime are installed once). No SSH access is needed for this.
+  # Stop and start, not reset: a stop shuts the guest down, so the container gets its SIGTERM and
+  # drains; a reset is a power cycle that drops the requests in flight.
   run "${G[@]}" compute instances add-metadata "$VM" --zone "$ZONE" \
     --metadata-from-file "startup-script=$metadata_dir/startup.sh,ops-agent-config=deploy/gcp/ops-agent.yaml,nginx-tls-config=deploy/gcp/nginx-tls.conf"
-  run "${G[@]}" compute instances reset "$VM" --zone "$ZONE"
+  run "${G[@]}" compute instances stop "$VM" --zone "$ZONE"
+  run "${G[@]}" compute instances start "$VM" --zone "$ZONE"
 else
   run "${G[@]}" compute instances create "$VM" --zone "$ZONE" --machine-type "$MACHINE_TYPE" \
     --accelerator "type=${GPU_TYPE},count=${GPU_COUNT}" --maintenance-policy TERMINATE \

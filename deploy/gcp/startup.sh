@@ -18,17 +18,29 @@ mkdir -p "$STATE"
 
 # 1. NVIDIA driver from Debian's non-free archive (skipped where nvidia-smi works already, e.g. on
 #    a Deep Learning VM boot image). The first install blacklists nouveau, so the VM reboots once.
+#    The headers come with the kernel flavour's metapackage (linux-headers-cloud-amd64 on Google's
+#    Debian images), so that DKMS rebuilds the driver for each kernel the unattended security
+#    updates install; a boot into a kernel without it gets its module built here.
+KERNEL_FLAVOUR=$(uname -r | sed 's/^[0-9.]*-[0-9]*-//')
 if ! nvidia-smi >/dev/null 2>&1; then
   if [ -f "$STATE/driver-installed" ]; then
-    echo "the NVIDIA driver is installed but nvidia-smi fails" >&2
-    exit 1
+    echo "nvidia-smi fails: building the driver for kernel $(uname -r)" >&2
+    apt-get update
+    apt-get install -y --no-install-recommends "linux-headers-$(uname -r)" "linux-headers-${KERNEL_FLAVOUR}"
+    dkms autoinstall -k "$(uname -r)" && modprobe nvidia || true
+    if ! nvidia-smi >/dev/null 2>&1; then
+      echo "the NVIDIA driver is installed but nvidia-smi still fails on kernel $(uname -r)" >&2
+      exit 1
+    fi
+  else
+    sed -i 's/^Components: main$/Components: main contrib non-free non-free-firmware/' /etc/apt/sources.list.d/*.sources
+    apt-get update
+    apt-get install -y --no-install-recommends "linux-headers-$(uname -r)" "linux-headers-${KERNEL_FLAVOUR}" \
+      nvidia-driver firmware-misc-nonfree
+    touch "$STATE/driver-installed"
+    systemctl reboot
+    exit 0
   fi
-  sed -i 's/^Components: main$/Components: main contrib non-free non-free-firmware/' /etc/apt/sources.list.d/*.sources
-  apt-get update
-  apt-get install -y --no-install-recommends "linux-headers-$(uname -r)" nvidia-driver firmware-misc-nonfree
-  touch "$STATE/driver-installed"
-  systemctl reboot
-  exit 0
 fi
 
 # 2. Container runtime: Docker and NVIDIA's container toolkit (the `--gpus` flag).
@@ -79,6 +91,10 @@ systemctl reload-or-restart nginx
 #    the emotion-state volume and survive restarts.
 token | docker login --username oauth2accesstoken --password-stdin "https://${REGISTRY}"
 docker pull "$IMAGE"
-docker rm -f emotion 2>/dev/null || true
-docker run -d --name emotion --restart unless-stopped --gpus all --network host --stop-timeout 60 \
+# The old container is stopped, not killed: SIGTERM drains it (readiness drops, in-flight requests
+# are answered). 140 s covers the drain, the front door's longest request (3 x responseTimeout +
+# 5 s = 95 s) and TorchServe's stop (30 s).
+docker stop --time 140 emotion 2>/dev/null || true
+docker rm emotion 2>/dev/null || true
+docker run -d --name emotion --restart unless-stopped --gpus all --network host --stop-timeout 140 \
   --log-driver gcplogs -v emotion-state:/srv/outputs "$IMAGE" --host 127.0.0.1
