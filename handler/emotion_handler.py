@@ -30,7 +30,7 @@ from emotion_engine import WARM_UP_TEXTS, EmotionEngine
 from emotion_inputs import InputError, extract_text, is_probe
 from emotion_metrics import EmotionMetrics
 from emotion_monitor import EmotionMonitor, make_records
-from emotion_settings import HandlerSettings
+from emotion_settings import HandlerSettings, cgroup_cpu_limit, worker_threads
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
@@ -55,8 +55,9 @@ class EmotionHandler(BaseHandler):
         gpu_id = properties.get("gpu_id")
         use_cuda = gpu_id is not None and torch.cuda.is_available()
         self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
-        if self.settings.threads > 0:
-            torch.set_num_threads(self.settings.threads)
+        threads = worker_threads(self.settings.threads, torch.get_num_threads(), cgroup_cpu_limit())
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)  # also ONNX Runtime's pool size (emotion_onnx.ort_session)
 
         self.engine = EmotionEngine(model_dir, self.settings, self.device)
         self.labels = self.engine.labels

@@ -7,6 +7,8 @@ import torch
 from emotion_handler import EmotionHandler
 from emotion_inputs import InputError, extract_text
 from emotion_settings import HandlerSettings
+from hypothesis import given
+from hypothesis import strategies as st
 
 from training.data import LABELS
 
@@ -177,3 +179,41 @@ def test_gpu_worker_runs_half_precision_on_cuda(tiny_model_dir, loaded, backend)
     for (status, a), (_, b) in zip(on_gpu, on_cpu, strict=True):
         assert status == 200
         assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: rounded up
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu.max": "garbage"}, None),
+        ({}, None),
+    ],
+)
+def test_the_containers_cpu_limit_is_read_from_its_cgroup(tmp_path, files, limit):
+    from emotion_settings import cgroup_cpu_limit
+
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(content)
+    assert cgroup_cpu_limit(tmp_path) == limit
+
+
+@given(configured=st.integers(0, 64), default=st.integers(1, 256), limit=st.none() | st.integers(1, 64))
+def test_worker_threads_never_exceed_the_cpu_limit_unless_configured(configured, default, limit):
+    from emotion_settings import worker_threads
+
+    threads = worker_threads(configured, default, limit)
+    if configured:
+        assert threads == configured
+    else:
+        assert 1 <= threads <= default and (limit is None or threads <= limit)
+        assert threads == (min(default, limit) if limit else default)
+
+
+def test_negative_threads_are_refused():
+    with pytest.raises(ValueError, match="threads"):
+        HandlerSettings.from_yaml({"threads": -1})

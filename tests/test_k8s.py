@@ -275,3 +275,14 @@ def test_the_base_names_the_bare_image_and_each_overlay_sets_it(tmp_path):
         (copy / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
         (container,) = pod_spec(by_kind(render(copy)))["containers"]
         assert container["image"] == f"{rule['newName']}:{sha}", overlay
+
+
+def test_worker_threads_are_bounded_by_the_pods_cpu_request(rendered):
+    """The pod has a CPU request, no CPU limit: torch would count the node's CPUs per worker."""
+    _, _, kinds, _ = rendered
+    (container,) = pod_spec(kinds)["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    workers = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["minWorkers"]
+    cpus = float(container["resources"]["requests"]["cpu"])
+    # at most two threads per requested CPU, the most oversubscribed setting measured to pay off
+    assert 1 <= int(env["OMP_NUM_THREADS"]) * workers <= 2 * cpus
