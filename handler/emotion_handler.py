@@ -54,6 +54,15 @@ class EmotionHandler(BaseHandler):
         self.settings = HandlerSettings.from_yaml(yaml_config.get("handler"))
         gpu_id = properties.get("gpu_id")
         use_cuda = gpu_id is not None and torch.cuda.is_available()
+        if gpu_id is not None and not use_cuda and torch.version.cuda is not None:
+            # A CUDA build of torch on a machine with a GPU that cannot use it (a driver older than
+            # the wheel's CUDA runtime, or a driver library it cannot find) would otherwise serve
+            # on the CPU at a fraction of the speed, with nothing to show for it but latency.
+            raise RuntimeError(
+                f"TorchServe assigned GPU {gpu_id}, but this CUDA {torch.version.cuda} build of torch "
+                "cannot use it: check the NVIDIA driver (nvidia-smi; it must support this CUDA "
+                "version) and that its libraries are on LD_LIBRARY_PATH"
+            )
         self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
         threads = worker_threads(self.settings.threads, torch.get_num_threads(), cgroup_cpu_limit())
         if threads != torch.get_num_threads():

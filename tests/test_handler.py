@@ -164,6 +164,16 @@ def test_gpu_id_without_cuda_runs_on_cpu(tiny_model_dir):
     assert run_batch(handler, context, [("i feel glad", "text/plain")])[0][0] == 200
 
 
+def test_a_cuda_build_that_cannot_use_its_gpu_fails_loudly(tiny_model_dir, monkeypatch):
+    """TorchServe assigned a GPU and torch is built for CUDA, yet CUDA is unavailable: a driver
+    mismatch, not a CPU machine. Serving on the CPU would hide it."""
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"GPU 0.*CUDA 12\.8.*driver"):
+        EmotionHandler().initialize(make_context(tiny_model_dir, gpu=0))
+    EmotionHandler().initialize(make_context(tiny_model_dir))  # no GPU assigned: the CPU, as asked
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
