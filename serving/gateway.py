@@ -10,6 +10,7 @@ and log reopening after rotation.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import pwd
 import re
@@ -71,6 +72,9 @@ class GatewaySettings:
         burst: Requests above ``rate`` one client may send at once.
         connections: Open connections allowed from one client address.
         retry_after: Seconds in the ``Retry-After`` header of 429 and 503 answers.
+        trusted_proxies: Addresses or networks of proxies in front (the VM's TLS nginx on
+            127.0.0.1, a load balancer's range) whose ``X-Forwarded-For`` names the client: the
+            per-client limits then count each client, not the proxy. Empty: the peer address.
         model: The served model: on its route (``/predictions/<model>``) TorchServe's 404
             means the model is being unregistered or registered again, a 503 ``NotReady``.
     """
@@ -86,6 +90,7 @@ class GatewaySettings:
     connections: int = 1024
     retry_after: int = 1
     model: str = "emotion"
+    trusted_proxies: tuple[str, ...] = ()
 
     def longest_request(self) -> int:
         """Seconds the front door may keep one request: attempts start for up to the attempt
@@ -100,6 +105,11 @@ class GatewaySettings:
                 raise ValueError(f"gateway {name} must be >= 1, not {getattr(self, name)}")
         if self.attempt_timeout is not None and self.attempt_timeout < 1:
             raise ValueError(f"gateway attempt_timeout must be >= 1, not {self.attempt_timeout}")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"gateway trusted proxy must be an address or network, not {proxy!r}") from None
         if not MODEL_NAME.fullmatch(self.model):
             raise ValueError(f"gateway model must be a name matching {MODEL_NAME.pattern}, not {self.model!r}")
 
@@ -124,6 +134,8 @@ def render(upstream: str, prefix: Path, settings: GatewaySettings) -> str:
         # files in the stack's folder: keep the worker under the user that runs the stack.
         "USER": f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else "",
         "SERVERS": servers,
+        "REAL_IP": "".join(f"\n    set_real_ip_from {proxy};" for proxy in settings.trusted_proxies)
+        + ("\n    real_ip_header X-Forwarded-For;\n    real_ip_recursive on;" if settings.trusted_proxies else ""),
         "LISTEN": f"{settings.host}:{settings.port}",
         "METRICS_LISTEN": f"{settings.metrics_host}:{settings.metrics_port}",
         "PREFIX": str(prefix),

@@ -329,6 +329,7 @@ def _settings(args: argparse.Namespace) -> GatewaySettings:
         rate=args.rate,
         burst=args.burst,
         connections=args.connections,
+        trusted_proxies=tuple(args.trusted_proxy),
     )
 
 
@@ -471,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=5000, help="requests/s per client address")
     parser.add_argument("--burst", type=int, default=5000)
     parser.add_argument("--connections", type=int, default=1024, help="connections per client address")
+    parser.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        help="a proxy in front (address or network; repeatable) whose X-Forwarded-For names the client",
+    )
     parser.add_argument("--golden-text", default=GOLDEN_TEXT, help="readiness: a text whose label is known")
     parser.add_argument("--golden-label", default=GOLDEN_LABEL, help="readiness: the label it must get")
     parser.add_argument(

@@ -296,6 +296,26 @@ def test_a_client_over_its_rate_is_refused_with_429(upstream, tmp_path):
         gateway.stop()
 
 
+@pytest.mark.parametrize("trusted", [(), ("127.0.0.1",)])
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit(upstream, tmp_path, trusted):
+    """Every request comes from the proxy's address; only a trusted proxy's X-Forwarded-For counts."""
+    gateway = start_gateway(upstream, tmp_path / "gateway", rate=1, burst=1, trusted_proxies=trusted)
+    try:
+        # a client may put anything first in the header; the proxy appends the address it saw
+        first = {"X-Forwarded-For": "203.0.113.9, 198.51.100.1"}
+        assert 429 in [post(gateway, "echo", **first).status_code for _ in range(5)]
+        other = post(gateway, "echo", **{"X-Forwarded-For": "203.0.113.9, 198.51.100.2"}).status_code
+        assert other == (200 if trusted else 429)
+    finally:
+        gateway.stop()
+
+
+def test_a_trusted_proxy_must_be_an_address_or_network():
+    assert GatewaySettings(trusted_proxies=("127.0.0.1", "10.0.0.0/8", "::1")).trusted_proxies
+    with pytest.raises(ValueError, match="trusted proxy"):
+        GatewaySettings(trusted_proxies=("127.0.0.1; allow all",))
+
+
 def test_access_log_counts_rotates_and_renders_metrics(gateway):
     for model in ("echo", "died-once", "bad"):
         post(gateway, model)

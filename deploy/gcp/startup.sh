@@ -97,4 +97,4 @@ docker pull "$IMAGE"
 docker stop --time 140 emotion 2>/dev/null || true
 docker rm emotion 2>/dev/null || true
 docker run -d --name emotion --restart unless-stopped --gpus all --network host --stop-timeout 140 \
-  --log-driver gcplogs -v emotion-state:/srv/outputs "$IMAGE" --host 127.0.0.1
+  --log-driver gcplogs -v emotion-state:/srv/outputs "$IMAGE" --trusted-proxy 127.0.0.1 --host 127.0.0.1
