@@ -84,7 +84,7 @@ def test_refuses_incomplete_or_open_settings(args, message):
 
 def test_the_whole_internet_only_when_forced():
     commands = dry_run("--allowed-source", "0.0.0.0/0", "--allow-any-source")
-    (rule,) = find(commands, "firewall-rules", "create")
+    (rule,) = find(commands, "firewall-rules", "create", "emotion-serve-https")
     assert "--source-ranges=0.0.0.0/0" in rule
 
 
@@ -112,11 +112,26 @@ def test_dedicated_service_account_with_three_roles_and_narrow_scopes():
 
 def test_inference_open_to_the_allowed_source_over_https_only():
     commands = dry_run("--allowed-source", "203.0.113.0/24,198.51.100.7/32")
-    (rule,) = find(commands, "firewall-rules", "create")
+    (rule,) = find(commands, "firewall-rules", "create", "emotion-serve-https")
     assert "--rules=tcp:443" in rule and "--source-ranges=203.0.113.0/24,198.51.100.7/32" in rule
     assert "--target-tags=emotion-serve" in rule
-    opened = [w for c in commands for w in c if w.startswith(("--rules=", "--allow="))]
-    assert opened == ["--rules=tcp:443"]  # never 8080 (plain HTTP), 8081 or the metrics ports
+    # SSH only from Identity-Aware Proxy's range, for `gcloud compute ssh --tunnel-through-iap`
+    (ssh,) = find(commands, "firewall-rules", "create", "emotion-serve-iap-ssh")
+    assert "--rules=tcp:22" in ssh and "--source-ranges=35.235.240.0/20" in ssh
+    opened = sorted(w for c in commands for w in c if w.startswith(("--rules=", "--allow=")))
+    assert opened == ["--rules=tcp:22", "--rules=tcp:443"]  # never 8080 (plain HTTP), 8081 or metrics
+
+
+def test_the_vm_and_its_rules_live_on_a_network_of_their_own():
+    """Not the default network, whose default rules open SSH and RDP to the whole internet."""
+    commands = dry_run()
+    assert find(commands, "compute", "networks", "create", "emotion-serve", "--subnet-mode=custom")
+    (subnet,) = find(commands, "networks", "subnets", "create", "emotion-serve")
+    assert flag(subnet, "--network") == "emotion-serve" and flag(subnet, "--region") == "europe-west4"
+    for command in find(commands, "firewall-rules", "create") + find(commands, "instances", "create"):
+        assert flag(command, "--network") == "emotion-serve", command
+    (vm,) = find(commands, "instances", "create")
+    assert flag(vm, "--subnet") == "emotion-serve"
 
 
 def test_tls_certificate_and_key_go_to_a_private_bucket():
@@ -211,7 +226,7 @@ def test_a_changed_allowed_source_updates_the_existing_rule(cloud_stubs):
     calls = cloud_stubs(("emotion-serve-https",), "--allowed-source", "198.51.100.0/24")
     (update,) = [c for c in calls if "firewall-rules update" in c]
     assert "--source-ranges=198.51.100.0/24" in update and "--allow=tcp:443" in update
-    assert not [c for c in calls if "firewall-rules create" in c]
+    assert not [c for c in calls if "firewall-rules create emotion-serve-https" in c]
 
 
 def test_an_existing_vm_gets_the_new_startup_script_and_restarts(cloud_stubs):

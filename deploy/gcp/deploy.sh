@@ -11,8 +11,10 @@
 #     roles/monitoring.metricWriter and roles/logging.logWriter on the project, and read access to
 #     a private bucket holding the TLS certificate and key; the VM gets the matching narrow
 #     scopes (storage-ro, monitoring-write, logging-write), never cloud-platform;
-#  3. a firewall rule opening HTTPS (443) to --allowed-source only, updated when it changes;
-#     0.0.0.0/0 is refused unless --allow-any-source is given;
+#  3. a network of its own (not the project's default network, whose default rules open SSH
+#     and RDP to the internet), a firewall rule opening HTTPS (443) to --allowed-source only,
+#     updated when it changes (0.0.0.0/0 is refused unless --allow-any-source is given), and SSH
+#     from Google's IAP range only (gcloud compute ssh --tunnel-through-iap);
 #  4. the VM (GPU type, zone, machine type, boot image are options) whose startup script
 #     (startup.sh) installs the NVIDIA driver, Docker with the NVIDIA container toolkit, nginx
 #     (TLS, nginx-tls.conf) and the Ops Agent (ops-agent.yaml: scrapes TorchServe's metrics on
@@ -42,7 +44,7 @@ DRY_RUN=${DRY_RUN:-}
 ALLOW_ANY_SOURCE=${ALLOW_ANY_SOURCE:-}
 SKIP_ALERTS=${SKIP_ALERTS:-}
 
-usage() { sed -n '2,24p' "$0"; }
+usage() { sed -n '2,26p' "$0"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -93,6 +95,9 @@ SA_NAME=emotion-serve
 SA="${SA_NAME}@${PROJECT}.iam.gserviceaccount.com"
 BUCKET="gs://${PROJECT}-emotion-tls"
 FIREWALL=emotion-serve-https
+NETWORK=${NETWORK:-emotion-serve}
+SUBNET_RANGE=${SUBNET_RANGE:-10.80.0.0/24}
+IAP_RANGE=35.235.240.0/20   # where Identity-Aware Proxy's TCP forwarding connects from
 TARGET_TAG=emotion-serve
 G=(gcloud --project "$PROJECT" --quiet)
 
@@ -142,12 +147,21 @@ run "${G[@]}" storage cp "$TLS_KEY" "$BUCKET/tls.key"
 run "${G[@]}" storage buckets add-iam-policy-binding "$BUCKET" --member "serviceAccount:$SA" \
   --role roles/storage.objectViewer
 
-# 3. Firewall: HTTPS from ALLOWED_SOURCE only; an existing rule is updated to the current ranges
+# 3. Network and firewall: a VPC of its own; HTTPS from ALLOWED_SOURCE only (an existing rule is
+#    updated to the current ranges); SSH from IAP only
+exists "${G[@]}" compute networks describe "$NETWORK" \
+  || run "${G[@]}" compute networks create "$NETWORK" --subnet-mode=custom
+exists "${G[@]}" compute networks subnets describe "$NETWORK" --region "$REGION" \
+  || run "${G[@]}" compute networks subnets create "$NETWORK" --network "$NETWORK" --region "$REGION" \
+       --range "$SUBNET_RANGE"
+exists "${G[@]}" compute firewall-rules describe "$NETWORK-iap-ssh" \
+  || run "${G[@]}" compute firewall-rules create "$NETWORK-iap-ssh" --network "$NETWORK" --direction=INGRESS \
+       --action=ALLOW --rules=tcp:22 --source-ranges="$IAP_RANGE" --target-tags="$TARGET_TAG"
 if exists "${G[@]}" compute firewall-rules describe "$FIREWALL"; then
   run "${G[@]}" compute firewall-rules update "$FIREWALL" --allow=tcp:443 --source-ranges="$ALLOWED_SOURCE"
 else
-  run "${G[@]}" compute firewall-rules create "$FIREWALL" --direction=INGRESS --action=ALLOW --rules=tcp:443 \
-    --source-ranges="$ALLOWED_SOURCE" --target-tags="$TARGET_TAG"
+  run "${G[@]}" compute firewall-rules create "$FIREWALL" --network "$NETWORK" --direction=INGRESS --action=ALLOW \
+    --rules=tcp:443 --source-ranges="$ALLOWED_SOURCE" --target-tags="$TARGET_TAG"
 fi
 
 # 4. The VM
@@ -167,6 +181,7 @@ if exists "${G[@]}" compute instances describe "$VM" --zone "$ZONE"; then
 else
   run "${G[@]}" compute instances create "$VM" --zone "$ZONE" --machine-type "$MACHINE_TYPE" \
     --accelerator "type=${GPU_TYPE},count=${GPU_COUNT}" --maintenance-policy TERMINATE \
+    --network "$NETWORK" --subnet "$NETWORK" \
     --image-family "$BOOT_IMAGE_FAMILY" --image-project "$BOOT_IMAGE_PROJECT" \
     --boot-disk-size "$BOOT_DISK_SIZE" --boot-disk-type pd-balanced --no-shielded-secure-boot \
     --tags "$TARGET_TAG" --service-account "$SA" --scopes storage-ro,monitoring-write,logging-write \
