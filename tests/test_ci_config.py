@@ -48,7 +48,16 @@ def test_cloudbuild_builds_and_pushes_the_gpu_image():
     assert "--file=docker/serve.Dockerfile" in docker["args"] and "--build-arg=VARIANT=cuda" in docker["args"]
     tags = [a.split("=", 1)[1] for a in docker["args"] if a.startswith("--tag=")]
     assert tags and set(build["images"]) == set(tags)
-    assert any("${SHORT_SHA}" in tag for tag in tags)
+    # tagged with the commit (a trigger's SHORT_SHA; a manual build passes _TAG), refused without one
+    assert build["substitutions"]["_TAG"] == "${SHORT_SHA}"
+    assert any(tag.endswith(":${_TAG}") for tag in tags)
+    (check,) = [s for s in build["steps"] if s["id"] == "tag"]
+    assert all(subprocess.run(["bash", "-c", check["args"][1].replace("${_TAG}", value)]).returncode == code
+               for value, code in (("", 1), ("abc1234", 0)))  # fmt: skip
+    steps = [s["id"] for s in build["steps"]]
+    assert steps.index("tag") < steps.index(docker["id"])
+    (archive,) = [s for s in build["steps"] if s["id"] == "archive"]
+    assert "core.no_scm true" in archive["args"][-1]  # DVC without .git in the build's source
     # The archive the image packs is fetched before the build (it is not in git).
     steps = [s["id"] for s in build["steps"]]
     assert steps.index("archive") < steps.index(docker["id"])
