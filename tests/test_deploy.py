@@ -268,6 +268,10 @@ def test_the_vm_replaces_its_container_gracefully_and_rebuilds_the_driver_for_a_
     assert int(flag(shlex.split(run_line), "--stop-timeout")) >= budget
     assert int(flag(shlex.split(stop_line), "--time")) >= budget
     assert "docker rm -f" not in script  # a SIGKILL would drop the requests in flight
+    # earlier releases' images are removed once unused, so the boot disk does not fill up
+    (prune,) = [line for line in flat.splitlines() if line.startswith("docker image prune")]
+    assert "--all" in prune and "until=" in prune
+    assert flat.index("docker run") < flat.index("docker image prune")  # after the new one runs
     # headers of the kernel flavour's metapackage, so DKMS builds the driver for every new kernel
     assert '"linux-headers-${KERNEL_FLAVOUR}"' in script and "dkms autoinstall" in script
     flavour = subprocess.run(

@@ -98,3 +98,6 @@ docker stop --time 140 emotion 2>/dev/null || true
 docker rm emotion 2>/dev/null || true
 docker run -d --name emotion --restart unless-stopped --gpus all --network host --stop-timeout 140 \
   --log-driver gcplogs -v emotion-state:/srv/outputs "$IMAGE" --trusted-proxy 127.0.0.1 --host 127.0.0.1
+# Images no container uses any more (earlier releases), once a week old: each is several GB, and
+# the boot disk holds 50 GB.
+docker image prune --all --force --filter "until=168h" || true
