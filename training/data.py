@@ -129,21 +129,17 @@ def duplicate_stats(train: Sequence[Example], val: Sequence[Example]) -> dict[st
     copies disagree on the label), and validation texts that are also training texts (and those of
     them labelled differently there)."""
     stats: dict[str, int] = {}
+    labels_of: dict[str, dict[str, set[int]]] = {}
     for name, examples in (("train", train), ("val", val)):
-        labels_of: dict[str, set[int]] = {}
         counts = Counter(e.text for e in examples)
+        texts = labels_of[name] = {}
         for e in examples:
-            labels_of.setdefault(e.text, set()).add(e.label)
+            texts.setdefault(e.text, set()).add(e.label)
         stats[f"{name}_duplicate_texts"] = sum(1 for c in counts.values() if c > 1)
-        stats[f"{name}_conflicting_labels"] = sum(1 for ls in labels_of.values() if len(ls) > 1)
-    train_labels: dict[str, set[int]] = {}
-    for e in train:
-        train_labels.setdefault(e.text, set()).add(e.label)
-    shared = {e.text for e in val if e.text in train_labels}
+        stats[f"{name}_conflicting_labels"] = sum(1 for ls in texts.values() if len(ls) > 1)
+    shared = labels_of["train"].keys() & labels_of["val"].keys()
     stats["texts_in_both_splits"] = len(shared)
-    stats["texts_in_both_splits_relabelled"] = len(
-        {e.text for e in val if e.text in shared and train_labels[e.text] != {e.label}}
-    )
+    stats["texts_in_both_splits_relabelled"] = sum(1 for t in shared if labels_of["train"][t] != labels_of["val"][t])
     return stats
 
 
