@@ -13,10 +13,12 @@ Every engine runs in the handler's ``EmotionEngine`` (same tokenizer, passes by 
 with the shipped handler settings. Speed: texts/s over batches of the shipped ``batchSize``
 validation texts back to back, one process; accuracy: every validation text. The matrix-product
 rate is the model's multiply-adds over the padded tokens it computed (2 FLOP each) per second of
-forward pass, against this CPU's fp32 peak (cores x clock x 32 FLOP per cycle for two 256-bit FMA
-units; AVX2) and its int8 peak (4x that: 8-bit multiply-adds on the same units).
-Writes ``bench/results/engines.json`` and prints a Markdown table; the last line names the
-fastest engine within ``--max-drop`` accuracy points of ONNX Runtime fp32.
+forward pass, against this CPU's fp32 peak and its int8 peak (with VNNI where the CPU has it), as
+``handler/emotion_cpu.py`` computes them from the FMA pipes, their width, the clock and the cores.
+Prints the CPU line first; writes ``bench/results/engines.json`` and a Markdown table; names the
+fastest engine within ``--max-drop`` accuracy points of ONNX Runtime fp32, and judges the CPU's int8
+engine (``CpuCapabilities.int8_engine``) against ``INT8_EFFICIENCY_TARGET`` of the int8 peak
+(PASS/FAIL).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import psutil
 import yaml
 
 from loadtest.texts import read_labelled
@@ -44,22 +45,10 @@ MODEL_CONFIG = PROJECT_ROOT / "handler" / "model-config.yaml"
 # `openvino.torch` whenever it can, which slows every worker's start (requirements-openvino.txt).
 OPENVINO_DIR = Path(os.environ.get("OPENVINO_DIR", Path(sys.prefix) / "openvino"))
 CALIBRATION_TEXTS = 256
-FLOP_PER_CYCLE_FP32 = 32  # 2 FMA units x 8 fp32 lanes x 2 FLOP (AVX2)
-INT8_OPS_PER_FP32_FLOP = 4  # 32 8-bit lanes per 256-bit register against 8 fp32 lanes
-
-
-def cpu_peak_gflops() -> float:
-    """This machine's fp32 peak from its core count and clock (``/proc/cpuinfo``, else psutil)."""
-    mhz = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                mhz = float(line.split(":")[1])
-                break
-    except OSError:
-        pass
-    mhz = mhz or (psutil.cpu_freq().current if psutil.cpu_freq() else 2000.0)
-    return psutil.cpu_count(logical=False) * mhz / 1000 * FLOP_PER_CYCLE_FP32
+# The share of the CPU's int8 peak its int8 engine must reach on the model's matrix products. A
+# 6-layer encoder at these sequence lengths spends much of its time outside the big products
+# (attention, softmax, LayerNorm, quantising activations), so a third of the peak is good.
+INT8_EFFICIENCY_TARGET = 0.25
 
 
 def matmul_flops(config, batch: int, tokens: int) -> float:
@@ -184,6 +173,17 @@ def measure(engine, config, texts: list[str], labels: list[str], batch: int, sec
     }
 
 
+def int8_verdict(rows: list[dict], engine: str) -> dict | None:
+    """Whether the CPU's int8 engine reached ``INT8_EFFICIENCY_TARGET`` of the int8 peak (None: it
+    was not measured, or it is an fp32 engine on this CPU)."""
+    row = next((r for r in rows if r["engine"] == engine and "int8_peak_share" in r), None)
+    if row is None or "int8" not in engine:
+        return None
+    share = row["int8_peak_share"]
+    check = f"{engine}: {share:.0%} of the int8 peak >= {INT8_EFFICIENCY_TARGET:.0%}"
+    return {"engine": engine, "int8_peak_share": share, "check": check, "passed": share >= INT8_EFFICIENCY_TARGET}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=experiment_paths(current_experiment()).model_dir)
@@ -219,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     config, batch = engine.model.config, int(shipped["batchSize"])
     onnx_backend = handler_module("emotion_onnx").OnnxBackend
     rows: list[dict] = []
-    peak = cpu_peak_gflops()
+    cpu = handler_module("emotion_cpu").detect()
+    print(cpu.line(), flush=True)
+    peak, int8_peak = cpu.peak_gflops("fp32"), cpu.peak_gflops("int8")
     with tempfile.TemporaryDirectory() as tmp:
         graphs = build_graphs(args.model_dir, Path(tmp), calibration, engine)
         runners: dict[str, Callable] = {}
@@ -239,11 +241,11 @@ def main(argv: list[str] | None = None) -> int:
             row["graph_mb"] = round(graphs[name.split(" ", 1)[1]].stat().st_size / 1e6, 1)
             if "gflops" in row:
                 row["fp32_peak_share"] = round(row["gflops"] / peak, 3)
-                row["int8_peak_share"] = round(row["gflops"] / (peak * INT8_OPS_PER_FP32_FLOP), 3)
+                row["int8_peak_share"] = round(row["gflops"] / int8_peak, 3)
             rows.append(row)
     ran = [r for r in rows if "failed" not in r]
     reference = next((r for r in ran if r["engine"] == "onnxruntime fp32"), ran[0] if ran else None)
-    print(f"\nCPU fp32 peak {peak:.0f} GFLOP/s ({psutil.cpu_count(logical=False)} cores), threads {threads}\n")
+    print(f"\npeaks: fp32 {peak:.0f}, int8 {int8_peak:.0f} GFLOP/s, {cpu.physical_cores} cores, {threads} threads\n")
     print("| engine | texts/s | speed-up | val accuracy | GFLOP/s | of fp32 peak | of int8 peak | graph MB |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -260,11 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     best = max(eligible, key=lambda r: r["texts_per_s"]) if eligible else None
     if best:
         print(f"\nfastest within {args.max_drop} points of {reference['engine']}: {best['engine']}")
+    verdict = int8_verdict(rows, cpu.int8_engine)
+    if verdict is not None:
+        print(f"{'PASS' if verdict['passed'] else 'FAIL'}: {verdict['check']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "model_dir": os.path.relpath(args.model_dir, PROJECT_ROOT),
         "threads": threads,
-        "cpu_fp32_peak_gflops": round(peak, 1),
+        "cpu": cpu.summary(),
+        "int8_verdict": verdict,
         "duration_s": args.duration,
         "rows": rows,
         "fastest_within_max_drop": best["engine"] if best else None,

@@ -43,7 +43,12 @@ from serving.server import TorchServe, free_port
 from training.config import experiment_paths
 
 LUA = Path(__file__).resolve().parent / "post.lua"
-TARGETS = {"d/a": 4.0, "d/b": 3.0, "d/c": 3.0}
+# Ratio targets, measured in one run on one machine, so they mean the same on every CPU (README,
+# "Benchmark"): d against the in-process ceiling of its own engine, the best peer server, the
+# in-process fp32 model, the seed design and stock TorchServe.
+TARGETS = {"d/ceiling": 0.85, "d/best peer": 1.2, "d/a": 2.5, "d/b": 3.0, "d/c": 3.0}
+# Absolute targets: p99 at half load on the project's 2-core machine (reported with the CPU line).
+HALF_LOAD_P99_MS = 50
 PEERS = {"e": "litserve", "f": "ray"}
 NAMES = {
     "a": "in-process fp32 batched",
@@ -294,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.model_dir / "config.json").is_file():
         raise SystemExit(f"{args.model_dir} is not a trained model directory: make train EXPERIMENT=<experiment>")
+    print(handler_module("emotion_cpu").detect().line(), flush=True)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (make system-deps)")
     settings = LoadTestSettings.load()
@@ -360,17 +366,11 @@ def report(results: dict[str, dict], tuned: dict, args) -> int:
         f"p99 {half['p99_ms']:.1f} ms"
     )
     print(f"d: cold start {d['cold_start_s']} s, archive {d['archive_mb']} MB ({backend} backend)")
-    ratios = {r: round(d["requests_per_s"] / results[r[-1]]["requests_per_s"], 2) for r in TARGETS}
-    ratios["d/ceiling"] = round(d["requests_per_s"] / results["ceiling"]["requests_per_s"], 2)
-    best_peer = max((ran[k]["requests_per_s"] for k in PEERS if k in ran), default=None)
-    if best_peer:
-        ratios["d/best peer"] = round(d["requests_per_s"] / best_peer, 2)
+    ratios = ratio_table(results)
     print("\nratios: " + ", ".join(f"{r} = {v}" for r, v in ratios.items()))
-    checks = [(f"{r} >= {t}", ratios[r] >= t) for r, t in TARGETS.items()]
+    checks = [(f"{r} >= {t}", ratios.get(r) is not None and ratios[r] >= t) for r, t in TARGETS.items()]
     checks += [
-        ("d >= the best peer", best_peer is not None and d["requests_per_s"] >= best_peer),
-        ("d / ceiling >= 0.85", ratios["d/ceiling"] >= 0.85),
-        ("p99 <= 50 ms at half of d's throughput", half["p99_ms"] <= 50),
+        (f"p99 <= {HALF_LOAD_P99_MS} ms at half of d's throughput", half["p99_ms"] <= HALF_LOAD_P99_MS),
         ("cold start <= 5 s", d["cold_start_s"] <= 5),
         (f"archive <= {ARCHIVE_LIMIT_MB} MB ({backend} backend)", d["archive_mb"] <= ARCHIVE_LIMIT_MB),
         ("RSS per worker <= 500 MB", d["rss_mb_per_worker"] <= 500),
@@ -383,6 +383,7 @@ def report(results: dict[str, dict], tuned: dict, args) -> int:
     (args.out / "bench.json").write_text(
         json.dumps(
             {
+                "cpu": handler_module("emotion_cpu").detect().summary(),
                 "results": results,
                 "ratios": ratios,
                 "checks": dict(checks),
@@ -395,6 +396,18 @@ def report(results: dict[str, dict], tuned: dict, args) -> int:
     )
     plot({k: row for k, row in ran.items() if k != "ceiling"}, NAMES, args.out / "bench.png")
     return 0
+
+
+def ratio_table(results: dict[str, dict]) -> dict[str, float]:
+    """d's throughput over each other row's (setups that did not run have no ratio); the best peer
+    is the faster of LitServe and Ray Serve."""
+    d = results["d"]["requests_per_s"]
+    rates = {k: row["requests_per_s"] for k, row in results.items() if "failed" not in row and row["requests_per_s"]}
+    ratios = {f"d/{k}": round(d / rates[k], 2) for k in ("a", "b", "c", "ceiling") if k in rates}
+    peers_ran = [rates[k] for k in PEERS if k in rates]
+    if peers_ran:
+        ratios["d/best peer"] = round(d / max(peers_ran), 2)
+    return ratios
 
 
 def plot(results: dict, names: dict, path: Path) -> None:

@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 from emotion_batch import Batch
+from emotion_cpu import detect, worker_threads
 from emotion_engine import WARM_UP_TEXTS, EmotionEngine
 from emotion_inputs import InputError, extract_text, is_probe
 from emotion_metrics import EmotionMetrics
 from emotion_monitor import EmotionMonitor, make_records
-from emotion_settings import HandlerSettings, cgroup_cpu_limit, worker_threads
+from emotion_settings import HandlerSettings
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
@@ -64,7 +65,9 @@ class EmotionHandler(BaseHandler):
                 "version) and that its libraries are on LD_LIBRARY_PATH"
             )
         self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
-        threads = worker_threads(self.settings.threads, torch.get_num_threads(), cgroup_cpu_limit())
+        cpu = detect()
+        log.info("%s", cpu.line())
+        threads = worker_threads(self.settings.threads, torch.get_num_threads(), cpu.cgroup_cpus)
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)  # also ONNX Runtime's pool size (emotion_onnx.ort_session)
 

@@ -6,9 +6,7 @@ section fails the build instead of every worker.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 # The precisions each backend runs; ``emotion_backends.BACKENDS`` holds one class per name.
@@ -31,7 +29,7 @@ class HandlerSettings:
         max_text_chars: Longest accepted text; longer ones get a 413.
         threads: Intra-op threads per worker (torch, or ONNX Runtime's pool); ``0``: torch's
             default (``OMP_NUM_THREADS``, else the CPUs the process may run on), capped at the
-            container's CPU limit (``cgroup_cpu_limit``), which torch does not see.
+            container's CPU limit (``emotion_cpu.cgroup_cpu_limit``), which torch does not see.
         sort_by_length: Run the batch as several forward passes of texts of similar token length,
             chosen to minimise padded tokens plus ``pass_cost_tokens`` per pass
             (``emotion_batch.plan_passes``), instead of one pass padded to the longest text.
@@ -96,30 +94,3 @@ class HandlerSettings:
             if getattr(settings, key) and settings.backend != backend:
                 raise ValueError(f"handler.{key} applies to the {backend} backend only")
         return settings
-
-
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """The CPUs the container may use, rounded up, from its cgroup's CPU quota (v2 ``cpu.max``,
-    or v1 ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``); None when there is no quota or no
-    cgroup to read (``docker run --cpus 2`` and a Kubernetes CPU limit set one)."""
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        if quota == "max":
-            return None
-        return max(1, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
-        pass
-    try:
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
-
-
-def worker_threads(configured: int, torch_default: int, cpu_limit: int | None) -> int:
-    """Intra-op threads for one worker: ``configured`` when set, else torch's default capped at
-    the container's CPU limit (torch counts the host's CPUs, which would oversubscribe the quota)."""
-    if configured > 0:
-        return configured
-    return max(1, min(torch_default, cpu_limit)) if cpu_limit else max(1, torch_default)

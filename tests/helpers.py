@@ -32,6 +32,8 @@ def tiny_overrides(root: Path, *extra: str) -> list[str]:
         "train.max_length=32",
         "train.max_steps=6",
         "train.lr=3e-4",
+        # The same tiny model on every CPU: auto would train it in bf16 where the CPU has it.
+        "train.precision=fp32",
         "train.log_every_n_steps=2",
         "logger=none",
         *extra,

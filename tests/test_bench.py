@@ -106,7 +106,23 @@ def test_benchmark_runs_every_setup_and_prints_the_checks(tiny_model_dir, tmp_pa
     d = report["results"]["d"]
     assert d["archive_mb"] > 0 and d["cold_start_s"] > 0 and d["half_load"]["p99_ms"] > 0
     assert report["checks"]["every setup ran"] is True
+    assert report["cpu"]["physical_cores"] >= 1
     printed = capsys.readouterr().out
+    assert printed.startswith("CPU ")
     for check in report["checks"]:
         assert f": {check}" in printed
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ratios_divide_d_by_each_row_and_by_the_faster_peer():
+    from bench.run import TARGETS, ratio_table
+
+    results = {
+        "a": {"requests_per_s": 100.0},
+        "d": {"requests_per_s": 300.0},
+        "e": {"requests_per_s": 150.0},
+        "f": {"failed": "did not start"},
+        "ceiling": {"requests_per_s": 330.0},
+    }
+    assert ratio_table(results) == {"d/a": 3.0, "d/ceiling": 0.91, "d/best peer": 2.0}
+    assert set(TARGETS) >= {"d/ceiling", "d/best peer", "d/a"}

@@ -99,13 +99,33 @@ def test_engine_comparison_measures_speed_accuracy_and_the_matrix_rate(tiny_mode
     assert main([*argv, *only]) == 0
     report = json.loads(out.read_text())
     assert [row["engine"] for row in report["rows"]] == only
+    peaks = report["cpu"]["peak_gflops"]
     for row in report["rows"]:
         assert "failed" not in row, row
         assert row["texts_per_s"] > 0 and 0 <= row["val_accuracy"] <= 1
-        assert row["gflops"] > 0 and 0 < row["fp32_peak_share"] < 1.5
+        # Shares of the peaks this run computed; their size is the CPU's (a benchmark figure).
+        assert row["fp32_peak_share"] == pytest.approx(row["gflops"] / peaks["fp32"], abs=1e-3)
+        assert row["int8_peak_share"] == pytest.approx(row["gflops"] / peaks["int8"], abs=1e-3)
     assert report["rows"][0]["speedup"] == 1.0
     assert report["fastest_within_max_drop"] in only
-    assert "| onnxruntime int8 dynamic |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert printed.startswith("CPU ") and "| onnxruntime int8 dynamic |" in printed
+    assert report["int8_verdict"]["engine"] == report["cpu"]["int8_engine"]
+    assert f"{'PASS' if report['int8_verdict']['passed'] else 'FAIL'}: " in printed
+
+
+def test_the_int8_verdict_judges_the_cpus_int8_engine_against_the_target():
+    from bench.engines import INT8_EFFICIENCY_TARGET, int8_verdict
+
+    rows = [
+        {"engine": "onnxruntime fp32", "int8_peak_share": 0.9},
+        {"engine": "slow int8", "int8_peak_share": INT8_EFFICIENCY_TARGET - 0.01},
+        {"engine": "fast int8", "int8_peak_share": INT8_EFFICIENCY_TARGET},
+    ]
+    assert int8_verdict(rows, "slow int8")["passed"] is False
+    assert int8_verdict(rows, "fast int8")["passed"] is True
+    assert int8_verdict(rows, "onnxruntime fp32") is None  # no int8 engine on this CPU: nothing to judge
+    assert int8_verdict(rows, "not measured int8") is None
 
 
 def test_matmul_flops_grow_with_batch_and_tokens():

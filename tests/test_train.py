@@ -139,10 +139,11 @@ def test_pruning_rejects_impossible_layer_counts(tiny_model_dir, count):
         keep_bottom_layers(model, count)
 
 
-def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively():
-    from training.runtime import native_bf16, resolve_precision
+def test_auto_precision_is_the_cpu_modules_choice_and_an_explicit_one_wins():
+    from training.runtime import cpu, resolve_precision
 
-    assert resolve_precision("auto") == ("bf16" if native_bf16() else "fp32")
+    assert resolve_precision("auto") == cpu().training_precision  # per CPU: tests/test_cpu.py
+    assert resolve_precision("bf16") == "bf16"
     assert resolve_precision("fp32") == "fp32"
     with pytest.raises(ValueError, match=r"train\.precision"):
         resolve_precision("fp16")

@@ -7,12 +7,16 @@ import random
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from project import PROJECT_ROOT
+from project import PROJECT_ROOT, handler_module
+
+if TYPE_CHECKING:
+    from emotion_cpu import CpuCapabilities
 
 
 @dataclass(frozen=True)
@@ -39,26 +43,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cpu() -> CpuCapabilities:
+    """This machine's CPU (``handler/emotion_cpu.py``, read once), which the choices below follow."""
+    return handler_module("emotion_cpu").detect()
+
+
 def physical_cores() -> int:
-    """Physical core count (hyper-threads slow down GEMM-bound training)."""
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:  # pragma: no cover
-        return os.cpu_count() or 1
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16, as oneDNN detects them); without
-    that, bf16 autocast is emulated and many times slower than fp32."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Physical cores this process may use, capped at the container's CPU limit (hyper-threads
+    slow down GEMM-bound training)."""
+    return cpu().default_threads
 
 
 def resolve_precision(precision: str) -> str:
-    """``bf16`` or ``fp32``: ``auto`` becomes bf16 where the CPU computes it natively, else fp32."""
+    """``bf16`` or ``fp32``: ``auto`` becomes bf16 where the CPU computes it natively (AVX-512 BF16
+    or AMX-BF16), else fp32; without it, bf16 autocast is emulated and many times slower."""
     if precision == "auto":
-        return "bf16" if native_bf16() else "fp32"
+        return cpu().training_precision
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"train.precision must be auto, bf16 or fp32, not {precision!r}")
     return precision

@@ -29,7 +29,7 @@ from training.distill import Distiller, build_distiller
 from training.evaluate import predict
 from training.metrics import classification_metrics
 from training.outputs import provenance, report_run, save_outputs
-from training.runtime import Runtime, resolve_precision, setup_runtime, teardown_runtime
+from training.runtime import Runtime, cpu, resolve_precision, setup_runtime, teardown_runtime
 from training.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -266,6 +266,7 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
     val_split = TokenizedSplit(val_examples, tokenizer, tcfg.max_length)
     lengths = train_split.lengths()
     if runtime.is_main:
+        log.info("%s", cpu().line())
         for name, examples in (("training", train_examples), ("validation", val_examples)):
             missing = [label for label, count in class_counts(examples).items() if count == 0]
             if missing:
