@@ -119,6 +119,19 @@ bench: system-deps train ## In-process, FastAPI, stock and tuned TorchServe, Lit
 engines: system-deps train ## ONNX Runtime vs OpenVINO, fp32 vs dynamic vs static int8: speed, accuracy, GFLOP/s
 	$(BIN)/python -m bench.engines --model-dir $(MODEL_DIR)
 
+overload: system-deps $(ARCHIVE) ## Goodput under overload through the front door (48 clients, short queue), PASS/FAIL >= 80% of capacity
+	$(BIN)/python -m bench.overload
+
+# The GPU path: `make gpu-pack` here (the model in fp16, the CPU int8 archive's answers), then
+# `make gpu-check` on a CUDA machine with a copy of the tree and outputs/gpu-check/ (README, "GPU check").
+GPU_PYTHON ?= python3
+
+gpu-pack: $(ARCHIVE) ## Write outputs/gpu-check/ (fp16 model, validation texts, CPU int8 answers) for make gpu-check
+	$(BIN)/python -m bench.gpu_check pack --model-dir $(MODEL_DIR)
+
+gpu-check: ## On a CUDA machine: GPU engines vs the CPU int8 archive (>= 99% agreement), speed at batch 1/8/64, memory
+	$(GPU_PYTHON) -m bench.gpu_check check
+
 batching: $(ARCHIVE) ## Measure batchSize x maxBatchDelay x workers (loadtest/results/batching.json)
 	$(BIN)/python -m loadtest.batching_sweep
 
@@ -174,4 +187,4 @@ report: $(BIN)/.installed system-deps ## Exam report: figures from the project's
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps experiment data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench engines batching drift robustness lint format test test-fast report clean image-deps image image-smoke
+.PHONY: help venv system-deps experiment data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench engines batching overload gpu-pack gpu-check drift robustness lint format test test-fast report clean image-deps image image-smoke

@@ -73,6 +73,20 @@ class ClosedLoop:
                 return 0, str(err)
         return 0, "unreachable"
 
+    def wait_answered(self, count: int, timeout: float = 120) -> bool:
+        """Wait until ``count`` more requests have been answered than when called (False: not
+        within ``timeout`` s). Tests wait for answers, not for seconds, so that the load overlaps
+        each event however fast the machine is."""
+        with self.lock:
+            target = len(self.result.statuses) + count
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.result.statuses) >= target:
+                    return True
+            time.sleep(0.05)
+        return False
+
     def __enter__(self) -> ClosedLoop:
         for thread in self.threads:
             thread.start()

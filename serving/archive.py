@@ -7,12 +7,15 @@ ONNX graph for the ``onnx`` backend). ``--without-weights`` leaves the PyTorch w
 backend whose CPU worker never reads them (the CPU serving image). Nothing the archive needs is
 fetched at serve time. The reference profile written beside the model directory
 (``<model-dir>.profile.json``, ``monitoring.profile``) is packed as ``reference_profile.json``.
+The archived engine's answers to the golden texts are packed as ``golden.json``
+(``serving.golden``), which the front door's readiness check compares served answers with.
 The pipeline's archive stage (``dvc.yaml``) passes the experiment's model directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from project import HANDLER_DIR, PROJECT_ROOT, handler_module
+from serving.golden import GOLDEN_FILE, GoldenError, build_record
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,10 @@ def build_archive(
             extra += backends.BACKENDS[settings.backend].export(model_dir, Path(tmp) / "export", settings)
         except backends.ExportError as err:
             raise ArchiveError(str(err)) from err
+        try:
+            extra.append(write_golden_record(model_dir, extra, settings, Path(tmp)))
+        except GoldenError as err:
+            raise ArchiveError(f"{model_dir}: {err}") from err
         profile = model_dir.with_name(model_dir.name + PROFILE_SUFFIX)
         if profile.is_file():
             extra.append(Path(shutil.copy(profile, Path(tmp) / ARCHIVE_PROFILE_NAME)))
@@ -139,6 +147,32 @@ def build_archive(
         target = export_dir / f"{name}.mar"
         shutil.move(str(Path(tmp) / f"{name}.mar"), target)
     log.info("wrote %s (%.1f MB)", target, target.stat().st_size / 1e6)
+    return target
+
+
+def write_golden_record(model_dir: Path, files: list[Path], settings, tmp: Path) -> Path:
+    """``golden.json``: the archived engine (``files`` staged as the unpacked archive) on the golden
+    texts, with its noise against the model's fp32 PyTorch forward pass (``serving.golden``)."""
+    stage = tmp / "golden-stage"
+    stage.mkdir()
+    for path in [*files, model_dir / WEIGHTS]:
+        (stage / path.name).symlink_to(path.resolve())
+    engine_module, cpu = handler_module("emotion_engine"), handler_module("emotion_cpu").detect()
+    # torch.compile changes no answer beyond the tolerance and would take minutes here.
+    archived = engine_module.EmotionEngine(stage, dataclasses.replace(settings, compile=False))
+    fp32 = dataclasses.replace(settings, backend="torch", precision="fp32", compile=False, spin_wait=False, fuse=False)
+    reference = engine_module.EmotionEngine(model_dir, fp32)
+    record = build_record(archived, reference, f"{settings.backend} {settings.precision}", cpu.line())
+    log.info(
+        "golden record: %d texts, %d decisive, noise %.4f, tolerance %.4f (%s)",
+        len(record.texts),
+        sum(record.decisive(i) for i in range(len(record.texts))),
+        record.noise,
+        record.tolerance,
+        record.engine,
+    )
+    target = tmp / GOLDEN_FILE
+    target.write_text(record.to_json() + "\n")
     return target
 
 

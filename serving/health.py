@@ -4,14 +4,17 @@ supervisor gives up and has the service restarted.
 TorchServe's ``/ping`` answers "Healthy" while every worker is dead or still failing to load.
 :class:`Readiness` asks what matters instead, on TorchServe's own ports (never through the
 gateway): how many workers of the served version are READY (management API, every ``interval``
-seconds), and whether a golden text gets its expected label (every ``golden_interval`` seconds,
-on a thread of its own so that a slow answer never delays the worker check).
+seconds), and whether the served answers to the archive's golden texts agree with the answers the
+archived engine gave when the archive was built (``serving.golden``: every probability within the
+record's tolerance, the label kept where the recorded margin is outside the noise), every
+``golden_interval`` seconds, on a thread of its own so that a slow answer never delays the worker
+check.
 
 * ``up``: at least one READY worker of the model's default version, the one
   ``/predictions/<model>`` serves (workers of other versions do not count). Without one, the
   gateway refuses predictions at once (503) instead of letting them wait in TorchServe's queue
   until a timeout.
-* ``ready``: ``up`` and the golden text got its label at the last check. A golden request that
+* ``ready``: ``up`` and every golden answer agreed at the last check. A golden request that
   TorchServe refuses as busy (429, 503), that times out, or that meets a key TorchServe has just
   replaced gives no verdict: the last good verdict is kept, but only while it is younger than
   ``golden_max_age`` seconds. TorchServe answers 503 both for a full queue and for a handler that
@@ -32,11 +35,9 @@ from dataclasses import dataclass
 import requests
 
 from serving.client import ManagementError, TorchServeClient, count_ready
+from serving.golden import GoldenRecord, judge
 
 log = logging.getLogger(__name__)
-
-GOLDEN_TEXT = "i feel so happy and excited about today, everything is wonderful"
-GOLDEN_LABEL = "joy"
 
 # Seconds a good golden verdict is kept while the golden checks get no verdict (busy, timed out):
 # six checks at the default golden_interval. Long enough that a burst of overload does not drop
@@ -61,7 +62,7 @@ class HealthState:
 
     ready_workers: int = 0
     golden_ok: bool | None = None  # None: not checked yet
-    golden_label: str | None = None
+    golden_seen: str | None = None  # what the last verdict rests on
     checked_at: float = 0.0
     # minWorkers of the default version (None: not known yet). 0: an operator scaled it to zero.
     expected_workers: int | None = None
@@ -81,8 +82,7 @@ class Readiness:
     Args:
         client: The TorchServe to check (its own inference and management ports).
         model: The model the front door serves.
-        golden_text: A text whose label is known.
-        golden_label: The label it must get.
+        golden: The served archive's golden record (None: there is none, so never ready).
         interval: Seconds between worker checks.
         golden_interval: Seconds between golden checks.
         golden_max_age: Seconds a good golden verdict is kept while checks get no verdict.
@@ -97,8 +97,7 @@ class Readiness:
         self,
         client: TorchServeClient,
         model: str = "emotion",
-        golden_text: str = GOLDEN_TEXT,
-        golden_label: str = GOLDEN_LABEL,
+        golden: GoldenRecord | None = None,
         interval: float = 1.0,
         golden_interval: float = 10.0,
         golden_max_age: float = GOLDEN_MAX_AGE,
@@ -108,8 +107,7 @@ class Readiness:
     ) -> None:
         self.client = client
         self.model = model
-        self.golden_text = golden_text
-        self.golden_label = golden_label
+        self.golden = golden
         self.interval = interval
         self.golden_interval = golden_interval
         self.golden_max_age = golden_max_age
@@ -164,30 +162,39 @@ class Readiness:
             self.state.expected_workers = min_workers if isinstance(min_workers, int) else None
         self.state.checked_at = time.time()
 
-    def _golden_answer(self) -> tuple[bool | None, str | None, str]:
-        """(verdict, label, what was seen); verdict None: no verdict (busy, no answer)."""
-        try:
-            response = self.client.predict(self.golden_text, self.model, timeout=self.golden_timeout, probe=True)
-        except requests.RequestException as err:
-            return None, None, f"no answer ({err})"
-        if response.status_code in BUSY:
-            return None, None, f"TorchServe is busy ({response.status_code})"
-        if response.status_code == 400 and "Token Auth" in response.text:
-            # TorchServe has just issued a new inference key (the old one is invalid at once) and
-            # the request went out with the old one: no verdict on the model.
-            return None, None, "TorchServe refused the key it has just replaced"
-        try:
-            label = response.json().get("label") if response.status_code == 200 else None
-        except (ValueError, AttributeError):
-            label = None
-        return label == self.golden_label, label, f"{response.status_code} {label}"
+    def _golden_answer(self) -> tuple[bool | None, str]:
+        """(verdict, what was seen); verdict None: no verdict (busy, no answer). Every text of the
+        record is sent; the first that shows a broken model decides."""
+        if self.golden is None:
+            return False, "the served archive has no golden record (rebuild it: make archive)"
+        for index, text in enumerate(self.golden.texts):
+            try:
+                response = self.client.predict(text, self.model, timeout=self.golden_timeout, probe=True)
+            except requests.RequestException as err:
+                return None, f"no answer ({err})"
+            if response.status_code in BUSY:
+                return None, f"TorchServe is busy ({response.status_code})"
+            if response.status_code == 400 and "Token Auth" in response.text:
+                # TorchServe has just issued a new inference key (the old one is invalid at once) and
+                # the request went out with the old one: no verdict on the model.
+                return None, "TorchServe refused the key it has just replaced"
+            if response.status_code != 200:
+                return False, f"golden text {index}: {response.status_code} {response.text[:200]}"
+            try:
+                answer = response.json()
+            except ValueError:
+                return False, f"golden text {index}: the answer is not JSON"
+            why = judge(self.golden, index, answer)
+            if why is not None:
+                return False, f"golden text {index} ({text!r}): {why}"
+        return True, f"{len(self.golden.texts)} golden answers within {self.golden.tolerance} of the archive's"
 
     def _check_golden(self, sent: float, generation: int) -> None:
         try:
-            ok, label, seen = self._golden_answer()
+            ok, seen = self._golden_answer()
         except Exception as err:  # the thread must leave a verdict (or none) in any case
             log.exception("golden check raised")
-            ok, label, seen = None, None, f"error ({err})"
+            ok, seen = None, f"error ({err})"
         with self._lock:
             if generation != self._generation:
                 return  # the workers were lost since: the verdict is out of date
@@ -200,15 +207,15 @@ class Readiness:
                         age,
                         self.golden_max_age,
                     )
-                    self.state.golden_ok, self.state.golden_label = False, None
+                    self.state.golden_ok, self.state.golden_seen = False, seen
                 else:
                     log.info("golden check: %s; keeping the last verdict", seen)
                 return
             if not ok:
-                log.error("golden check failed: %r got %s, expected %r", self.golden_text, seen, self.golden_label)
+                log.error("golden check failed: %s", seen)
             else:
                 self._good_at = sent
-            self.state.golden_ok, self.state.golden_label = ok, label
+            self.state.golden_ok, self.state.golden_seen = ok, seen
 
 
 class Liveness:

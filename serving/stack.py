@@ -49,7 +49,8 @@ from serving import keys as frontdoor_keys
 from serving.access_log import AccessLog
 from serving.client import read_keys
 from serving.gateway import Gateway, GatewaySettings
-from serving.health import GOLDEN_LABEL, GOLDEN_MAX_AGE, GOLDEN_TEXT, UNREADY_EXIT, Liveness, Readiness
+from serving.golden import GoldenError, GoldenRecord, served_record
+from serving.health import GOLDEN_MAX_AGE, UNREADY_EXIT, Liveness, Readiness
 from serving.server import TorchServe
 
 log = logging.getLogger("serving.stack")
@@ -113,7 +114,8 @@ class Stack:
         keys_file: Front-door keys (created with one key if missing); None: no key needed.
         free_ports: TorchServe on free loopback ports instead of ``config.properties``' addresses.
         ts_overrides: Properties that replace ``config.properties`` values.
-        golden: The readiness check's text and expected label.
+        golden: The readiness check's golden record (``serving.golden``); None: the one packed in
+            the archive that serves ``model``. Without a record the service is never ready.
         drain: Seconds between readiness dropping and the gateway stopping.
         tick: Seconds between supervisor rounds (health checks; see ``HOUSEKEEPING_INTERVAL``).
         key_renewal: Share of the TorchServe key's lifetime left when it is renewed.
@@ -133,7 +135,7 @@ class Stack:
         keys_file: Path | None = None,
         free_ports: bool = False,
         ts_overrides: dict[str, str] | None = None,
-        golden: tuple[str, str] = (GOLDEN_TEXT, GOLDEN_LABEL),
+        golden: GoldenRecord | None = None,
         drain: float = 2.0,
         tick: float = 0.25,
         key_renewal: float = 0.1,
@@ -151,7 +153,11 @@ class Stack:
         # The front door maps TorchServe's 404 on this model's route to a retryable 503 NotReady.
         gateway = dataclasses.replace(gateway or GatewaySettings(), model=model)
         self.gateway = Gateway(upstream, self.workdir / "gateway", gateway)
-        self.readiness = Readiness(self.torchserve.client, model, *golden, golden_max_age=golden_max_age)
+        if golden is None:
+            golden, source = served_record(model_store, models, model)
+            if golden is None:
+                log.error("readiness: no golden record (%s): the service will not report ready", source)
+        self.readiness = Readiness(self.torchserve.client, model, golden, golden_max_age=golden_max_age)
         self.liveness = Liveness(unready_exit)
         self.access_log = AccessLog(self.gateway.access_log)
         self._stop = threading.Event()
@@ -333,6 +339,15 @@ def _settings(args: argparse.Namespace) -> GatewaySettings:
     )
 
 
+def _golden(path: Path | None) -> GoldenRecord | None:
+    if path is None:
+        return None
+    try:
+        return GoldenRecord.from_json(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, GoldenError) as err:
+        raise SystemExit(f"--golden-file: {err}") from err
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the stack in the foreground until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -344,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
         models=args.models,
         keys_file=keys_file,
         free_ports=args.ts_free_ports,
-        golden=(args.golden_text, args.golden_label),
+        golden=_golden(args.golden_file),
         drain=args.drain,
         golden_max_age=args.golden_max_age,
         unready_exit=args.unready_exit,
@@ -478,8 +493,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="a proxy in front (address or network; repeatable) whose X-Forwarded-For names the client",
     )
-    parser.add_argument("--golden-text", default=GOLDEN_TEXT, help="readiness: a text whose label is known")
-    parser.add_argument("--golden-label", default=GOLDEN_LABEL, help="readiness: the label it must get")
+    parser.add_argument(
+        "--golden-file",
+        type=Path,
+        default=None,
+        help="readiness: a golden.json to compare answers with (default: the one in the served archive)",
+    )
     parser.add_argument(
         "--golden-max-age",
         type=float,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import time
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,41 @@ from training.config import compose
 
 from .helpers import FIXTURE_DATA, tiny_overrides
 
+TIERS = ("integration", "slow")  # unit: neither
+_started = time.monotonic()
+_tier_seconds: dict[str, float] = defaultdict(float)
+_tier_counts: dict[str, int] = defaultdict(int)
+
+
+def tier(item: pytest.Item) -> str:
+    """``integration`` (real servers or tools), else ``slow``, else ``unit``."""
+    return next((name for name in TIERS if item.get_closest_marker(name)), "unit")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test without a tier marker is a unit test (``pytest -m unit`` runs those alone)."""
+    for item in items:
+        if tier(item) == "unit":
+            item.add_marker(pytest.mark.unit)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    keywords = report.keywords
+    name = next((t for t in TIERS if t in keywords), "unit")
+    _tier_seconds[name] += report.duration
+    if report.when == "call":
+        _tier_counts[name] += 1
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The suite's wall time and each tier's share of it."""
+    tiers = ", ".join(
+        f"{name} {_tier_counts[name]} tests {_tier_seconds[name] / 60:.1f} min"
+        for name in ("unit", *TIERS)
+        if _tier_counts[name]
+    )
+    terminalreporter.write_line(f"suite wall time {(time.monotonic() - _started) / 60:.1f} min ({tiers})")
+
 
 @pytest.fixture
 def tiny_cfg(tmp_path: Path) -> DictConfig:
@@ -22,11 +59,13 @@ def tiny_cfg(tmp_path: Path) -> DictConfig:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model directory produced by a real (tiny) training run, shared by the session."""
+    """A model directory produced by a real (tiny) training run, shared by the session: one epoch
+    of the fixture split at a high learning rate, so that its answers depend on the text (top-two
+    margins of 0.1-0.3), which the readiness tests need to tell a broken model from a good one."""
     from training.train import train
 
     root = tmp_path_factory.mktemp("tiny-run")
-    train(compose(tiny_overrides(root)))
+    train(compose(tiny_overrides(root, steps=9, lr=1e-3)))
     return root / "model"
 
 

@@ -18,7 +18,7 @@ FIXTURE_DATA = FIXTURES / "emotion"
 METRICS_YAML = PROJECT_ROOT / "monitoring" / "metrics.yaml"
 
 
-def tiny_overrides(root: Path, *extra: str) -> list[str]:
+def tiny_overrides(root: Path, *extra: str, steps: int = 6, lr: float = 3e-4) -> list[str]:
     """Overrides that shrink training to a few CPU steps on the fixture splits, writing under ``root``."""
     return [
         f"data.train_file={FIXTURE_DATA / 'train.txt'}",
@@ -30,8 +30,8 @@ def tiny_overrides(root: Path, *extra: str) -> list[str]:
         "train.batch_size=16",
         "train.eval_batch_size=64",
         "train.max_length=32",
-        "train.max_steps=6",
-        "train.lr=3e-4",
+        f"train.max_steps={steps}",
+        f"train.lr={lr}",
         # The same tiny model on every CPU: auto would train it in bf16 where the CPU has it.
         "train.precision=fp32",
         "train.log_every_n_steps=2",

@@ -70,7 +70,7 @@ def test_scaling_up_under_load_loses_no_request(torchserve):
     with load(torchserve) as client:
         for workers in (2, 3):
             scale(torchserve, workers)
-            time.sleep(1)
+            assert client.wait_answered(10), f"no answers after scaling to {workers}"
     result = client.result
     assert len(result.statuses) > 20
     assert result.failed == 0, result.errors[:5]
@@ -87,10 +87,10 @@ def test_scaling_down_under_load_through_the_gateway_loses_no_request(torchserve
     with gateway:
         gateway.set_health(up=True, ready=True)  # no supervisor here: the route is opened by hand
         with load(torchserve, 6, gateway.url) as client:
-            time.sleep(1)
+            assert client.wait_answered(10)
             for workers in (2, 1):
                 scale(torchserve, workers)
-                time.sleep(1)
+                assert client.wait_answered(10), f"no answers after scaling to {workers}"
         retried = gateway.retried(answered=len(client.result.statuses))
     result = client.result
     print(f"{len(result.statuses)} requests, {retried} answered on a retry")
@@ -104,11 +104,11 @@ def test_rolling_out_version_2_under_load_loses_no_request(torchserve, tiny_mode
     with load(torchserve) as client:
         torchserve.client.register("emotion-v2.mar", model_name="emotion", initial_workers=1, synchronous="true")
         assert {v["modelVersion"] for v in describe(torchserve)} == {"1.0", "2.0"}
-        time.sleep(1)
+        assert client.wait_answered(10)
         torchserve.client.set_default("emotion", "2.0")
-        time.sleep(1)
+        assert client.wait_answered(10)
         torchserve.client.unregister("emotion", "1.0")
-        time.sleep(2)
+        assert client.wait_answered(10)
     versions = describe(torchserve)
     assert [v["modelVersion"] for v in versions] == ["2.0"]
     result = client.result
