@@ -9,18 +9,19 @@ record (:func:`judge`), so readiness holds for any model the pipeline can produc
 one or the tests' barely-trained one) on any CPU, and fails for a served model that is not the
 archived one: permuted labels, NaN or constant output, another tokenizer, other weights.
 
-The bound:
+The bound, in log-probabilities (a softmax turns a shift of every logit by at most e into a change
+of every log-probability by at most 2e, however small the probability):
 
-* ``noise`` is the largest probability difference between the archived engine and the model's
-  fp32 PyTorch forward pass on the golden texts: the kernel noise of the engine (int8
-  quantisation of activations and weights; 0 for fp32 PyTorch itself). The same engine on
-  another CPU (other int8 kernels: AVX2, VNNI, AMX) deviates from fp32 by a similar amount, so
-  from the record by up to about twice the noise.
-* ``tolerance`` = max(``TOLERANCE_FLOOR``, ``NOISE_FACTOR`` x noise): every probability of every
-  served answer must be within it of the record.
-* A text decides the label only when its recorded top-two margin exceeds twice the tolerance
-  (both probabilities may move by the tolerance); for such a text the served label must be the
-  recorded one. A text within the noise decides nothing about the label.
+* ``noise`` is the largest logit difference between the archived engine and the model's fp32
+  PyTorch forward pass on the golden texts: the kernel noise of the engine (int8 quantisation of
+  activations and weights; 0 for fp32 PyTorch itself). The same engine on another CPU (other int8
+  kernels: AVX2, VNNI, AMX) is as far from fp32, so its logits are within 2 x noise of the
+  record's and its log-probabilities within 4 x noise.
+* ``tolerance`` = max(``TOLERANCE_FLOOR``, ``NOISE_FACTOR`` x noise): every served probability p
+  must satisfy |log p - log p_recorded| <= tolerance.
+* A text decides the label only when its recorded top-two log-ratio exceeds twice the tolerance
+  (both log-probabilities may move by it); for such a text the served label must be the recorded
+  one. A text within the noise decides nothing about the label.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ GOLDEN_TEXTS = (
     "i was so surprised, i never expected that at all",
     "i feel fine i guess",
 )
-TOLERANCE_FLOOR = 0.02  # probability points: far above fp32 noise, far below a broken model's change
-NOISE_FACTOR = 3.0  # the record's engine on this CPU and on another each deviate from fp32 by ~noise
+TOLERANCE_FLOOR = 0.05  # log-probability (5%): far above fp32 noise, far below a broken model's change
+NOISE_FACTOR = 4.0  # two CPUs, each within the noise of fp32 in logits: 2 x noise, doubled by the softmax
+SMALLEST = 1e-30  # a probability the float32 softmax rounded to 0 is compared as this
 
 
 class GoldenError(ValueError):
@@ -59,8 +61,8 @@ class GoldenRecord:
         texts: The golden texts.
         probabilities: For each text, the probability of each label (label name -> probability).
         engine: The backend and precision that answered (``onnx int8``, ``torch fp32``, ...).
-        noise: Largest probability difference between that engine and fp32 PyTorch.
-        tolerance: Largest probability difference a served answer may have (module docstring).
+        noise: Largest logit difference between that engine and fp32 PyTorch.
+        tolerance: Largest log-probability difference a served answer may have (module docstring).
         cpu: The CPU line of the machine the archive was built on.
     """
 
@@ -72,9 +74,9 @@ class GoldenRecord:
     cpu: str = ""
 
     def margin(self, index: int) -> float:
-        """Top-two probability margin of text ``index`` in the record."""
+        """Top-two log-probability ratio of text ``index`` in the record."""
         values = sorted(self.probabilities[index].values(), reverse=True)
-        return values[0] - values[1] if len(values) > 1 else values[0]
+        return math.log(max(values[0], SMALLEST) / max(values[1], SMALLEST))
 
     def label(self, index: int) -> str:
         row = self.probabilities[index]
@@ -114,8 +116,8 @@ class GoldenRecord:
             raise GoldenError(f"{source} is not a golden record: {err!r}") from err
         if not texts or any(len(row) < 2 or not all(map(math.isfinite, row.values())) for row in probabilities):
             raise GoldenError(f"{source} holds no texts, or probabilities that are not finite")
-        if not 0 < record.tolerance < 1:
-            raise GoldenError(f"{source}: tolerance {record.tolerance} is not between 0 and 1")
+        if not 0 < record.tolerance < 10:
+            raise GoldenError(f"{source}: tolerance {record.tolerance} is not between 0 and 10")
         return record
 
     @classmethod
@@ -161,14 +163,21 @@ def tolerance_for(noise: float) -> float:
     return max(TOLERANCE_FLOOR, NOISE_FACTOR * noise)
 
 
+def logits(engine: Any, text: str) -> list[float]:
+    """The engine's logits for ``text`` alone (its backend's forward pass, as the handler runs it)."""
+    ids, mask = engine.pad(engine.token_ids([text])[0])
+    return [float(x) for x in engine.model(ids, mask)[0]]
+
+
 def build_record(engine: Any, reference: Any, engine_name: str, cpu: str = "") -> GoldenRecord:
     """Answers of ``engine`` (the archived one) to the golden texts, each text alone, and the
     noise against ``reference`` (the fp32 PyTorch engine of the same model directory)."""
     served = [engine.predict([text])[0]["probabilities"] for text in GOLDEN_TEXTS]
     if not all(math.isfinite(p) for row in served for p in row.values()):
         raise GoldenError(f"the {engine_name} engine answers the golden texts with probabilities that are not finite")
-    fp32 = [reference.predict([text])[0]["probabilities"] for text in GOLDEN_TEXTS]
-    noise = max(abs(row[label] - ref[label]) for row, ref in zip(served, fp32, strict=True) for label in row)
+    noise = max(
+        abs(a - b) for text in GOLDEN_TEXTS for a, b in zip(logits(engine, text), logits(reference, text), strict=True)
+    )
     return GoldenRecord(
         GOLDEN_TEXTS,
         tuple({label: float(p) for label, p in row.items()} for row in served),
@@ -189,15 +198,20 @@ def judge(record: GoldenRecord, index: int, answer: Any) -> str | None:
         return f"labels {labels} are not the archive's {sorted(want)}"
     values = {}
     for label, value in got.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            return f"probability of {label!r} is {value!r}"
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1 + 1e-6:
+            return f"probability of {label!r} is {value!r}"  # also NaN and infinities
         values[label] = float(value)
-    worst = max(want, key=lambda label: abs(values[label] - want[label]))
-    difference = abs(values[worst] - want[worst])
-    if difference > record.tolerance + 1e-9:  # rounding of the bound itself is no difference
-        got_p, want_p = values[worst], want[worst]
-        return f"p({worst}) {got_p:.4f} is {difference:.4f} from the archive's {want_p:.4f} (> {record.tolerance})"
+
+    def log_ratio(label: str) -> float:
+        return abs(math.log(max(values[label], SMALLEST)) - math.log(max(want[label], SMALLEST)))
+
+    worst = max(want, key=log_ratio)
+    if log_ratio(worst) > record.tolerance + 1e-9:  # rounding of the bound itself is no difference
+        return (
+            f"p({worst}) {values[worst]:.4g} against the archive's {want[worst]:.4g}: "
+            f"|log ratio| {log_ratio(worst):.3f} > {record.tolerance}"
+        )
     if record.decisive(index) and answer.get("label") != record.label(index):
         margin = record.margin(index)
-        return f"label {answer.get('label')!r}, the archive's is {record.label(index)!r} (margin {margin:.3f})"
+        return f"label {answer.get('label')!r}, the archive's is {record.label(index)!r} (log margin {margin:.3f})"
     return None
