@@ -1,7 +1,8 @@
 """Goodput under overload through the front door: ``python -m bench.overload [--model-store DIR]``.
 
 Starts the stack (TorchServe behind the front door) on free loopback ports with a short TorchServe
-queue, measures its capacity with a few closed-loop clients, then drives it with many clients that
+queue, measures its capacity with as many closed-loop clients as the queue holds (so none is
+refused), then drives it with many clients that
 ignore Retry-After, and reports the goodput (answers 200 per second) against the capacity, how
 long the front door took to refuse (from its access log) and the attempts per request. Prints the
 CPU line first and PASS/FAIL for goodput >= ``GOODPUT_TARGET`` x capacity. Figures are the
@@ -28,7 +29,8 @@ TEXTS = ["i feel so delighted today", "i am terrified of the dark", "i feel lone
 
 
 def measure(model_store: Path, workdir: Path, clients: int, seconds: float, queue: int) -> dict:
-    """Capacity (4 clients), then ``clients`` clients for ``seconds`` s against a queue of ``queue``."""
+    """Capacity (``queue`` clients: never more requests waiting than the queue takes), then
+    ``clients`` clients for ``seconds`` s against a queue of ``queue``."""
     settings = GatewaySettings(port=free_port(), metrics_port=free_port())
     stack = Stack(
         model_store,
@@ -43,7 +45,7 @@ def measure(model_store: Path, workdir: Path, clients: int, seconds: float, queu
     try:
         stack.start()
         stack.wait_ready(180)
-        with ClosedLoop(url, stack.headers(), TEXTS, 4) as base:
+        with ClosedLoop(url, stack.headers(), TEXTS, queue) as base:
             time.sleep(seconds)
         capacity = base.result.statuses.count(200) / seconds
         stack.supervise_once()

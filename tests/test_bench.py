@@ -126,3 +126,26 @@ def test_ratios_divide_d_by_each_row_and_by_the_faster_peer():
     }
     assert ratio_table(results) == {"d/a": 3.0, "d/ceiling": 0.91, "d/best peer": 2.0}
     assert set(TARGETS) >= {"d/ceiling", "d/best peer", "d/a"}
+
+
+def test_overload_refuses_a_store_without_the_archive(tmp_path):
+    from bench.overload import main
+
+    with pytest.raises(SystemExit, match="make archive"):
+        main(["--model-store", str(tmp_path)])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_overload_bench_reports_capacity_goodput_and_its_verdict(model_store, tmp_path, capsys):
+    from bench.overload import GOODPUT_TARGET, main
+
+    out = tmp_path / "overload.json"
+    argv = ["--model-store", str(model_store), "--clients", "24", "--seconds", "2", "--out", str(out)]
+    assert main(argv) == 0
+    row = json.loads(out.read_text())
+    assert row["capacity_requests_per_s"] > 0 and set(row["statuses"]) <= {"200", "503"}
+    assert row["goodput_share"] == pytest.approx(row["goodput_requests_per_s"] / row["capacity_requests_per_s"], 0.01)
+    assert row["passed"] is (row["goodput_share"] >= GOODPUT_TARGET)
+    printed = capsys.readouterr().out
+    assert printed.startswith("CPU ") and f"{'PASS' if row['passed'] else 'FAIL'}: goodput" in printed
