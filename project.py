@@ -13,6 +13,10 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parent
 HANDLER_DIR = PROJECT_ROOT / "handler"
 PARAMS_FILE = PROJECT_ROOT / "params.yaml"
+# `make serve`'s work folder (serving.stack) and, inside it, TorchServe's log folder: where the
+# handler writes the request log that `make drift` reads.
+SERVE_DIR = PROJECT_ROOT / "outputs" / "serve"
+SERVE_LOG_DIR = SERVE_DIR / "torchserve" / "logs"
 
 
 def current_experiment(params_file: Path = PARAMS_FILE) -> str:

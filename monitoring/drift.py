@@ -25,14 +25,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from handler.emotion_monitor import CONFIDENCE_BOUNDS, REQUEST_LOG_NAME, bucket_of, default_log_dir
+from handler.emotion_monitor import CONFIDENCE_BOUNDS, REQUEST_LOG_NAME, bucket_of
 from loadtest.texts import read_labelled
 from monitoring.drift_stats import DRIFT_CONFIG, alerts_firing, load_drift_config, stream_statistics
 from monitoring.profile import load_profile, profile_path
+from project import PROJECT_ROOT, SERVE_LOG_DIR, current_experiment
+from training.config import experiment_paths
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NUMERIC = ("chars", "tokens", "unknown_share")
 # Confidence is compared on the handler's buckets, like the alerts: raw values would make the small,
 # systematic difference between the profile's fp32 answers and the served int8 answers look like drift.
@@ -291,18 +292,29 @@ def positive_int(value: str) -> int:
     return number
 
 
+def request_log_dir() -> Path:
+    """Where ``make drift`` reads the request log: ``$LOG_LOCATION`` when set (as the handler
+    writes it), else the TorchServe log folder of ``make serve`` (``project.SERVE_LOG_DIR``)."""
+    return Path(os.environ["LOG_LOCATION"]) if os.environ.get("LOG_LOCATION") else SERVE_LOG_DIR
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of ``make drift``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--window", type=positive_int, default=os.environ.get("DRIFT_WINDOW") or None, help="default: $DRIFT_WINDOW"
     )
-    parser.add_argument("--log-dir", type=Path, default=None, help="default: $LOG_LOCATION or logs")
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="the request log's folder (default: $LOG_LOCATION, else that of `make serve`)",
+    )
     parser.add_argument("--profile", type=Path, default=None, help="profile JSON or archive (.mar)")
     parser.add_argument(
         "--model-dir",
         type=Path,
-        default=PROJECT_ROOT / "models" / "emotion-quick",
+        default=experiment_paths(current_experiment()).model_dir,
         help="without --profile: the archive's profile, else this model's (<model-dir>.profile.json)",
     )
     parser.add_argument("--reference-texts", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
@@ -318,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return EXIT_NO_PROFILE
     texts = read_texts(args.reference_texts) if args.reference_texts and args.reference_texts.is_file() else None
-    log_dir = args.log_dir or default_log_dir()
+    log_dir = args.log_dir or request_log_dir()
     try:
         code, summary = run_drift(log_dir, profile, args.out_dir, window, texts, config)
     except ProfileMismatch as err:

@@ -1,6 +1,6 @@
 """The reference profile: what the model's inputs and answers look like on the data it was built on.
 
-``python -m monitoring.profile --model-dir models/emotion`` writes ``models/emotion.profile.json``
+``python -m monitoring.profile --model-dir models/emotion-default`` writes ``models/emotion-default.profile.json``
 beside the model directory (the DVC ``profile`` stage); ``serving.archive`` packs it into the
 archive as ``reference_profile.json``, and the drift rules (``monitoring.drift_rules``), ``make
 drift`` and ``make robustness`` compare live traffic with it. It holds
@@ -40,13 +40,13 @@ from handler.emotion_monitor import (
     log_entry,
     make_records,
 )
-from project import handler_module
+from project import PROJECT_ROOT, current_experiment, handler_module
 from serving.archive import ARCHIVE_PROFILE_NAME, PROFILE_SUFFIX
+from training.config import experiment_paths
 from training.data import load_split
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 
@@ -179,7 +179,7 @@ def load_profile(path: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """CLI: write the profile of a model directory beside it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "models" / "emotion")
+    parser.add_argument("--model-dir", type=Path, default=experiment_paths(current_experiment()).model_dir)
     parser.add_argument("--train-file", type=Path, default=PROJECT_ROOT / "data" / "processed" / "train.txt")
     parser.add_argument("--val-file", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
     parser.add_argument("--out", type=Path, help="default: <model-dir>.profile.json")

@@ -44,7 +44,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from project import PROJECT_ROOT
+from project import PROJECT_ROOT, SERVE_DIR
 from serving import keys as frontdoor_keys
 from serving.access_log import AccessLog
 from serving.client import read_keys
@@ -66,7 +66,7 @@ RELOAD_TIMEOUT = 5.0
 # Seconds before a failed renewal of TorchServe's inference key is tried again.
 RENEWAL_RETRY = 60.0
 
-WORKDIR = PROJECT_ROOT / "outputs" / "serve"
+WORKDIR = SERVE_DIR
 
 
 def nginx_workers(gateway: Gateway) -> dict[int, str]:

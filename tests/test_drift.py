@@ -471,3 +471,16 @@ def test_robustness_refuses_a_limit_below_one_text(limit, tmp_path, capsys):
     assert "whole number >= 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="at least 1 text"):
         robustness.evaluate(tmp_path / "none.mar", FIXTURE_VAL, limit=0)
+
+
+def test_make_drift_reads_the_request_log_where_make_serve_writes_it(monkeypatch, tmp_path):
+    # `make serve` runs the stack in its default work folder; its TorchServe sets LOG_LOCATION to
+    # its own logs folder, where the handler writes requests.jsonl. `make drift` sets nothing.
+    from monitoring.drift import request_log_dir
+    from serving.stack import WORKDIR, Stack
+
+    monkeypatch.delenv("LOG_LOCATION", raising=False)
+    stack = Stack(tmp_path, WORKDIR)  # built, not started: nothing is written
+    assert request_log_dir() == stack.torchserve.workdir / "logs"
+    monkeypatch.setenv("LOG_LOCATION", str(tmp_path))
+    assert request_log_dir() == tmp_path
