@@ -156,8 +156,17 @@ def render(upstream: str, prefix: Path, settings: GatewaySettings) -> str:
     return text
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable and writable by its owner only (also an existing file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(text)
+
+
 def client_keys_map(keys: list[str] | None) -> str:
-    """nginx ``map`` setting ``$client_authorized`` to 1 for a valid ``Bearer`` key (None: keys off)."""
+    """nginx ``map`` setting ``$client_authorized`` to 1 for a valid ``Bearer`` key (None: keys
+    off, behind another authenticator; an empty list: no key is valid, every request is refused)."""
     lines = ["map $http_authorization $client_authorized {"]
     if keys is None:
         lines.append("    default 1;")
@@ -234,8 +243,9 @@ class Gateway:
                 path.unlink(missing_ok=True)
 
     def _write_includes(self) -> None:
-        (self.workdir / "client_keys.conf").write_text(client_keys_map(self.client_keys))
-        (self.workdir / "upstream_auth.conf").write_text(upstream_auth_map(self.upstream_key))
+        # The key files hold secrets: the owner's only (the folder too, see start).
+        write_private(self.workdir / "client_keys.conf", client_keys_map(self.client_keys))
+        write_private(self.workdir / "upstream_auth.conf", upstream_auth_map(self.upstream_key))
         (self.workdir / "keepalive.conf").write_text(keepalive_conf(self.draining))
 
     def _reload(self) -> None:
@@ -287,6 +297,7 @@ class Gateway:
         if binary is None:
             raise FileNotFoundError("nginx is not installed (make system-deps, or apt-get install nginx)")
         self.health_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o700)  # nginx's workers run as this user (render): nobody else reads it
         self.draining = False
         config_path = self.workdir / "nginx.conf"
         config_path.write_text(self.config)

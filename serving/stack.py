@@ -172,14 +172,19 @@ class Stack:
         return self.gateway.url
 
     def client_keys(self) -> list[str] | None:
-        """The front-door keys valid now (None: keys are off)."""
+        """The front-door keys valid now (None: keys are off, only with no keys file).
+
+        A keys file that cannot be read keeps the keys in force, and where none is in force yet
+        (at start) no key is valid: the front door fails closed, never open.
+        """
         if self.keys_file is None:
             return None
         try:
             return frontdoor_keys.valid_keys(self.keys_file)
-        except (OSError, ValueError) as err:  # keep the keys in force rather than lock everyone out
+        except (OSError, ValueError) as err:
             log.error("front-door keys not reloaded: %s", err)
-            return self.gateway.client_keys
+            current = self.gateway.client_keys
+            return current if current is not None else []
 
     def headers(self) -> dict[str, str]:
         """An ``Authorization`` header with the newest front-door key (empty when keys are off)."""
@@ -191,8 +196,10 @@ class Stack:
         (not once the model is ready: see :meth:`wait_ready`)."""
         if self.keys_file is not None:
             frontdoor_keys.ensure(self.keys_file)
-        self.torchserve.start(timeout=timeout, wait_model=None)
+        # The client keys are loaded before TorchServe starts (a file broken meanwhile cannot
+        # leave the front door without keys).
         self.gateway.client_keys = self.client_keys()
+        self.torchserve.start(timeout=timeout, wait_model=None)
         self.gateway.upstream_key = self.torchserve.keys.get("inference")
         self.gateway.start()
         self._stop.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -368,3 +369,25 @@ def test_the_stack_tells_the_front_door_which_model_it_serves(tmp_path):
 
     stack = Stack(tmp_path / "store", tmp_path / "work", models="other=other.mar", model="other", free_ports=True)
     assert stack.gateway.settings.model == "other"
+
+
+def test_with_no_valid_key_every_request_is_refused(upstream, tmp_path):
+    # An empty key list is "no key is valid" (fail closed), unlike None ("keys off").
+    assert "default 1" not in client_keys_map([]) and "default 0" in client_keys_map([])
+    config = GatewaySettings(port=free_port(), metrics_port=free_port(), attempt_timeout=1)
+    gateway = Gateway(upstream, tmp_path / "gateway", config, client_keys=[], upstream_key="torchserve-key")
+    gateway.start()
+    gateway.set_health(up=True, ready=True)
+    try:
+        for key in (KEY, "anything", None):
+            assert post(gateway, "echo", key=key).status_code == 401
+        assert "echo" not in ScriptedUpstream.attempts
+    finally:
+        gateway.stop()
+
+
+def test_the_rendered_key_files_are_the_owners_only(gateway):
+    assert stat.S_IMODE(gateway.workdir.stat().st_mode) == 0o700
+    assert gateway.update_keys(["another-key"], "another-torchserve-key")  # rewritten: still private
+    for name in ("client_keys.conf", "upstream_auth.conf"):
+        assert stat.S_IMODE((gateway.workdir / name).stat().st_mode) == 0o600, name

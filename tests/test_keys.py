@@ -41,3 +41,16 @@ def test_a_bad_keys_file_is_named_in_the_error(tmp_path, content):
     path.write_text(content)
     with pytest.raises(ValueError, match=r"keys\.json"):
         keys.load(path)
+
+
+def test_an_unreadable_keys_file_never_turns_the_keys_off(tmp_path):
+    from serving.stack import Stack
+
+    keys_file = tmp_path / "keys.json"
+    keys.ensure(keys_file)
+    stack = Stack(tmp_path / "store", tmp_path / "stack", keys_file=keys_file)
+    keys_file.write_text("not json")
+    assert stack.client_keys() == []  # nothing in force yet: no key is valid (fail closed)
+    stack.gateway.client_keys = ["in-force"]
+    assert stack.client_keys() == ["in-force"]  # the keys in force stay
+    assert Stack(tmp_path / "store", tmp_path / "open").client_keys() is None  # no keys file: keys off
