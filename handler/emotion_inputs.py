@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -139,11 +140,16 @@ def _decode(raw: bytes, codec: str) -> str:
         raise InputError(400, "InvalidEncoding", f"the body is not valid {codec}") from None
 
 
+def _refuse_constant(name: str) -> Any:
+    # Python's parser accepts NaN, Infinity and -Infinity, which are not JSON (RFC 8259).
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def _parse_json(text: str) -> Any:
     # Integers become Decimals: Python refuses to convert integers of more than 4,300 digits, and
     # a huge number in a field this service ignores must not make the request unreadable.
     try:
-        return json.loads(text, parse_int=Decimal)
+        return json.loads(text, parse_int=Decimal, parse_constant=_refuse_constant)
     except json.JSONDecodeError as err:
         raise InputError(400, "MalformedJSON", f"the body is not valid JSON: {err.msg} at char {err.pos}") from None
     except RecursionError:
@@ -161,7 +167,22 @@ def json_type(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+def _refuse_non_finite(value: Any) -> None:
+    """Refuse NaN and infinities anywhere in a parsed body: TorchServe's own parser (Python's)
+    accepts them, though they are not JSON (RFC 8259). Iterative: the depth is the body's."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise InputError(400, "MalformedJSON", f"{item} is not a JSON value (NaN and infinities are refused)")
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+
+
 def _from_json(value: Any) -> str:
+    _refuse_non_finite(value)
     if isinstance(value, list):
         raise InputError(
             400, "UnsupportedInput", 'a JSON list is not accepted: send one text per request as {"text": "..."}'

@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import encodings.aliases
 import json
+import math
 import unicodedata
 
 import pytest
@@ -31,7 +32,7 @@ invisible = st.text(
     max_size=60,
 )
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=10),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
     max_leaves=20,
 )
@@ -143,6 +144,10 @@ def test_the_declared_charset_is_honoured(text, charset):
     [
         (b'{"text": "\\ud800 hi"}', "application/json", 400, "InvalidText"),
         (b'{"text": "hi", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 400, "MalformedJSON"),
+        # NaN and the infinities are not JSON, also in a field the service ignores.
+        (b'{"text": "hi", "x": NaN}', "application/json", 400, "MalformedJSON"),
+        (b'{"text": "hi", "x": [-Infinity]}', "application/json", 400, "MalformedJSON"),
+        (b'{"text": "hi", "x": Infinity}', "application/json", 400, "MalformedJSON"),
         (b"\x00\x00\x01\x02", "text/plain", 400, "EmptyText"),
         ("\u200b\u200e\u202e\ufeff".encode(), "text/plain", 400, "EmptyText"),
         (b"hi", "text/plain; charset=klingon", 415, "UnsupportedCharset"),
@@ -268,3 +273,11 @@ def test_a_long_text_is_refused_for_its_length_before_it_is_scanned():
         with pytest.raises(InputError) as info:
             check_text(char * 1_000_000, LIMIT)
         assert (info.value.status, info.value.kind) == (413, "TextTooLong")
+
+
+@given(extra=json_values, bad=st.sampled_from([math.nan, math.inf, -math.inf]), content_type=st.sampled_from(["application/json", "text/json"]))
+def test_nan_or_an_infinity_anywhere_in_a_json_body_is_refused(extra, bad, content_type):
+    body = json.dumps({"text": "i feel fine", "x": [extra, {"deeper": bad}]}).encode()  # Python writes NaN
+    with pytest.raises(InputError) as info:
+        extract_text(as_torchserve(body, content_type), headers_for(content_type), LIMIT)
+    assert (info.value.status, info.value.kind) == (400, "MalformedJSON")
