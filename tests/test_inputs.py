@@ -275,7 +275,11 @@ def test_a_long_text_is_refused_for_its_length_before_it_is_scanned():
         assert (info.value.status, info.value.kind) == (413, "TextTooLong")
 
 
-@given(extra=json_values, bad=st.sampled_from([math.nan, math.inf, -math.inf]), content_type=st.sampled_from(["application/json", "text/json"]))
+@given(
+    extra=json_values,
+    bad=st.sampled_from([math.nan, math.inf, -math.inf]),
+    content_type=st.sampled_from(["application/json", "text/json"]),
+)
 def test_nan_or_an_infinity_anywhere_in_a_json_body_is_refused(extra, bad, content_type):
     body = json.dumps({"text": "i feel fine", "x": [extra, {"deeper": bad}]}).encode()  # Python writes NaN
     with pytest.raises(InputError) as info:
