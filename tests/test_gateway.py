@@ -391,3 +391,15 @@ def test_the_rendered_key_files_are_the_owners_only(gateway):
     assert gateway.update_keys(["another-key"], "another-torchserve-key")  # rewritten: still private
     for name in ("client_keys.conf", "upstream_auth.conf"):
         assert stat.S_IMODE((gateway.workdir / name).stat().st_mode) == 0o600, name
+
+
+def test_every_answer_forbids_type_sniffing(gateway):
+    answers = [
+        requests.get(f"{gateway.url}/live", timeout=5),
+        requests.get(f"{gateway.url}/ready", timeout=5),
+        post(gateway, "echo"),
+        post(gateway, "echo", key=None),
+        requests.get(f"{gateway.url}/ping", timeout=5),
+    ]
+    assert [a.status_code for a in answers] == [200, 200, 200, 401, 404]
+    assert all(a.headers.get("X-Content-Type-Options") == "nosniff" for a in answers)
