@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     config, batch = engine.model.config, int(shipped["batchSize"])
     onnx_backend = handler_module("emotion_onnx").OnnxBackend
     rows: list[dict] = []
-    cpu = handler_module("emotion_cpu").detect()
+    cpu = handler_module("emotion_cpuinfo").detect()
     print(cpu.line(), flush=True)
     peak, int8_peak = cpu.peak_gflops("fp32"), cpu.peak_gflops("int8")
     with tempfile.TemporaryDirectory() as tmp:

@@ -90,7 +90,7 @@ def pack(model_dir: Path, archive: Path, val_file: Path, out: Path, limit: int |
         probabilities = [a["probabilities"] for a in predict_all(engine, texts)]
     reference = {
         "engine": f"{settings.backend} {settings.precision}",
-        "cpu": _handler("emotion_cpu").detect().line(),
+        "cpu": _handler("emotion_cpuinfo").detect().line(),
         "labels": engine.labels,
         "texts": texts,
         "gold": labels,

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.model_store / "emotion.mar").is_file():
         raise SystemExit(f"{args.model_store} has no emotion.mar: make archive")
-    cpu = handler_module("emotion_cpu").detect()
+    cpu = handler_module("emotion_cpuinfo").detect()
     print(cpu.line(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         row = measure(args.model_store, Path(tmp), args.clients, args.seconds, args.queue)

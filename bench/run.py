@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.model_dir / "config.json").is_file():
         raise SystemExit(f"{args.model_dir} is not a trained model directory: make train EXPERIMENT=<experiment>")
-    print(handler_module("emotion_cpu").detect().line(), flush=True)
+    print(handler_module("emotion_cpuinfo").detect().line(), flush=True)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (make system-deps)")
     settings = LoadTestSettings.load()
@@ -383,7 +383,7 @@ def report(results: dict[str, dict], tuned: dict, args) -> int:
     (args.out / "bench.json").write_text(
         json.dumps(
             {
-                "cpu": handler_module("emotion_cpu").detect().summary(),
+                "cpu": handler_module("emotion_cpuinfo").detect().summary(),
                 "results": results,
                 "ratios": ratios,
                 "checks": dict(checks),

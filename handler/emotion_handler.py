@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from emotion_batch import Batch
-from emotion_cpu import detect, worker_threads
+from emotion_cpuinfo import detect, worker_threads
 from emotion_engine import WARM_UP_TEXTS, EmotionEngine
 from emotion_inputs import InputError, extract_text, is_probe
 from emotion_metrics import EmotionMetrics

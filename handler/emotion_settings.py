@@ -29,7 +29,7 @@ class HandlerSettings:
         max_text_chars: Longest accepted text; longer ones get a 413.
         threads: Intra-op threads per worker (torch, or ONNX Runtime's pool); ``0``: torch's
             default (``OMP_NUM_THREADS``, else the CPUs the process may run on), capped at the
-            container's CPU limit (``emotion_cpu.cgroup_cpu_limit``), which torch does not see.
+            container's CPU limit (``emotion_cpuinfo.cgroup_cpu_limit``), which torch does not see.
         sort_by_length: Run the batch as several forward passes of texts of similar token length,
             chosen to minimise padded tokens plus ``pass_cost_tokens`` per pass
             (``emotion_batch.plan_passes``), instead of one pass padded to the longest text.

@@ -157,7 +157,7 @@ def write_golden_record(model_dir: Path, files: list[Path], settings, tmp: Path)
     stage.mkdir()
     for path in [*files, model_dir / WEIGHTS]:
         (stage / path.name).symlink_to(path.resolve())
-    engine_module, cpu = handler_module("emotion_engine"), handler_module("emotion_cpu").detect()
+    engine_module, cpu = handler_module("emotion_engine"), handler_module("emotion_cpuinfo").detect()
     # torch.compile changes no answer beyond the tolerance and would take minutes here.
     archived = engine_module.EmotionEngine(stage, dataclasses.replace(settings, compile=False))
     fp32 = dataclasses.replace(settings, backend="torch", precision="fp32", compile=False, spin_wait=False, fuse=False)

@@ -1,4 +1,4 @@
-"""CPU capabilities (handler/emotion_cpu.py) on snapshots of three machines: the right features,
+"""CPU capabilities (handler/emotion_cpu.py, emotion_cpuinfo.py) on snapshots of three machines: the right features,
 peaks and choices for each, whatever CPU runs the test."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from emotion_cpu import CpuCapabilities, detect, from_snapshot, parse_cpuinfo
+from emotion_cpu import CpuCapabilities
+from emotion_cpuinfo import detect, from_snapshot, parse_cpuinfo
 
 SNAPSHOTS = Path(__file__).parent / "fixtures" / "cpu"
 

@@ -204,7 +204,7 @@ def test_gpu_worker_runs_half_precision_on_cuda(tiny_model_dir, loaded, backend)
     ],
 )
 def test_the_containers_cpu_limit_is_read_from_its_cgroup(tmp_path, files, limit):
-    from emotion_cpu import cgroup_cpu_limit
+    from emotion_cpuinfo import cgroup_cpu_limit
 
     for name, content in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +214,7 @@ def test_the_containers_cpu_limit_is_read_from_its_cgroup(tmp_path, files, limit
 
 @given(configured=st.integers(0, 64), default=st.integers(1, 256), limit=st.none() | st.integers(1, 64))
 def test_worker_threads_never_exceed_the_cpu_limit_unless_configured(configured, default, limit):
-    from emotion_cpu import worker_threads
+    from emotion_cpuinfo import worker_threads
 
     threads = worker_threads(configured, default, limit)
     if configured:

@@ -44,8 +44,8 @@ def seed_everything(seed: int) -> None:
 
 
 def cpu() -> CpuCapabilities:
-    """This machine's CPU (``handler/emotion_cpu.py``, read once), which the choices below follow."""
-    return handler_module("emotion_cpu").detect()
+    """This machine's CPU (``handler/emotion_cpuinfo.py``, read once), which the choices below follow."""
+    return handler_module("emotion_cpuinfo").detect()
 
 
 def physical_cores() -> int:
