@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+# A key guessed by trying is a key given away: at least 32 characters of the URL-safe base64
+# alphabet (192 bits, what new_key makes), ASCII only (nginx matches it in a regular expression).
+MIN_KEY_LENGTH = 32
+KEY_PATTERN = re.compile(rf"[A-Za-z0-9_-]{{{MIN_KEY_LENGTH},}}")
 
 
 @dataclass(frozen=True)
@@ -47,8 +53,11 @@ def load(path: Path) -> list[FrontDoorKey]:
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a front-door keys file ({err})") from None
     for entry in keys:
-        if not entry.key or not all(c.isalnum() or c in "-_" for c in entry.key):
-            raise ValueError(f"{path}: keys must be non-empty and URL-safe (letters, digits, - and _)")
+        if not isinstance(entry.key, str) or not KEY_PATTERN.fullmatch(entry.key):
+            raise ValueError(
+                f"{path}: a key must be at least {MIN_KEY_LENGTH} characters of A-Z, a-z, 0-9, - and _ "
+                "(python -m serving.stack rotate-key makes one)"
+            )
     return keys
 
 

@@ -34,7 +34,10 @@ def test_rotation_keeps_old_keys_for_the_grace_period_only(tmp_path):
 @pytest.mark.parametrize(
     "content",
     ["not json", json.dumps({"nokeys": []}), json.dumps({"keys": [{"key": "has space", "created": 0}]}),
-     json.dumps({"keys": [{"key": "", "created": 0}]}), json.dumps({"keys": [{"created": 0}]})],
+     json.dumps({"keys": [{"key": "", "created": 0}]}), json.dumps({"keys": [{"created": 0}]}),
+     json.dumps({"keys": [{"key": "a" * 31, "created": 0}]}),  # too short to resist guessing
+     json.dumps({"keys": [{"key": "\u00e9" * 40, "created": 0}]}),  # a letter, but not ASCII
+     json.dumps({"keys": [{"key": 12345678901234567890123456789012345, "created": 0}]})],
 )  # fmt: skip
 def test_a_bad_keys_file_is_named_in_the_error(tmp_path, content):
     path = tmp_path / "keys.json"
@@ -54,3 +57,10 @@ def test_an_unreadable_keys_file_never_turns_the_keys_off(tmp_path):
     stack.gateway.client_keys = ["in-force"]
     assert stack.client_keys() == ["in-force"]  # the keys in force stay
     assert Stack(tmp_path / "store", tmp_path / "open").client_keys() is None  # no keys file: keys off
+
+
+def test_new_keys_are_long_enough_and_a_32_character_key_is_accepted(tmp_path):
+    assert len(keys.new_key()) >= keys.MIN_KEY_LENGTH
+    path = tmp_path / "keys.json"
+    keys.save(path, [keys.FrontDoorKey("k" * keys.MIN_KEY_LENGTH, 0.0)])
+    assert keys.valid_keys(path) == ["k" * keys.MIN_KEY_LENGTH]
