@@ -403,3 +403,13 @@ def test_every_answer_forbids_type_sniffing(gateway):
     ]
     assert [a.status_code for a in answers] == [200, 200, 200, 401, 404]
     assert all(a.headers.get("X-Content-Type-Options") == "nosniff" for a in answers)
+
+
+def test_the_access_log_records_the_path_without_its_query(gateway):
+    requests.post(
+        f"{gateway.url}/predictions/echo?api_key=s3cret-value", data=b"hi", headers={"Authorization": f"Bearer {KEY}"}
+    )
+    requests.post(f"{gateway.url}/predictions/echo?token=another-s3cret", data=b"hi")  # 401: logged too
+    lines = [line for line in gateway.log_lines() if "/predictions/echo" in line]
+    assert len(lines) == 2 and all('"POST /predictions/echo HTTP/1.1" ' in line for line in lines)
+    assert not any("s3cret" in line for line in gateway.log_lines())
