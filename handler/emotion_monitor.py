@@ -159,7 +159,9 @@ class RequestLog:
                 with contextlib.suppress(FileNotFoundError):
                     if self.path.stat().st_size + len(block) > self.max_bytes and self.path.stat().st_size > 0:
                         self._rotate()
-                with open(self.path, "ab") as out:
+                # Owner-only: the log holds what clients sent (texts too, when an operator opts in).
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                with os.fdopen(fd, "ab") as out:
                     out.write(block)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)

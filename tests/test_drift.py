@@ -7,6 +7,7 @@ import json
 import math
 import multiprocessing
 import shutil
+import stat
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -124,6 +125,7 @@ def test_request_log_rotation_bounds_its_size(tmp_path):
     names = {p.name for p in files if not p.name.endswith(".lock")}
     assert names == {"requests.jsonl", "requests.jsonl.1", "requests.jsonl.2"}
     assert all((tmp_path / n).stat().st_size <= 2_000 for n in names)
+    assert all(stat.S_IMODE((tmp_path / n).stat().st_mode) == 0o600 for n in names)  # the owner's only
     # the newest line is last in the current file, and the drift tool reads the files in order
     entries = drift.read_requests(tmp_path, 10_000)
     assert entries[-1]["i"] == 299
