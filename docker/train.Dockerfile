@@ -7,6 +7,8 @@ COPY requirements-serve.txt requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 COPY project.py params.yaml ./
 COPY training/ training/
+# The CPU's capabilities decide the training precision and threads (training/runtime.py).
+COPY handler/emotion_cpu.py handler/emotion_cpuinfo.py handler/
 ENV WANDB_MODE=offline EMOTION_DATA_DIR=/srv/data/raw
 ENTRYPOINT ["python", "-m", "training.train"]
 CMD ["experiment=full"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 SERVE = ROOT / "docker" / "serve.Dockerfile"
+TRAIN = ROOT / "docker" / "train.Dockerfile"
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -34,6 +36,28 @@ def instructions(path: Path) -> list[tuple[str, str]]:
 def test_hadolint_reports_nothing(dockerfile):
     result = subprocess.run([BIN / "hadolint", str(dockerfile)], capture_output=True, text=True)
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def copied(dockerfile: Path) -> list[str]:
+    """The build-context paths a Dockerfile's COPY instructions take (``--chmod`` and the like dropped)."""
+    sources = []
+    for instruction, args in instructions(dockerfile):
+        if instruction == "COPY" and "--from" not in args:
+            sources += [a.rstrip("/*") for a in args.split() if not a.startswith("--")][:-1]
+    return sources
+
+
+def test_the_training_image_holds_every_module_training_imports(tmp_path):
+    # The image's /srv: only what train.Dockerfile copies. Training must start from it (its CPU
+    # module lives in handler/, which the serving side packs into archives).
+    for source in copied(TRAIN):
+        target = tmp_path / source
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (ROOT / source).is_dir() else shutil.copy)(ROOT / source, target)
+    code = "import training.train; from training.runtime import resolve_precision; print(resolve_precision('auto'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() in ("bf16", "fp32")
 
 
 def ignored(path: str, patterns: list[str]) -> bool:
@@ -53,12 +77,9 @@ def test_build_context_holds_what_the_image_copies_and_no_data_or_models():
     patterns = [
         line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip()[:1] not in ("", "#")
     ]
-    for instruction, args in instructions(SERVE):
-        if instruction == "COPY":
-            sources = [a for a in args.split() if not a.startswith("--")][:-1]
-            for source in sources:
-                source = source.replace("${ARCHIVE}", "model_store/emotion.mar").rstrip("/*")
-                assert not ignored(source, patterns), source
+    for dockerfile in (SERVE, TRAIN):
+        for source in copied(dockerfile):
+            assert not ignored(source.replace("${ARCHIVE}", "model_store/emotion.mar"), patterns), (dockerfile, source)
     assert not ignored("docker/stage/wheels/torch.whl", patterns)  # bind-mounted into the pip step
     private = ["data/raw/train.txt", "models/emotion-full/model.safetensors", ".venv/bin/python", ".git/HEAD"]
     private += ["outputs/serve/keys.json", "serving/__pycache__/stack.cpython-311.pyc", "key_file.json"]
