@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import re
 import stat
 import time
@@ -36,9 +38,11 @@ class ScriptedUpstream(ScriptedHandler):
     Every answer carries the Authorization and Content-Type headers the upstream received."""
 
     attempts: dict[str, int] = {}
+    paths: list[str] = []  # the request targets as received
 
     def do_POST(self):
         body = self.read_body()
+        self.paths.append(self.path)
         name = self.path.rsplit("/", 1)[-1]
         count = self.attempts[name] = self.attempts.get(name, 0) + 1
         if (name == "hang-once" and count == 1) or name == "always-hang" or (name == "died-then-hang" and count > 1):
@@ -68,6 +72,7 @@ class ScriptedUpstream(ScriptedHandler):
 @pytest.fixture
 def upstream():
     ScriptedUpstream.attempts = {}
+    ScriptedUpstream.paths = []
     with loopback_http_server(ScriptedUpstream) as address:
         yield address
 
@@ -413,3 +418,34 @@ def test_the_access_log_records_the_path_without_its_query(gateway):
     lines = [line for line in gateway.log_lines() if "/predictions/echo" in line]
     assert len(lines) == 2 and all('"POST /predictions/echo HTTP/1.1" ' in line for line in lines)
     assert not any("s3cret" in line for line in gateway.log_lines())
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/ping/../predictions/echo",  # normalised to the route, forwarded as /ping
+        "/x/../predictions/echo",
+        "//predictions/echo",
+        "/predictions//echo",
+        "/predictions/./echo",
+        "/predictions/echo/.",
+        "/predictions/%65cho",  # percent-encoding of a plain letter
+        "/predictions/echo?x=1",
+        "/predictions/echo?",
+        "/predictions/echo%3Fx=1",
+        "/predictions/echo;x=1",
+    ],
+)
+def test_only_the_route_as_written_reaches_torchserve(gateway, target):
+    # http.client sends the request target exactly as given (requests would normalise some).
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.settings.port, timeout=10)
+    try:
+        connection.request("POST", target, body=b"i feel fine", headers={"Authorization": f"Bearer {KEY}"})
+        answer = connection.getresponse()
+        body = json.loads(answer.read())
+    finally:
+        connection.close()
+    assert answer.status in (400, 404), (target, answer.status, body)
+    assert body["type"] in ("InvalidPath", "NotFound") and body["message"]
+    assert ScriptedUpstream.paths == []  # nothing was forwarded
+    assert post(gateway, "echo").status_code == 200 and ScriptedUpstream.paths == ["/predictions/echo"]
