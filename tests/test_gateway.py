@@ -449,3 +449,58 @@ def test_only_the_route_as_written_reaches_torchserve(gateway, target):
     assert body["type"] in ("InvalidPath", "NotFound") and body["message"]
     assert ScriptedUpstream.paths == []  # nothing was forwarded
     assert post(gateway, "echo").status_code == 200 and ScriptedUpstream.paths == ["/predictions/echo"]
+
+
+def raw_exchange(gateway: Gateway, data: bytes) -> tuple[int, dict, bytes]:
+    """Send ``data`` as is on a new connection; (status, headers, body) of the answer.
+
+    nginx answers an oversized request before reading all of it and closes; the unread bytes
+    can make the kernel reset the connection before the client has read the answer (the client's
+    race, not the server's), so an exchange that received nothing is made again, at most 3 times.
+    """
+    import socket
+
+    received = b""
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", gateway.settings.port), timeout=10) as sock:
+            try:
+                sock.sendall(data)
+                while chunk := sock.recv(65536):
+                    received += chunk
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+        if b"\r\n\r\n" in received:
+            break
+        received = b""
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    "data, status, kind",
+    [
+        (b"GARBAGE\r\n\r\n", 400, "BadRequest"),
+        (b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400, "BadRequest"),
+        (b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "URITooLong"),
+        (b"GET /live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20_000 + b"\r\n\r\n", 431, "HeaderTooLarge"),
+        (b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "NotImplemented"),
+        (b"GET /live HTTP/2.0\r\nHost: x\r\n\r\n", 505, "HTTPVersionNotSupported"),
+    ],
+)
+def test_requests_nginx_cannot_read_get_json_errors(gateway, data, status, kind):
+    got, headers, body = raw_exchange(gateway, data)
+    assert got == status, body[:300]
+    assert json.loads(body)["type"] == kind and headers["Content-Type"].startswith("application/json")
+    assert post(gateway, "echo").status_code == 200  # the next good request is answered
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "GZIP", "gzip, identity", "x-unknown"])
+def test_a_compressed_body_is_refused_before_torchserve(gateway, encoding):
+    import gzip
+
+    answer = post(gateway, "echo", body=gzip.compress(b"i feel fine"), **{"Content-Encoding": encoding})
+    assert answer.status_code == 415 and answer.json()["type"] == "UnsupportedContentEncoding"
+    assert ScriptedUpstream.paths == []
+    assert post(gateway, "echo", **{"Content-Encoding": "identity"}).status_code == 200
