@@ -44,7 +44,9 @@ GOLDEN_TEXTS = (
     "i was so surprised, i never expected that at all",
     "i feel fine i guess",
 )
-TOLERANCE_FLOOR = 0.05  # log-probability (5%): far above fp32 noise, far below a broken model's change
+# log-probability (10%): above the noise of a GPU's fp16 serving an fp32 record, far below a broken
+# model's change (a log-ratio of 2 and more in the tests)
+TOLERANCE_FLOOR = 0.1
 NOISE_FACTOR = 4.0  # two CPUs, each within the noise of fp32 in logits: 2 x noise, doubled by the softmax
 SMALLEST = 1e-30  # a probability the float32 softmax rounded to 0 is compared as this
 
