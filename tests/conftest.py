@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from training.config import compose
 
-from .helpers import FIXTURE_DATA, tiny_overrides
+from .helpers import FIXTURE_DATA, running_torchserve, tiny_overrides
 
 TIERS = ("integration", "slow")  # unit: neither
 _started = time.monotonic()
@@ -82,17 +82,8 @@ def model_store(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture
 def torchserve(model_store: Path, tmp_path: Path) -> Iterator:
     """A real TorchServe on free loopback ports serving ``emotion``; always stopped."""
-    from serving.server import TorchServe
-
-    server = TorchServe(model_store, tmp_path / "ts")
-    try:
-        server.start(timeout=180)
-    except Exception:
-        print(server.log_tail())
-        server.stop()
-        raise
-    yield server
-    server.stop()
+    with running_torchserve(model_store, tmp_path / "ts") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

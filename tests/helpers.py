@@ -85,6 +85,29 @@ class ScriptedHandler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
+def running_torchserve(
+    model_store: Path, workdir: Path, models: str = "emotion=emotion.mar", timeout: float = 180, ready: tuple = ()
+) -> Iterator[Any]:
+    """A real TorchServe on free loopback ports, started (``emotion`` and each model of ``ready``
+    with a READY worker); its log's tail printed when it cannot start; always stopped."""
+    from serving.server import TorchServe
+
+    server = TorchServe(model_store, workdir, models)
+    try:
+        server.start(timeout=timeout)
+        for name in ready:
+            server.client.wait_ready(name, timeout, server.process)
+    except Exception:
+        print(server.log_tail())
+        server.stop()
+        raise
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
 def loopback_http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     """Serve ``handler`` on a free 127.0.0.1 port in a thread; yields ``host:port``; always stopped."""
     from serving.server import free_port

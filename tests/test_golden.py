@@ -36,6 +36,7 @@ from serving.golden import (
     tolerance_for,
 )
 from serving.health import Readiness
+from tests.helpers import running_torchserve
 
 RECORD = GoldenRecord(
     ("decisive", "undecided"),
@@ -276,20 +277,10 @@ def repack(archive: Path, target: Path, model_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def served_variants(variants: Path, tmp_path_factory):
-    from serving.server import TorchServe
-
     models = ",".join(f"{p.stem}={p.name}" for p in sorted(variants.glob("*.mar")))
-    server = TorchServe(variants, tmp_path_factory.mktemp("ts"), models)
-    try:
-        server.start(timeout=300)
-        for name in ("fp32", "permuted-own", *[n for n in BROKEN if n != "truncated"]):
-            server.client.wait_ready(name, 180, server.process)
-    except Exception:
-        print(server.log_tail())
-        server.stop()
-        raise
-    yield server
-    server.stop()
+    ready = ("fp32", "permuted-own", *[n for n in BROKEN if n != "truncated"])
+    with running_torchserve(variants, tmp_path_factory.mktemp("ts"), models, 300, ready) as server:
+        yield server
 
 
 def verdict(server, model: str, record: GoldenRecord):
