@@ -311,9 +311,19 @@ def check(container: BuildahContainer | DockerContainer, timeout: float) -> dict
     if abs(sum(answer["probabilities"].values()) - 1) > 1e-3:
         raise SmokeError(f"probabilities do not sum to 1: {answer}")
     result = {"seconds_to_first_prediction": round(time.monotonic() - began, 1), "answer": answer}
+    # A prediction is served as soon as one worker is up; /ready also waits for the golden check,
+    # which runs on its own thread after that: poll it until the same deadline.
     for path in ("/live", "/ready"):
-        if (got := http("GET", f"{base}{path}")[0]) != 200:
-            raise SmokeError(f"GET {path} answered {got} without a key, expected 200")
+        while (got := http("GET", f"{base}{path}"))[0] != 200 and time.monotonic() < deadline:
+            if not container.running():
+                raise SmokeError(f"the container exited before GET {path} answered 200")
+            time.sleep(1)
+        if got[0] != 200:
+            raise SmokeError(
+                f"GET {path} answered {got[0]} without a key within {timeout:.0f} s, expected 200: "
+                f"{got[1][:300].decode(errors='replace')}"
+            )
+    result["seconds_to_ready"] = round(time.monotonic() - began, 1)
     if (got := http("POST", f"{base}/predictions/emotion", b"i feel fine")[0]) not in (401, 403):
         raise SmokeError(f"a prediction without a key answered {got}, expected 401 or 403")
     healthcheck = (container.config.get("Healthcheck") or {}).get("Test") or []

@@ -214,6 +214,8 @@ class Readiness:
             if not ok:
                 log.error("golden check failed: %s", seen)
             else:
+                if not self.state.golden_ok:
+                    log.info("golden check passed: %s", seen)  # first good verdict, or again after a bad one
                 self._good_at = sent
             self.state.golden_ok, self.state.golden_seen = ok, seen
 

@@ -177,13 +177,13 @@ def test_torchserve_restarted_behind_the_gateway(stack):
 def test_front_door_keys_rotate_without_downtime(stack):
     old_headers = stack.headers()
     with ClosedLoop(f"{stack.url}/predictions/emotion", old_headers, TEXTS, 3) as old_clients:
-        new_key = frontdoor_keys.rotate(stack.keys_file, grace_s=4)
+        new_key = frontdoor_keys.rotate(stack.keys_file, grace_s=10)
         new_headers = {"Authorization": f"Bearer {new_key}"}
-        assert wait_for(lambda: predict(stack, headers=new_headers).status_code == 200, 5) is not None
+        assert wait_for(lambda: predict(stack, headers=new_headers).status_code == 200, 30) is not None
         assert old_clients.wait_answered(10)
     assert old_clients.result.statuses.count(200) > 10
     assert old_clients.result.failed == 0, old_clients.result.errors[:5]  # served through the grace period
-    assert wait_for(lambda: predict(stack, headers=old_headers).status_code == 401, 10) is not None
+    assert wait_for(lambda: predict(stack, headers=old_headers).status_code == 401, 60) is not None
     assert predict(stack, headers=new_headers).status_code == 200
     stack.supervise_once()
     metrics = requests.get(stack.gateway.metrics_url, timeout=5).text
@@ -194,14 +194,14 @@ def test_the_gateway_follows_torchserves_own_key(stack):
     old = stack.torchserve.keys["inference"]
     new = stack.torchserve.client.rotate_key("inference")  # TorchServe's token API
     assert new != old
-    assert wait_for(lambda: stack.gateway.upstream_key == new, 5) is not None
-    assert wait_for(lambda: predict(stack).status_code == 200, 5) is not None
+    assert wait_for(lambda: stack.gateway.upstream_key == new, 30) is not None
+    assert wait_for(lambda: predict(stack).status_code == 200, 30) is not None
 
 
 def test_stack_cli_start_stop_leaves_no_process_and_drops_readiness_first(model_store, tmp_path):
     workdir, port = tmp_path / "cli", free_port()
     common = ["--workdir", str(workdir), "--model-store", str(model_store), "--port", str(port)]
-    common += ["--metrics-port", str(free_port()), "--ts-free-ports", "--drain", "3"]
+    common += ["--metrics-port", str(free_port()), "--ts-free-ports", "--drain", "15"]
     run = subprocess.Popen(
         [sys.executable, "-m", "serving.stack", "run", *common], cwd=PROJECT_ROOT, start_new_session=True
     )
@@ -217,7 +217,7 @@ def test_stack_cli_start_stop_leaves_no_process_and_drops_readiness_first(model_
         assert wait_for(lambda: requests.post(f"{url}/predictions/emotion", data=b"hi", headers=headers).ok, 120)
         family = [run.pid, *(p.pid for p in psutil.Process(run.pid).children(recursive=True))]
         run.send_signal(signal.SIGTERM)
-        assert wait_for(lambda: requests.get(f"{url}/ready", timeout=2).status_code == 503, 2) is not None
+        assert wait_for(lambda: requests.get(f"{url}/ready", timeout=2).status_code == 503, 10) is not None
         # readiness is down, but requests are still served while load balancers catch up
         assert requests.post(f"{url}/predictions/emotion", data=b"hi", headers=headers, timeout=10).status_code == 200
         run.wait(timeout=60)
