@@ -12,8 +12,12 @@ EXPERIMENT  ?= default
 # The Hydra experiment whose fine-tuned model teaches $EXPERIMENT by its soft targets (experiments
 # distill and distill4): mpnet (make teacher-deps), full, ...; none: labels only.
 TEACHER     ?= none
-ARCHIVE     := model_store/emotion.mar
-MODEL_DIR   := models/emotion-$(EXPERIMENT)
+# The project's contract (project.py: model name, archive, ports, folders), as Make variables.
+CONTRACT    := outputs/contract.mk
+include $(CONTRACT)
+$(CONTRACT): project.py
+	@mkdir -p $(@D) && $(PYTHON) project.py make > $@
+MODEL_DIR   := $(MODELS_DIR)/$(MODEL_NAME)-$(EXPERIMENT)
 # dvc.yaml holds the stage graph; its commands run `python` from the virtualenv.
 DVC         := PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc
 export PYTHONUNBUFFERED := 1
@@ -90,18 +94,18 @@ profile: data ## Profile a few training steps (trace + top operators in outputs/
 		paths.metrics_dir=$(abspath outputs/profile/metrics)
 
 serve: system-deps $(ARCHIVE) ## Main job: the DVC pipeline for $EXPERIMENT (default|full|quick) -> TorchServe behind the front door on 127.0.0.1:8080
-	@$(BIN)/python -m serving.stack stop >/dev/null
-	$(BIN)/python -m serving.stack start
+	@$(BIN)/python -m serving stop >/dev/null
+	$(BIN)/python -m serving start
 
 stop: ## Stop what `make serve` started (front door and TorchServe): readiness drops, in-flight requests finish
-	$(BIN)/python -m serving.stack stop
+	$(BIN)/python -m serving stop
 	@$(BIN)/torchserve --stop >/dev/null 2>&1 || true
 
 key: ## Print a front-door key for clients (KEY=$$(make -s key))
-	@$(BIN)/python -m serving.stack key
+	@$(BIN)/python -m serving key
 
 rotate-key: ## Add a new front-door key; the others stay valid for GRACE seconds (default 3600)
-	$(BIN)/python -m serving.stack rotate-key --grace $(or $(GRACE),3600)
+	$(BIN)/python -m serving rotate-key --grace $(or $(GRACE),3600)
 
 soak: $(BIN)/.installed ## 10 minutes at 70% of measured capacity through the front door of `make serve`
 	$(BIN)/python -m loadtest.soak --minutes $(or $(MINUTES),10)
@@ -110,7 +114,7 @@ loadtest: $(BIN)/.installed ## Stepped Locust load test against `make serve` (re
 	$(BIN)/python -m loadtest.run --config loadtest/config.yaml
 
 monitor: system-deps ## Prometheus on 127.0.0.1:9090 scraping TorchServe and the front door of `make serve`
-	prometheus --config.file=monitoring/prometheus.yml --web.listen-address=127.0.0.1:9090 \
+	prometheus --config.file=monitoring/prometheus.yml --web.listen-address=$(LOOPBACK):$(PROMETHEUS_PORT) \
 		--storage.tsdb.path=outputs/prometheus
 
 bench: system-deps train ## In-process, FastAPI, stock and tuned TorchServe, LitServe, Ray Serve, ceiling: one run on models/emotion-$EXPERIMENT
@@ -135,11 +139,10 @@ gpu-check: ## On a CUDA machine: GPU engines vs the CPU int8 archive (>= 99% agr
 batching: $(ARCHIVE) ## Measure batchSize x maxBatchDelay x workers (loadtest/results/batching.json)
 	$(BIN)/python -m loadtest.batching_sweep
 
-# Drift monitoring (README, "Model monitoring (drift)").
-DRIFT_WINDOW ?= 1000
-
-drift: $(BIN)/.installed ## Last DRIFT_WINDOW (1000) logged requests of `make serve` vs the reference (outputs/drift/)
-	$(BIN)/python -m monitoring.drift --window $(DRIFT_WINDOW) --model-dir $(MODEL_DIR)
+# Drift monitoring (README, "Model monitoring (drift)"). The window's default is drift_report.window
+# in monitoring/drift.yaml; DRIFT_WINDOW=N overrides it.
+drift: $(BIN)/.installed ## Last DRIFT_WINDOW (monitoring/drift.yaml) logged requests of `make serve` vs the reference (outputs/drift/)
+	$(BIN)/python -m monitoring.drift $(if $(DRIFT_WINDOW),--window $(DRIFT_WINDOW)) --model-dir $(MODEL_DIR)
 
 robustness: $(ARCHIVE) ## Served model's accuracy under typos, emoji, casing, ... (outputs/robustness/)
 	$(BIN)/python -m monitoring.robustness --archive $(ARCHIVE)
@@ -159,15 +162,15 @@ test-fast: $(BIN)/.installed ## Tests not marked slow
 	$(BIN)/python -m pytest -m "not slow"
 
 # The serving image packs an archive with only what its backend reads (ONNX graph, no PyTorch weights).
-IMAGE_ARCHIVE ?= model_store/onnx/emotion.mar
+IMAGE_ARCHIVE ?= $(IMAGE_ARCHIVE_DEFAULT)
 IMAGE_TAG     ?= localhost/emotion-serve:cpu
 
 # DVC brings the model up to date (a no-op when it is); the file's time then says whether it changed.
 $(MODEL_DIR)/model.safetensors: experiment
 	$(DVC) repro train
 
-model_store/onnx/emotion.mar: $(MODEL_DIR)/model.safetensors $(wildcard handler/* serving/archive.py)
-	$(BIN)/python -m serving.archive --model-dir $(MODEL_DIR) --export-dir model_store/onnx --without-weights
+$(IMAGE_ARCHIVE_DEFAULT): $(MODEL_DIR)/model.safetensors $(wildcard handler/* serving/archive.py)
+	$(BIN)/python -m serving.archive --model-dir $(MODEL_DIR) --export-dir $(@D) --without-weights
 
 image-deps: ## Install buildah and debootstrap with apt when no Docker engine answers
 	@docker info >/dev/null 2>&1 || command -v buildah >/dev/null || (apt-get update -qq && apt-get install -y -qq buildah)
@@ -177,7 +180,7 @@ image: $(BIN)/.installed image-deps $(IMAGE_ARCHIVE) ## Build the CPU serving im
 	docker/image.sh build --variant cpu --archive $(IMAGE_ARCHIVE) --tag $(IMAGE_TAG)
 
 image-smoke: image ## Start the image, get a prediction through its front door on 127.0.0.1, stop it
-	$(BIN)/python docker/smoke.py --image $(IMAGE_TAG)
+	$(BIN)/python -m docker.smoke --image $(IMAGE_TAG)
 
 report: $(BIN)/.installed system-deps ## Exam report: figures from the project's outputs, report/report.html, report.py check
 	$(BIN)/python report/figures.py

@@ -1,5 +1,16 @@
-"""Where the project's files are: the root every path is anchored at, and the experiment the
-pipeline (``params.yaml``) builds. Standard library and PyYAML only, so every layer can import it."""
+"""The project's contract: the names, ports and folders that every layer shares, each written once.
+
+Everything else reads them from here: Python modules import them, the Makefile includes
+``outputs/contract.mk`` (``python3 project.py make`` writes it), and ``tests/test_contract.py``
+fails where one of these literals is written again elsewhere, or where a file that a tool other
+than Python reads (TorchServe's ``config.properties``, Prometheus' scrape config, the Kubernetes
+and Compute Engine files) disagrees with them. Standard library only (PyYAML is imported where a
+function needs it), so that the Makefile can run it before the virtualenv exists.
+
+What is not here has one owner of its own, named in the README's "Architecture" section:
+TorchServe's ports are ``config.properties`` (:func:`torchserve_addresses` reads them), the
+drift window is ``monitoring/drift.yaml``, the training recipe is Hydra's ``training/conf``.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +19,103 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-import yaml
-
 PROJECT_ROOT = Path(__file__).resolve().parent
+
+# The model: the name clients use in /predictions/<name>, and the archive TorchServe serves it from.
+MODEL_NAME = "emotion"
+ARCHIVE_NAME = f"{MODEL_NAME}.mar"
+MODEL_STORE = PROJECT_ROOT / "model_store"
+ARCHIVE = MODEL_STORE / ARCHIVE_NAME
+# The archive of the serving image: only what its backend reads (the ONNX graph, no weights).
+IMAGE_ARCHIVE = MODEL_STORE / "onnx" / ARCHIVE_NAME
+# TorchServe's --models argument for the served model.
+SERVED_MODELS = f"{MODEL_NAME}={ARCHIVE_NAME}"
+
+# Where the trained models and their metrics go: models/<model>-<experiment>/, metrics/<experiment>/
+# (the Hydra paths group and dvc.yaml name them the same way; tests/test_contract.py checks both).
+MODELS_DIR = PROJECT_ROOT / "models"
+# The validated splits the data stage writes (the Hydra paths group's data_dir).
+DATA_DIR = PROJECT_ROOT / "data" / "processed"
+TRAIN_FILE = DATA_DIR / "train.txt"
+VAL_FILE = DATA_DIR / "val.txt"
+METRICS_DIR = PROJECT_ROOT / "metrics"
+OUTPUTS_DIR = PROJECT_ROOT / "outputs"
 HANDLER_DIR = PROJECT_ROOT / "handler"
 PARAMS_FILE = PROJECT_ROOT / "params.yaml"
+TORCHSERVE_CONFIG = PROJECT_ROOT / "config.properties"
+
+# The network: every server the project starts on a machine listens on loopback; a deployment
+# publishes the gateway's port on purpose (the image binds 0.0.0.0 inside its own namespace).
+LOOPBACK = "127.0.0.1"
+GATEWAY_PORT = 8080  # predictions, /live, /ready: the one port clients use
+GATEWAY_METRICS_PORT = 8083  # the gateway's own Prometheus metrics
+PROMETHEUS_PORT = 9090  # `make monitor`
+GATEWAY_URL = f"http://{LOOPBACK}:{GATEWAY_PORT}"
+
 # `make serve`'s work folder (serving.stack) and, inside it, TorchServe's log folder: where the
 # handler writes the request log that `make drift` reads.
-SERVE_DIR = PROJECT_ROOT / "outputs" / "serve"
+SERVE_DIR = OUTPUTS_DIR / "serve"
 SERVE_LOG_DIR = SERVE_DIR / "torchserve" / "logs"
+
+
+def model_dir(experiment: str) -> Path:
+    """The folder ``training.train`` writes an experiment's model to: ``models/<model>-<experiment>``."""
+    return MODELS_DIR / f"{MODEL_NAME}-{experiment}"
 
 
 def current_experiment(params_file: Path = PARAMS_FILE) -> str:
     """The Hydra experiment the DVC pipeline builds: ``experiment`` in ``params.yaml``."""
+    import yaml
+
     return str(yaml.safe_load(params_file.read_text())["experiment"])
+
+
+def pipeline_model_dir(params_file: Path = PARAMS_FILE) -> Path:
+    """The model folder of the experiment the DVC pipeline builds (the default ``--model-dir``)."""
+    return model_dir(current_experiment(params_file))
+
+
+def torchserve_addresses(config: Path = TORCHSERVE_CONFIG) -> dict[str, str]:
+    """TorchServe's listeners as its ``config.properties`` sets them: ``{"inference": url,
+    "management": url, "metrics": url}`` (the file is their one owner; TorchServe reads it)."""
+    addresses = {}
+    for line in config.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip().endswith("_address") and not key.startswith("grpc"):
+            addresses[key.strip().removesuffix("_address")] = value.strip()
+    return addresses
 
 
 def handler_module(name: str) -> ModuleType:
     """Import one of ``handler/``'s modules as a TorchServe worker does: by file name, with
-    ``handler/`` on ``sys.path`` (the handler's modules import each other that way)."""
+    ``handler/`` on ``sys.path`` (the handler's modules import each other that way), so that a
+    module is loaded once, under one name, whoever imports it first."""
     if str(HANDLER_DIR) not in sys.path:
         sys.path.insert(0, str(HANDLER_DIR))
     return importlib.import_module(name)
+
+
+def make_variables() -> dict[str, str]:
+    """The contract as Makefile variables (paths relative to the project root)."""
+
+    def rel(path: Path) -> str:
+        return path.relative_to(PROJECT_ROOT).as_posix()
+
+    return {
+        "MODEL_NAME": MODEL_NAME,
+        "ARCHIVE": rel(ARCHIVE),
+        "IMAGE_ARCHIVE_DEFAULT": rel(IMAGE_ARCHIVE),
+        "MODELS_DIR": rel(MODELS_DIR),
+        "LOOPBACK": LOOPBACK,
+        "GATEWAY_PORT": str(GATEWAY_PORT),
+        "PROMETHEUS_PORT": str(PROMETHEUS_PORT),
+        "SERVE_DIR": rel(SERVE_DIR),
+    }
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["make"]:
+        sys.exit("usage: python3 project.py make  (prints the contract as Makefile variables)")
+    print("# Written by `python3 project.py make` from project.py: edit that file, not this one.")
+    for name, value in make_variables().items():
+        print(f"{name} := {value}")

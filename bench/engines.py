@@ -37,8 +37,7 @@ import numpy as np
 import yaml
 
 from loadtest.texts import read_labelled
-from project import PROJECT_ROOT, current_experiment, handler_module
-from training.config import experiment_paths
+from project import PROJECT_ROOT, TRAIN_FILE, VAL_FILE, handler_module, pipeline_model_dir
 
 MODEL_CONFIG = PROJECT_ROOT / "handler" / "model-config.yaml"
 # Where `make venv` installs OpenVINO, apart from site-packages: TorchServe's BaseHandler imports
@@ -186,12 +185,12 @@ def int8_verdict(rows: list[dict], engine: str) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=experiment_paths(current_experiment()).model_dir)
-    parser.add_argument("--val-file", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
+    parser.add_argument("--model-dir", type=Path, default=pipeline_model_dir())
+    parser.add_argument("--val-file", type=Path, default=VAL_FILE)
     parser.add_argument(
         "--calibration-file",
         type=Path,
-        default=PROJECT_ROOT / "data" / "processed" / "train.txt",
+        default=TRAIN_FILE,
         help=f"text;label file whose first {CALIBRATION_TEXTS} texts calibrate static quantisation",
     )
     parser.add_argument("--duration", type=float, default=15, help="seconds of measured load per engine")

@@ -28,27 +28,18 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-HANDLER_DIR = ROOT / "handler"
-PACK_DIR = ROOT / "outputs" / "gpu-check"
+from project import ARCHIVE, OUTPUTS_DIR, PROJECT_ROOT, VAL_FILE, handler_module
+
+PACK_DIR = OUTPUTS_DIR / "gpu-check"
 AGREEMENT_TARGET = 0.99
 BATCHES = (1, 8, 64)
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-
-
-def _handler(name: str):
-    """A handler module by its file name, as the TorchServe worker imports it (no project imports:
-    ``project`` needs PyYAML, which a bare CUDA machine may lack)."""
-    if str(HANDLER_DIR) not in sys.path:
-        sys.path.insert(0, str(HANDLER_DIR))
-    return __import__(name)
 
 
 def read_texts(path: Path) -> tuple[list[str], list[str]]:
@@ -78,7 +69,8 @@ def pack(model_dir: Path, archive: Path, val_file: Path, out: Path, limit: int |
     save_file(half, out / "model.safetensors", metadata={"format": "pt"})
     texts, labels = read_texts(val_file)
     texts, labels = texts[:limit], labels[:limit]
-    settings_cls, engine_cls = _handler("emotion_settings").HandlerSettings, _handler("emotion_engine").EmotionEngine
+    settings_cls = handler_module("emotion_settings").HandlerSettings
+    engine_cls = handler_module("emotion_engine").EmotionEngine
     with tempfile.TemporaryDirectory() as tmp:
         with zipfile.ZipFile(archive) as mar:
             mar.extractall(tmp)
@@ -90,7 +82,7 @@ def pack(model_dir: Path, archive: Path, val_file: Path, out: Path, limit: int |
         probabilities = [a["probabilities"] for a in predict_all(engine, texts)]
     reference = {
         "engine": f"{settings.backend} {settings.precision}",
-        "cpu": _handler("emotion_cpuinfo").detect().line(),
+        "cpu": handler_module("emotion_cpuinfo").detect().line(),
         "labels": engine.labels,
         "texts": texts,
         "gold": labels,
@@ -181,8 +173,8 @@ def engines(pack_dir: Path, device: str):
     """(name, build) of every engine to check on ``device``; build() returns an EmotionEngine."""
     import torch
 
-    settings = _handler("emotion_settings").HandlerSettings(backend="torch", precision="fp32")
-    engine_cls = _handler("emotion_engine").EmotionEngine
+    settings = handler_module("emotion_settings").HandlerSettings(backend="torch", precision="fp32")
+    engine_cls = handler_module("emotion_engine").EmotionEngine
     target = torch.device(device)
 
     def torch_engine(dtype):
@@ -208,7 +200,7 @@ def engines(pack_dir: Path, device: str):
 
         def build(provider=provider):
             engine = engine_cls(pack_dir, replace(settings), torch.device("cpu"))
-            graph = _handler("emotion_onnx").export_onnx(pack_dir, Path(tempfile.mkdtemp()), "fp32")
+            graph = handler_module("emotion_onnx").export_onnx(pack_dir, Path(tempfile.mkdtemp()), "fp32")
             engine.model = OrtEngineModel(graph, engine.model.config, provider)
             return engine
 
@@ -307,15 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     packing = commands.add_parser("pack", help="write the GPU machine's inputs (here, where the archive is)")
     packing.add_argument("--model-dir", type=Path, required=True)
-    packing.add_argument("--archive", type=Path, default=ROOT / "model_store" / "emotion.mar")
-    packing.add_argument("--val-file", type=Path, default=ROOT / "data" / "processed" / "val.txt")
+    packing.add_argument("--archive", type=Path, default=ARCHIVE)
+    packing.add_argument("--val-file", type=Path, default=VAL_FILE)
     packing.add_argument("--limit", type=int, default=None, help="first N validation texts only")
     packing.add_argument("--out", type=Path, default=PACK_DIR)
     checking = commands.add_parser("check", help="check the GPU path (on the GPU machine)")
     checking.add_argument("--pack", type=Path, default=PACK_DIR)
     checking.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     checking.add_argument("--seconds", type=float, default=5.0, help="measured seconds per engine and batch size")
-    checking.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_check.json")
+    checking.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "results" / "gpu_check.json")
     args = parser.parse_args(argv)
     if args.command == "pack":
         if args.limit is not None and args.limit < 1:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from loadtest.closed_loop import ClosedLoop
 from loadtest.texts import percentile
-from project import PROJECT_ROOT, handler_module
-from serving.gateway import GatewaySettings
+from project import ARCHIVE_NAME, MODEL_STORE, PROJECT_ROOT, handler_module
 from serving.server import free_port
+from serving.settings import GatewaySettings
 from serving.stack import Stack
 
 GOODPUT_TARGET = 0.8
@@ -81,14 +81,14 @@ def measure(model_store: Path, workdir: Path, clients: int, seconds: float, queu
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-store", type=Path, default=PROJECT_ROOT / "model_store")
+    parser.add_argument("--model-store", type=Path, default=MODEL_STORE)
     parser.add_argument("--clients", type=int, default=48)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--queue", type=int, default=8, help="TorchServe's job_queue_size")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "results" / "overload.json")
     args = parser.parse_args(argv)
-    if not (args.model_store / "emotion.mar").is_file():
-        raise SystemExit(f"{args.model_store} has no emotion.mar: make archive")
+    if not (args.model_store / ARCHIVE_NAME).is_file():
+        raise SystemExit(f"{args.model_store} has no {ARCHIVE_NAME}: make archive")
     cpu = handler_module("emotion_cpuinfo").detect()
     print(cpu.line(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,8 +19,7 @@ import torch
 import yaml
 
 from loadtest.settings import LoadTestSettings
-from project import PROJECT_ROOT, current_experiment, handler_module
-from training.config import experiment_paths
+from project import MODEL_NAME, PROJECT_ROOT, handler_module, pipeline_model_dir
 
 # Modules whose backends' __call__ is the model's forward pass.
 BACKEND_MODULES = {"emotion_backends", "emotion_onnx"}
@@ -47,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     EmotionHandler = handler_module("emotion_handler").EmotionHandler
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=experiment_paths(current_experiment()).model_dir)
+    parser.add_argument("--model-dir", type=Path, default=pipeline_model_dir())
     parser.add_argument("--section", default="{backend: torch, precision: bf16}", help="handler section (YAML)")
     parser.add_argument("--batches", type=int, default=100)
     args = parser.parse_args(argv)
     texts = LoadTestSettings.load().texts()
     section = yaml.safe_load(args.section)
     context = Context(
-        "emotion", str(args.model_dir), {"model": {}}, 16, None, "0.12.0", model_yaml_config={"handler": section}
+        MODEL_NAME, str(args.model_dir), {"model": {}}, 16, None, "0.12.0", model_yaml_config={"handler": section}
     )
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 

@@ -36,11 +36,10 @@ import yaml
 from bench import peers
 from loadtest.settings import LoadTestSettings
 from loadtest.texts import latency_ms, write_texts
-from project import PROJECT_ROOT, current_experiment, handler_module
+from project import ARCHIVE_NAME, PROJECT_ROOT, handler_module, pipeline_model_dir
 from serving.archive import build_archive
 from serving.process import ManagedProcess
 from serving.server import TorchServe, free_port
-from training.config import experiment_paths
 
 LUA = Path(__file__).resolve().parent / "post.lua"
 # Ratio targets, measured in one run on one machine, so they mean the same on every CPU (README,
@@ -245,7 +244,7 @@ def torchserve_setup(
             result["half_load"] = at_rate(
                 url, texts_file, server.keys.get("inference"), result["requests_per_s"] / 2, args, body
             )
-    archive = workdir / "store" / "emotion.mar"
+    archive = workdir / "store" / ARCHIVE_NAME
     result["archive_mb"] = round(archive.stat().st_size / 1e6, 1)
     with zipfile.ZipFile(archive) as packed:
         packed.extractall(workdir / "engine")
@@ -285,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model-dir",
         type=Path,
-        default=experiment_paths(current_experiment()).model_dir,
+        default=pipeline_model_dir(),
         help="model directory (default: that of the experiment in params.yaml)",
     )
     parser.add_argument("--concurrency", type=int, default=16)

@@ -29,8 +29,7 @@ import yaml
 
 from bench.run import at_rate, drive, torchserve_setup_server, worker_rss_mb
 from loadtest.texts import read_labelled, write_texts
-from project import PROJECT_ROOT, current_experiment, handler_module
-from training.config import experiment_paths
+from project import PROJECT_ROOT, VAL_FILE, handler_module, pipeline_model_dir
 
 # Batching every setting runs with unless its row changes it.
 SWEEP_BATCHING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 16, "maxBatchDelay": 20}
@@ -121,8 +120,8 @@ def validation_accuracy(url: str, headers: dict[str, str], val_file: Path) -> fl
 def main(argv: list[str] | None = None) -> int:
     """Run every setting and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, nargs="+", default=[experiment_paths(current_experiment()).model_dir])
-    parser.add_argument("--val-file", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
+    parser.add_argument("--model-dir", type=Path, nargs="+", default=[pipeline_model_dir()])
+    parser.add_argument("--val-file", type=Path, default=VAL_FILE)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, default=15)
     parser.add_argument("--warmup", type=float, default=4)

@@ -1,6 +1,6 @@
 """Start a container of the serving image, get a prediction through its front door, stop it.
 
-``python docker/smoke.py --image localhost/emotion-serve:cpu`` (``make image-smoke``) runs the
+``python -m docker.smoke --image localhost/emotion-serve:cpu`` (``make image-smoke``) runs the
 image's own entrypoint and checks, through the front door published on 127.0.0.1:
 
 * a prediction with the front-door key answers 200 with the six labels' probabilities;
@@ -34,8 +34,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from project import GATEWAY_PORT
+
 LABELS = {"sadness", "joy", "love", "anger", "fear", "surprise"}
-CONTAINER_PORT = 8080
+CONTAINER_PORT = GATEWAY_PORT
 CLONE_NEWNET = 0x40000000
 
 
@@ -279,8 +281,8 @@ class DockerContainer:
 
 
 def read_key(container: BuildahContainer | DockerContainer) -> str | None:
-    """The key a client sends: the front-door key (``serving.stack key``), once the stack made it."""
-    result = container.exec("python", "-m", "serving.stack", "key")
+    """The key a client sends: the front-door key (``serving key``), once the stack made it."""
+    result = container.exec("python", "-m", "serving", "key")
     return result.stdout.strip().splitlines()[-1] if result.returncode == 0 and result.stdout.strip() else None
 
 
@@ -331,7 +333,7 @@ def check(container: BuildahContainer | DockerContainer, timeout: float) -> dict
         raise SmokeError(f"the image has no exec-form HEALTHCHECK: {healthcheck}")
     if (run := container.exec(*healthcheck[1:])).returncode != 0:
         raise SmokeError(f"the HEALTHCHECK command failed: {run.stderr[-500:]}")
-    result["front_door"] = "serving.stack"
+    result["gateway"] = "serving"
     return result
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from loadtest.closed_loop import ClosedLoop
 from loadtest.settings import LoadTestSettings
 from loadtest.texts import latency_ms
-from project import PROJECT_ROOT
+from project import ARCHIVE_NAME, MODEL_NAME, MODEL_STORE, PROJECT_ROOT
 from serving.server import TorchServe
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the grid and print a Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=None, help="load-test config whose texts_file to use")
-    parser.add_argument("--store", type=Path, default=PROJECT_ROOT / "model_store")
+    parser.add_argument("--store", type=Path, default=MODEL_STORE)
     parser.add_argument("--batch-sizes", default="1,8,16")
     parser.add_argument("--delays", default="5,20")
     parser.add_argument("--workers", default="1,2")
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=12)
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "loadtest" / "results" / "batching.json")
     args = parser.parse_args(argv)
-    if not (args.store / "emotion.mar").is_file():
-        raise SystemExit(f"no {args.store / 'emotion.mar'}: run `make archive` first")
+    if not (args.store / ARCHIVE_NAME).is_file():
+        raise SystemExit(f"no {args.store / ARCHIVE_NAME}: run `make archive` first")
     texts = LoadTestSettings.load(args.config).texts()
     grid = itertools.product(
         [int(v) for v in args.batch_sizes.split(",")],
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         server.start(wait_model=None)
         for batch_size, delay, workers in grid:
             server.client.register(
-                "emotion.mar",
+                ARCHIVE_NAME,
                 batch_size=batch_size,
                 max_batch_delay=delay,
                 initial_workers=workers,
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             rows.append(row)
             print(row, flush=True)
-            server.client.unregister("emotion")
+            server.client.unregister(MODEL_NAME)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps({"concurrency": args.concurrency, "duration_s": args.duration, "rows": rows}, indent=2) + "\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from loadtest.texts import read_texts
-from project import PROJECT_ROOT
+from project import GATEWAY_URL, MODEL_NAME, PROJECT_ROOT, SERVE_DIR
 
 DEFAULT_CONFIG = PROJECT_ROOT / "loadtest" / "config.yaml"
 CONFIG_ENV = "LOADTEST_CONFIG"
@@ -19,8 +19,8 @@ CONFIG_ENV = "LOADTEST_CONFIG"
 class LoadTestSettings:
     """See ``loadtest/config.yaml`` for the meaning of each field."""
 
-    host: str = "http://127.0.0.1:8080"
-    model: str = "emotion"
+    host: str = GATEWAY_URL
+    model: str = MODEL_NAME
     texts_file: str = "data/processed/val.txt"
     json_share: float = 0.5
     spawn_rate: float = 4
@@ -57,14 +57,13 @@ class LoadTestSettings:
 
 def inference_key() -> str | None:
     """The key clients send: ``$EMOTION_INFERENCE_KEY``, or the newest front-door key of the
-    service ``make serve`` started (``python -m serving.stack key``)."""
+    service ``make serve`` started (``python -m serving key``)."""
     key = os.environ.get("EMOTION_INFERENCE_KEY")
     if key:
         return key
     from serving import keys
-    from serving.stack import WORKDIR
 
     try:
-        return keys.valid_keys(WORKDIR / "keys.json")[0]
+        return keys.valid_keys(SERVE_DIR / "keys.json")[0]
     except (OSError, ValueError, IndexError):
         return None

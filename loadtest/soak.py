@@ -179,7 +179,8 @@ def print_report(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Soak the service of ``make serve`` and print the table and the verdict."""
-    from serving.stack import WORKDIR
+    from serving.process import ManagedProcess
+    from serving.stack import pid_file
 
     parser = argparse.ArgumentParser(description="Soak test through the front door.")
     parser.add_argument("--minutes", type=float, default=10)
@@ -189,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "loadtest" / "results" / "soak.json")
     args = parser.parse_args(argv)
     settings = LoadTestSettings.load()
-    pid_file = WORKDIR / "stack.pid"
-    if not pid_file.exists():
+    if ManagedProcess.recorded(pid_file()) is None:
         print("no running service: start it with `make serve`", file=sys.stderr)
         return 2
     key = inference_key()

@@ -25,12 +25,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from handler.emotion_monitor import CONFIDENCE_BOUNDS, REQUEST_LOG_NAME, bucket_of
 from loadtest.texts import read_labelled
 from monitoring.drift_stats import DRIFT_CONFIG, alerts_firing, load_drift_config, stream_statistics
 from monitoring.profile import load_profile, profile_path
-from project import PROJECT_ROOT, SERVE_LOG_DIR, current_experiment
-from training.config import experiment_paths
+from project import (
+    ARCHIVE,
+    OUTPUTS_DIR,
+    SERVE_LOG_DIR,
+    VAL_FILE,
+    handler_module,
+    pipeline_model_dir,
+)
+
+monitor = handler_module("emotion_monitor")  # the module TorchServe's worker loads, not a second copy
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +69,9 @@ def check_labels(entries: list[dict[str, Any]], profile: dict[str, Any]) -> None
 
 def log_files(log_dir: Path) -> list[Path]:
     """The request log and its rotated files, oldest first."""
-    current = Path(log_dir) / REQUEST_LOG_NAME
+    current = Path(log_dir) / monitor.REQUEST_LOG_NAME
     rotated = sorted(
-        (p for p in current.parent.glob(REQUEST_LOG_NAME + ".*") if p.suffix[1:].isdigit()),
+        (p for p in current.parent.glob(monitor.REQUEST_LOG_NAME + ".*") if p.suffix[1:].isdigit()),
         key=lambda p: int(p.suffix[1:]),
         reverse=True,
     )
@@ -166,7 +173,7 @@ def evidently_report(
     current = pd.DataFrame({c: [e[c] for e in entries] for c in columns})
     for frame in (reference, current):
         frame["truncated"] = frame["truncated"].astype(str)
-        frame["confidence"] = [bucket_of(c, CONFIDENCE_BOUNDS) for c in frame["confidence"]]
+        frame["confidence"] = [monitor.bucket_of(c, monitor.CONFIDENCE_BOUNDS) for c in frame["confidence"]]
     definition = DataDefinition(numerical_columns=list(NUMERIC), categorical_columns=list(CATEGORICAL))
     threshold = settings["psi_threshold"]
     preset = DataDriftPreset(num_method="psi", cat_method="psi", num_threshold=threshold, cat_threshold=threshold)
@@ -273,7 +280,7 @@ def print_verdict(code: int, summary: dict[str, Any]) -> None:
 
 def default_profile(model_dir: Path) -> Path:
     """The served archive's profile when it packs one, else the profile beside ``model_dir``."""
-    archive = PROJECT_ROOT / "model_store" / "emotion.mar"
+    archive = ARCHIVE
     try:
         load_profile(archive)
         return archive
@@ -314,11 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model-dir",
         type=Path,
-        default=experiment_paths(current_experiment()).model_dir,
+        default=pipeline_model_dir(),
         help="without --profile: the archive's profile, else this model's (<model-dir>.profile.json)",
     )
-    parser.add_argument("--reference-texts", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
-    parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "outputs" / "drift")
+    parser.add_argument("--reference-texts", type=Path, default=VAL_FILE)
+    parser.add_argument("--out-dir", type=Path, default=OUTPUTS_DIR / "drift")
     parser.add_argument("--config", type=Path, default=DRIFT_CONFIG)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

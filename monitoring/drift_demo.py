@@ -27,9 +27,8 @@ from monitoring.drift_rules import dump, render_reference, render_rules
 from monitoring.drift_stats import MONITORING_DIR, load_drift_config
 from monitoring.profile import load_profile
 from monitoring.prometheus_server import Prometheus
+from project import ARCHIVE_NAME, MODEL_STORE, OUTPUTS_DIR, VAL_FILE
 from serving.server import TorchServe, free_port
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def shifted_stream(texts: list[str], count: int, seed: int = 0) -> list[str]:
@@ -88,13 +87,13 @@ def plot(series: dict[str, list[tuple[float, float]]], t0: float, switch: float,
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-store", type=Path, default=PROJECT_ROOT / "model_store")
-    parser.add_argument("--val-file", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
+    parser.add_argument("--model-store", type=Path, default=MODEL_STORE)
+    parser.add_argument("--val-file", type=Path, default=VAL_FILE)
     parser.add_argument("--requests", type=int, default=1000, help="per stream")
     parser.add_argument("--window", default="30s", help="the rules' window")
-    parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "outputs" / "drift-demo")
+    parser.add_argument("--out-dir", type=Path, default=OUTPUTS_DIR / "drift-demo")
     args = parser.parse_args(argv)
-    profile = load_profile(args.model_store / "emotion.mar")
+    profile = load_profile(args.model_store / ARCHIVE_NAME)
     config = load_drift_config()
     config["prometheus"].update(min_requests=50)
     texts = read_texts(args.val_file)

@@ -12,7 +12,10 @@ from typing import Any
 
 import yaml
 
-from handler.emotion_monitor import CONFIDENCE_BOUNDS, TOKEN_BOUNDS, histogram
+from project import handler_module
+
+monitor = handler_module("emotion_monitor")  # the module TorchServe's worker loads, not a second copy
+
 
 MONITORING_DIR = Path(__file__).resolve().parent
 DRIFT_CONFIG = MONITORING_DIR / "drift.yaml"
@@ -60,8 +63,10 @@ def stream_statistics(entries: Sequence[Mapping[str, Any]], profile: Mapping[str
     return {
         "requests": len(entries),
         "label_psi": psi(label_counts, val["predicted_label_shares"], floor),
-        "length_psi": psi(histogram(tokens, TOKEN_BOUNDS), val["token_histogram"], floor),
-        "confidence_psi": psi(histogram(confidences, CONFIDENCE_BOUNDS), val["confidence_histogram"], floor),
+        "length_psi": psi(monitor.histogram(tokens, monitor.TOKEN_BOUNDS), val["token_histogram"], floor),
+        "confidence_psi": psi(
+            monitor.histogram(confidences, monitor.CONFIDENCE_BOUNDS), val["confidence_histogram"], floor
+        ),
         "low_confidence_share": sum(c <= low for c in confidences) / max(len(entries), 1),
         "reference_low_confidence_share": val["low_confidence_share"],
         "unknown_token_share": unknown / max(sum(tokens), 1),

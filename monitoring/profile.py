@@ -31,19 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from handler.emotion_monitor import (
-    CONFIDENCE_BOUNDS,
-    LOW_CONFIDENCE,
-    TOKEN_BOUNDS,
-    bucket_names,
-    histogram,
-    log_entry,
-    make_records,
-)
-from project import PROJECT_ROOT, current_experiment, handler_module
+from project import TRAIN_FILE, VAL_FILE, handler_module, pipeline_model_dir
 from serving.archive import ARCHIVE_PROFILE_NAME, PROFILE_SUFFIX
-from training.config import experiment_paths
 from training.data import load_split
+
+monitor = handler_module("emotion_monitor")  # the module TorchServe's worker loads, not a second copy
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +64,13 @@ def input_statistics(tokenizer, texts: Sequence[str], max_length: int, labels: S
     (``tokenizer``: the handler's, from ``load_tokenizer``)."""
     token_ids, cut = tokenizer.encode(list(texts), max_length)
     uniform = [[1.0 / len(labels)] * len(labels)] * len(texts)  # probabilities are not needed here
-    records = make_records(texts, token_ids, uniform, labels, tokenizer.unk_token_id, cut)
+    records = monitor.make_records(texts, token_ids, uniform, labels, tokenizer.unk_token_id, cut)
     tokens = [r.tokens for r in records]
     return {
         "examples": len(texts),
         "token_quantiles": quantiles(tokens),
         "token_mean": float(np.mean(tokens)),
-        "token_histogram": shares(histogram(tokens, TOKEN_BOUNDS)),
+        "token_histogram": shares(monitor.histogram(tokens, monitor.TOKEN_BOUNDS)),
         "chars_quantiles": quantiles([r.chars for r in records]),
         "unknown_token_share": sum(r.unknown_tokens for r in records) / max(sum(tokens), 1),
         "truncated_share": sum(r.truncated for r in records) / max(len(records), 1),
@@ -123,28 +115,31 @@ def build_profile(model_dir: Path, train_file: Path, val_file: Path, batch_size:
     token_ids, cut = tokenizer.encode(texts, max_length)
     log.info("scoring %d validation texts", len(texts))
     probabilities = predict_probabilities(model, token_ids, tokenizer.pad_token_id or 0, batch_size)
-    records = make_records(texts, token_ids, probabilities.tolist(), labels, tokenizer.unk_token_id, cut)
+    records = monitor.make_records(texts, token_ids, probabilities.tolist(), labels, tokenizer.unk_token_id, cut)
     confidences = [r.confidence for r in records]
     val_stats = input_statistics(tokenizer, texts, max_length, labels)
     val_stats.update(
         label_shares=shares({name: sum(1 for e in val if labels[e.label] == name) for name in labels}),
         predicted_label_shares=shares({name: sum(1 for r in records if r.label == name) for name in labels}),
-        confidence_histogram=shares(histogram(confidences, CONFIDENCE_BOUNDS)),
+        confidence_histogram=shares(monitor.histogram(confidences, monitor.CONFIDENCE_BOUNDS)),
         confidence_quantiles=quantiles(confidences),
-        low_confidence_share=sum(c <= LOW_CONFIDENCE for c in confidences) / len(confidences),
+        low_confidence_share=sum(c <= monitor.LOW_CONFIDENCE for c in confidences) / len(confidences),
         accuracy=sum(r.label == labels[e.label] for r, e in zip(records, val, strict=True)) / len(val),
     )
     # The request log's fields for each validation text (no time, no text): Evidently's reference.
-    rows = [log_entry(r, labels, 0.0, with_text=False) for r in records]
+    rows = [monitor.log_entry(r, labels, 0.0, with_text=False) for r in records]
     columns = ("chars", "tokens", "unknown_share", "truncated", "label", "confidence")
     return {
         "model_dir": str(model_dir),
         "labels": labels,
         "max_length": max_length,
-        "low_confidence": LOW_CONFIDENCE,
+        "low_confidence": monitor.LOW_CONFIDENCE,
         "buckets": {
-            "confidence": {"bounds": list(CONFIDENCE_BOUNDS), "names": bucket_names(CONFIDENCE_BOUNDS)},
-            "tokens": {"bounds": list(TOKEN_BOUNDS), "names": bucket_names(TOKEN_BOUNDS)},
+            "confidence": {
+                "bounds": list(monitor.CONFIDENCE_BOUNDS),
+                "names": monitor.bucket_names(monitor.CONFIDENCE_BOUNDS),
+            },
+            "tokens": {"bounds": list(monitor.TOKEN_BOUNDS), "names": monitor.bucket_names(monitor.TOKEN_BOUNDS)},
         },
         "train": train_stats,
         "validation": val_stats,
@@ -179,9 +174,9 @@ def load_profile(path: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """CLI: write the profile of a model directory beside it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=experiment_paths(current_experiment()).model_dir)
-    parser.add_argument("--train-file", type=Path, default=PROJECT_ROOT / "data" / "processed" / "train.txt")
-    parser.add_argument("--val-file", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
+    parser.add_argument("--model-dir", type=Path, default=pipeline_model_dir())
+    parser.add_argument("--train-file", type=Path, default=TRAIN_FILE)
+    parser.add_argument("--val-file", type=Path, default=VAL_FILE)
     parser.add_argument("--out", type=Path, help="default: <model-dir>.profile.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

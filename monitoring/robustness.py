@@ -26,20 +26,14 @@ from typing import Any
 
 import yaml
 
-from handler.emotion_monitor import (
-    CONFIDENCE_BOUNDS,
-    LOW_CONFIDENCE,
-    REQUEST_LOG_NAME,
-    TOKEN_BOUNDS,
-    RequestLog,
-    histogram,
-)
 from monitoring.drift import positive_int, read_requests, run_drift
 from monitoring.drift_stats import alerts_firing, load_drift_config, stream_statistics
 from monitoring.profile import load_profile
+from project import ARCHIVE, MODEL_NAME, OUTPUTS_DIR, PROJECT_ROOT, VAL_FILE, handler_module
 from training.data import load_split
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+monitor = handler_module("emotion_monitor")  # the module TorchServe's worker loads, not a second copy
+
 METRICS_YAML = PROJECT_ROOT / "monitoring" / "metrics.yaml"
 EMOJI = ("😂", "😭", "❤️", "🙄", "😡", "😱", "🔥", "🙏")
 NEGATABLE = re.compile(r"\b(feel|feeling|am|was|is|felt)\b")
@@ -125,7 +119,7 @@ class InProcessHandler:
         metrics.initialize_cache()
         self.batch_size = int(yaml_config.get("batchSize", 8))
         self.context = Context(
-            "emotion", str(model_dir), {"model": {}}, self.batch_size, None, "0.12.0", metrics=metrics,
+            MODEL_NAME, str(model_dir), {"model": {}}, self.batch_size, None, "0.12.0", metrics=metrics,
             model_yaml_config=yaml_config,
         )  # fmt: skip
         self.handler = EmotionHandler()
@@ -152,14 +146,15 @@ def reference_from(entries: Sequence[dict[str, Any]], labels: Sequence[str]) -> 
     n = max(len(entries), 1)
     return {
         "labels": list(labels),
-        "low_confidence": LOW_CONFIDENCE,
+        "low_confidence": monitor.LOW_CONFIDENCE,
         "validation": {
             "predicted_label_shares": {name: sum(e["label"] == name for e in entries) / n for name in labels},
-            "token_histogram": {k: v / n for k, v in histogram(tokens, TOKEN_BOUNDS).items()},
+            "token_histogram": {k: v / n for k, v in monitor.histogram(tokens, monitor.TOKEN_BOUNDS).items()},
             "confidence_histogram": {
-                k: v / n for k, v in histogram([e["confidence"] for e in entries], CONFIDENCE_BOUNDS).items()
+                k: v / n
+                for k, v in monitor.histogram([e["confidence"] for e in entries], monitor.CONFIDENCE_BOUNDS).items()
             },
-            "low_confidence_share": sum(e["confidence"] <= LOW_CONFIDENCE for e in entries) / n,
+            "low_confidence_share": sum(e["confidence"] <= monitor.LOW_CONFIDENCE for e in entries) / n,
             "unknown_token_share": sum(e["unknown_share"] * e["tokens"] for e in entries) / max(sum(tokens), 1),
         },
     }
@@ -213,7 +208,9 @@ def evaluate(
         for name in PERTURBATIONS:
             log_dir = log_root / name.replace(" ", "_")
             old = server.handler.monitor.request_log
-            server.handler.monitor.request_log = RequestLog(log_dir / REQUEST_LOG_NAME, old.max_bytes, old.backups)
+            server.handler.monitor.request_log = monitor.RequestLog(
+                log_dir / monitor.REQUEST_LOG_NAME, old.max_bytes, old.backups
+            )
             answers = server.predict(perturb([e.text for e in examples], name, seed))
             accuracy = sum(a.get("label") == g for a, g in zip(answers, gold, strict=True)) / len(gold)
             entries = read_requests(log_dir, len(examples))
@@ -274,10 +271,10 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point of ``make robustness``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archive", type=Path, default=PROJECT_ROOT / "model_store" / "emotion.mar")
-    parser.add_argument("--val-file", type=Path, default=PROJECT_ROOT / "data" / "processed" / "val.txt")
+    parser.add_argument("--archive", type=Path, default=ARCHIVE)
+    parser.add_argument("--val-file", type=Path, default=VAL_FILE)
     parser.add_argument("--limit", type=positive_int, default=None, help="first N validation texts only")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "outputs" / "robustness" / "robustness.json")
+    parser.add_argument("--out", type=Path, default=OUTPUTS_DIR / "robustness" / "robustness.json")
     parser.add_argument("--no-drift-report", action="store_true", help="skip the Evidently report per stream")
     args = parser.parse_args(argv)
     if not args.archive.is_file():

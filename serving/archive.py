@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from project import HANDLER_DIR, PROJECT_ROOT, handler_module
+from project import HANDLER_DIR, MODEL_NAME, MODEL_STORE, handler_module
 from serving.golden import GOLDEN_FILE, GoldenError, build_record
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def check_model_dir(model_dir: Path) -> list[Path]:
 def build_archive(
     model_dir: Path,
     export_dir: Path,
-    name: str = "emotion",
+    name: str = MODEL_NAME,
     version: str = "1.0",
     model_config: Path = HANDLER_DIR / "model-config.yaml",
     without_weights: bool = False,
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, required=True, help="trained model directory")
-    parser.add_argument("--export-dir", type=Path, default=PROJECT_ROOT / "model_store")
-    parser.add_argument("--name", default="emotion", help="archive file stem and model name")
+    parser.add_argument("--export-dir", type=Path, default=MODEL_STORE)
+    parser.add_argument("--name", default=MODEL_NAME, help="archive file stem and model name")
     parser.add_argument("--version", default="1.0")
     parser.add_argument("--model-config", type=Path, default=HANDLER_DIR / "model-config.yaml")
     parser.add_argument(

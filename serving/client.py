@@ -14,6 +14,8 @@ from typing import Any
 
 import requests
 
+from project import MODEL_NAME
+
 # The readiness probe's mark (handler/emotion_inputs.py PROBE_HEADER; gateway/nginx.conf strips it
 # from client requests).
 PROBE_HEADER = "X-Emotion-Probe"
@@ -80,7 +82,9 @@ class TorchServeClient:
         """The ``Authorization`` header for ``inference``, ``management`` or ``API`` calls."""
         return auth_header(self.keys, api)
 
-    def predict(self, text: str, model: str = "emotion", timeout: float = 30, probe: bool = False) -> requests.Response:
+    def predict(
+        self, text: str, model: str = MODEL_NAME, timeout: float = 30, probe: bool = False
+    ) -> requests.Response:
         """POST one text as ``text/plain`` to ``/predictions/<model>``.
 
         ``probe``: mark it as a readiness probe, which the handler answers without counting it in
@@ -106,12 +110,12 @@ class TorchServeClient:
             raise ManagementError(f"{method} {path}: {response.status_code} {response.text.strip()}")
         return response.json()
 
-    def describe(self, model: str = "emotion", version: str | None = "all", timeout: float = 10) -> list[dict]:
+    def describe(self, model: str = MODEL_NAME, version: str | None = "all", timeout: float = 10) -> list[dict]:
         """The model's versions with their workers (``GET /models/<model>[/<version>]``; None: the
         default version)."""
         return self.manage("GET", f"/models/{model}" + (f"/{version}" if version else ""), timeout=timeout)
 
-    def default_version(self, model: str = "emotion", timeout: float = 10) -> dict:
+    def default_version(self, model: str = MODEL_NAME, timeout: float = 10) -> dict:
         """The version ``/predictions/<model>`` serves: TorchServe describes its default version
         when the describe call names none (``GET /models/<model>``, a list of one entry).
 
@@ -124,11 +128,11 @@ class TorchServeClient:
             raise ValueError(f"describe {model}: expected one description, got {versions!r:.200}")
         return versions[0]
 
-    def workers(self, model: str = "emotion") -> list[dict]:
+    def workers(self, model: str = MODEL_NAME) -> list[dict]:
         """Every worker of every version of ``model``."""
         return [w for version in self.describe(model) for w in version.get("workers", [])]
 
-    def ready_workers(self, model: str = "emotion") -> int:
+    def ready_workers(self, model: str = MODEL_NAME) -> int:
         """READY workers of the version ``/predictions/<model>`` serves (the default version; the
         workers of other versions serve nothing there); 0 when TorchServe does not answer."""
         try:

@@ -1,117 +1,38 @@
-"""The nginx front door in front of TorchServe's inference API (``gateway/nginx.conf``).
+"""The nginx gateway in front of TorchServe's inference API (its template: ``serving/nginx.conf``).
 
-:class:`Gateway` renders the config, runs nginx with :class:`serving.process.ManagedProcess`,
-and exposes what the stack's supervisor changes while it runs: the front-door keys and
-TorchServe's key (included files, applied with a graceful reload), the drain (likewise: every
-answer closes its connection), the health files that ``/ready`` and the prediction route read,
-and log reopening after rotation.
-``python -m serving.stack`` runs it together with TorchServe.
+:func:`render` fills the template from :class:`serving.settings.GatewaySettings`.
+:class:`Gateway` runs nginx with :class:`serving.process.ManagedProcess` and exposes what the
+stack's supervisor changes while it runs: the gateway keys and TorchServe's key (included files,
+applied with a graceful reload), the drain (likewise: every answer closes its connection), the
+health files that ``/ready`` and the prediction route read, and log reopening after rotation.
+:func:`nginx_workers` and :func:`wait_reloaded` tell when a reload has taken over.
+``python -m serving`` runs it together with TorchServe (``serving.stack``).
 """
 
 from __future__ import annotations
 
-import ipaddress
+import contextlib
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+import psutil
 
-from project import PROJECT_ROOT
+from project import LOOPBACK
 from serving.process import ManagedProcess
+from serving.settings import RETRY_MARGIN, GatewaySettings, max_text_chars, response_timeout
 
-TEMPLATE = PROJECT_ROOT / "gateway" / "nginx.conf"
-MODEL_CONFIG = PROJECT_ROOT / "handler" / "model-config.yaml"
+TEMPLATE = Path(__file__).with_name("nginx.conf")
+# Seconds to wait for nginx's new workers after a reload.
+RELOAD_TIMEOUT = 5.0
 
-
-# Seconds the retries of one request may go on past the first attempt's timeout
-# (proxy_next_upstream_timeout is attempt_timeout plus this): an attempt that timed out is
-# retried once, a second one is not (for attempt timeouts over this margin).
-RETRY_MARGIN = 5
 # Seconds nginx keeps an idle client connection open (keepalive_timeout), except while draining.
 KEEPALIVE_TIMEOUT = 30
-# The route of a model name, as the gateway's prediction location matches it.
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def response_timeout(model_config: Path = MODEL_CONFIG) -> int:
-    """TorchServe's ``responseTimeout`` (seconds) from the model config; 120, its default, if unset."""
-    return int((yaml.safe_load(model_config.read_text()) or {}).get("responseTimeout", 120))
-
-
-def max_text_chars(model_config: Path = MODEL_CONFIG) -> int:
-    """The handler's ``max_text_chars`` from the model config; 2000, its default, if unset."""
-    handler = (yaml.safe_load(model_config.read_text()) or {}).get("handler") or {}
-    return int(handler.get("max_text_chars", 2000))
-
-
-@dataclass(frozen=True)
-class GatewaySettings:
-    """How the front door listens, retries and limits.
-
-    Attributes:
-        host: Address to listen on: 127.0.0.1, or 0.0.0.0 inside a container.
-        port: Port of the front door.
-        metrics_port: Port of its Prometheus metrics.
-        metrics_host: Address of the metrics port: 127.0.0.1, or 0.0.0.0 in a Kubernetes pod
-            whose network policy admits only the metrics collector.
-        tries: Attempts per request (first try plus retries) for answers from a removed worker,
-            refused connections and unanswered attempts; no retry starts later than
-            ``attempt_timeout`` plus ``RETRY_MARGIN`` seconds after the first; after a 507, one
-            attempt more.
-        attempt_timeout: Seconds without an answer before an attempt is given up; default
-            TorchServe's ``responseTimeout``.
-        rate: Requests per second accepted from one client address (beyond ``burst``: 429).
-        burst: Requests above ``rate`` one client may send at once.
-        connections: Open connections allowed from one client address.
-        retry_after: Seconds in the ``Retry-After`` header of 429 and 503 answers.
-        trusted_proxies: Addresses or networks of proxies in front (the VM's TLS nginx on
-            127.0.0.1, a load balancer's range) whose ``X-Forwarded-For`` names the client: the
-            per-client limits then count each client, not the proxy. Empty: the peer address.
-        model: The served model: on its route (``/predictions/<model>``) TorchServe's 404
-            means the model is being unregistered or registered again, a 503 ``NotReady``.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 8080
-    metrics_port: int = 8083
-    metrics_host: str = "127.0.0.1"
-    tries: int = 3
-    attempt_timeout: int | None = None
-    rate: int = 5000
-    burst: int = 5000
-    connections: int = 1024
-    retry_after: int = 1
-    model: str = "emotion"
-    trusted_proxies: tuple[str, ...] = ()
-
-    def longest_request(self) -> int:
-        """Seconds the front door may keep one request: attempts start for up to the attempt
-        timeout plus ``RETRY_MARGIN`` after the first, the last may take the attempt timeout, and a
-        507 then gets one attempt more (3 x responseTimeout + 5 s = 95 s as shipped)."""
-        timeout = self.attempt_timeout or response_timeout()
-        return 3 * timeout + RETRY_MARGIN
-
-    def __post_init__(self) -> None:
-        for name in ("port", "metrics_port", "tries", "rate", "burst", "connections", "retry_after"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"gateway {name} must be >= 1, not {getattr(self, name)}")
-        if self.attempt_timeout is not None and self.attempt_timeout < 1:
-            raise ValueError(f"gateway attempt_timeout must be >= 1, not {self.attempt_timeout}")
-        for proxy in self.trusted_proxies:
-            try:
-                ipaddress.ip_network(proxy, strict=False)
-            except ValueError:
-                raise ValueError(f"gateway trusted proxy must be an address or network, not {proxy!r}") from None
-        if not MODEL_NAME.fullmatch(self.model):
-            raise ValueError(f"gateway model must be a name matching {MODEL_NAME.pattern}, not {self.model!r}")
 
 
 def _check_address(address: str) -> None:
@@ -219,11 +140,11 @@ class Gateway:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.port}"
+        return f"http://{LOOPBACK}:{self.settings.port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
+        return f"http://{LOOPBACK}:{self.settings.metrics_port}/metrics"
 
     @property
     def access_log(self) -> Path:
@@ -308,7 +229,7 @@ class Gateway:
 
         def accepting() -> bool:
             try:
-                with socket.create_connection(("127.0.0.1", self.settings.port), timeout=1):
+                with socket.create_connection((LOOPBACK, self.settings.port), timeout=1):
                     return True
             except OSError:
                 return False
@@ -362,3 +283,36 @@ def attempts(line: str) -> int:
         return 0
     statuses = line.split("upstream=[", 1)[1].split("]", 1)[0]
     return sum(1 for part in statuses.replace(":", ",").split(",") if part.strip() not in ("", "-"))
+
+
+def nginx_workers(gateway: Gateway) -> dict[int, str]:
+    """The gateway's nginx worker processes by pid, with their titles (empty when it is not running)."""
+    if gateway.process is None or gateway.process.pid is None:
+        return {}
+    try:
+        children = psutil.Process(gateway.process.pid).children()
+    except psutil.Error:
+        return {}
+    workers = {}
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            title = " ".join(child.cmdline()).strip()
+            if "worker process" in title:
+                workers[child.pid] = title
+    return workers
+
+
+def wait_reloaded(gateway: Gateway, before: set[int], timeout: float = RELOAD_TIMEOUT) -> bool:
+    """Wait until nginx has taken a reload: a worker not in ``before`` (the pids before the reload)
+    runs, and every worker of ``before`` has gone or is shutting down (it accepts nothing new).
+    Returns False after ``timeout`` seconds (nginx kept its old config, or is not running)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = nginx_workers(gateway)
+        new = any(pid not in before and "shutting down" not in title for pid, title in workers.items())
+        old = any(pid in before and "shutting down" not in title for pid, title in workers.items())
+        if new and not old:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)

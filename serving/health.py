@@ -20,7 +20,7 @@ check.
   ``golden_max_age`` seconds. TorchServe answers 503 both for a full queue and for a handler that
   fails every request, so a model that only ever answers 503 is not ready for long.
 
-:class:`Liveness` turns readiness into a restart decision for ``serving.stack run``: a service that
+:class:`Liveness` turns readiness into a restart decision for ``serving run``: a service that
 was ready once and has then been not ready for longer than ``UNREADY_EXIT`` seconds exits.
 """
 
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import requests
 
+from project import MODEL_NAME
 from serving.client import ManagementError, TorchServeClient, count_ready
 from serving.golden import GoldenRecord, judge
 
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 # readiness, short enough that a model answering every request with 503 is soon not ready.
 GOLDEN_MAX_AGE = 60.0
 
-# Seconds the service may stay not ready, after it was ready once, before `serving.stack run`
+# Seconds the service may stay not ready, after it was ready once, before `serving run`
 # exits non-zero to have the container restarted. TorchServe restarts a failed worker itself,
 # with a growing back-off (1, 1, 2, 3, 5, ... s), and reports it unhealthy once it has failed for
 # maxRetryTimeoutInSec (300 s unless the model config sets it; handler/model-config.yaml does not);
@@ -96,7 +97,7 @@ class Readiness:
     def __init__(
         self,
         client: TorchServeClient,
-        model: str = "emotion",
+        model: str = MODEL_NAME,
         golden: GoldenRecord | None = None,
         interval: float = 1.0,
         golden_interval: float = 10.0,

@@ -56,7 +56,7 @@ def load(path: Path) -> list[FrontDoorKey]:
         if not isinstance(entry.key, str) or not KEY_PATTERN.fullmatch(entry.key):
             raise ValueError(
                 f"{path}: a key must be at least {MIN_KEY_LENGTH} characters of A-Z, a-z, 0-9, - and _ "
-                "(python -m serving.stack rotate-key makes one)"
+                "(python -m serving rotate-key makes one)"
             )
     return keys
 

@@ -3,7 +3,9 @@
 A :class:`ManagedProcess` starts its command in a new session (so that stopping it reaches every
 process it started: TorchServe's JVM and its Python workers, nginx's worker), logs to a file,
 waits for a readiness probe while watching for an early exit, and stops with a signal, then
-SIGKILL after a timeout. Stopping is safe to repeat.
+SIGKILL after a timeout. Stopping is safe to repeat. A process meant to outlive the one that
+started it (``make serve``, stopped later by ``make stop``) records its pid in a pid file, and
+:meth:`ManagedProcess.stop_recorded` stops it from any other process.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class ManagedProcess:
         log_path: File that receives stdout and stderr (appended to).
         cwd: Working directory.
         env: Environment (default: this process's).
+        pid_file: File the pid is written to at start and removed from at stop (background runs).
     """
 
     def __init__(
@@ -35,8 +38,10 @@ class ManagedProcess:
         log_path: Path,
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
+        pid_file: Path | None = None,
     ) -> None:
         self.name = name
+        self.pid_file = pid_file
         self.command = list(command)
         self.log_path = Path(log_path)
         self.cwd = cwd
@@ -64,6 +69,8 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        if self.pid_file is not None:
+            self.pid_file.write_text(str(self.process.pid))
 
     def wait_until(self, probe: Callable[[], bool], timeout: float, what: str = "ready") -> float:
         """Poll ``probe`` until it returns true; returns the seconds waited.
@@ -105,6 +112,35 @@ class ManagedProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process = None
+        if self.pid_file is not None:
+            self.pid_file.unlink(missing_ok=True)
+
+    @staticmethod
+    def recorded(pid_file: Path) -> int | None:
+        """The pid in ``pid_file`` while that process runs; None otherwise."""
+        try:
+            pid = int(Path(pid_file).read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    @staticmethod
+    def stop_recorded(pid_file: Path, timeout: float = 30, sig: int = signal.SIGTERM) -> bool:
+        """Stop the process recorded in ``pid_file`` (started by another process): ``sig`` to it,
+        wait up to ``timeout`` s for it to exit, then SIGKILL its whole session. Returns whether
+        one was running; the pid file is removed in any case."""
+        pid = ManagedProcess.recorded(pid_file)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and ManagedProcess.recorded(pid_file):
+                time.sleep(0.2)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        Path(pid_file).unlink(missing_ok=True)
+        return pid is not None
 
     def tail(self, lines: int = 60) -> str:
         """The last lines of the log, for error messages."""

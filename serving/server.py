@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from project import PROJECT_ROOT
+from project import MODEL_NAME, PROJECT_ROOT, SERVED_MODELS
 from serving.client import TorchServeClient
 from serving.process import ManagedProcess
 
@@ -72,7 +72,7 @@ class TorchServe:
         self,
         model_store: Path,
         workdir: Path,
-        models: str | None = "emotion=emotion.mar",
+        models: str | None = SERVED_MODELS,
         overrides: dict[str, str] | None = None,
         free_ports: bool = True,
     ) -> None:
@@ -124,7 +124,7 @@ class TorchServe:
         """Authorization header for the ``inference`` or ``management`` API (empty without token auth)."""
         return self.client.headers(api)
 
-    def start(self, timeout: float = 120, wait_model: str | None = "emotion") -> float:
+    def start(self, timeout: float = 120, wait_model: str | None = MODEL_NAME) -> float:
         """Start TorchServe and wait until ``wait_model`` has a ready worker; returns the seconds taken."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)

@@ -1,7 +1,7 @@
 """The service as one unit: TorchServe behind the gateway, watched by a supervisor.
 
-``python -m serving.stack run`` starts TorchServe (from ``config.properties``), then the nginx
-gateway in front of it, and supervises both in the foreground until SIGTERM or SIGINT:
+:class:`Stack` (run by ``python -m serving run``: ``serving/__main__.py``) starts TorchServe (from
+``config.properties``), then the nginx gateway in front of it, and supervises both until stopped:
 
 * readiness (``serving.health``): the gateway's ``/ready`` and prediction route follow it;
 * keys: clients hold front-door keys (``serving.keys``), applied on change without a restart;
@@ -19,39 +19,27 @@ gateway in front of it, and supervises both in the foreground until SIGTERM or S
   connections reconnect, to another replica), then nginx finishes what is in flight, then
   TorchServe stops.
 
-``start`` runs the same in the background (``make serve``) and waits until it is ready; ``stop``
-stops it (``make stop``) and leaves no process; ``key`` prints a front-door key; ``rotate-key``
-adds a new one and keeps the old ones valid for a grace period; ``torchserve-key management``
-prints TorchServe's management key for operators on the machine.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
-import psutil
-import requests
-
-from project import PROJECT_ROOT, SERVE_DIR
-from serving import keys as frontdoor_keys
+from project import MODEL_NAME, SERVE_DIR, SERVED_MODELS
+from serving import keys as gateway_keys
 from serving.access_log import AccessLog
-from serving.client import read_keys
-from serving.gateway import Gateway, GatewaySettings
-from serving.golden import GoldenError, GoldenRecord, served_record
+from serving.gateway import RELOAD_TIMEOUT, Gateway, nginx_workers, wait_reloaded
+from serving.golden import GoldenRecord, served_record
 from serving.health import GOLDEN_MAX_AGE, UNREADY_EXIT, Liveness, Readiness
 from serving.server import TorchServe
+from serving.settings import GatewaySettings
 
 log = logging.getLogger("serving.stack")
 
@@ -61,45 +49,13 @@ HOUSEKEEPING_INTERVAL = 1.0
 # Seconds the prediction route stays closed before TorchServe's inference key is replaced, so that
 # requests that have just passed the route's check reach TorchServe while the old key still holds.
 KEY_SWITCH_SETTLE = 0.1
-# Seconds to wait for nginx's new workers after a reload; the route reopens then in any case.
-RELOAD_TIMEOUT = 5.0
 # Seconds before a failed renewal of TorchServe's inference key is tried again.
 RENEWAL_RETRY = 60.0
 
-WORKDIR = SERVE_DIR
 
-
-def nginx_workers(gateway: Gateway) -> dict[int, str]:
-    """The gateway's nginx worker processes by pid, with their titles (empty when it is not running)."""
-    if gateway.process is None or gateway.process.pid is None:
-        return {}
-    try:
-        children = psutil.Process(gateway.process.pid).children()
-    except psutil.Error:
-        return {}
-    workers = {}
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            title = " ".join(child.cmdline()).strip()
-            if "worker process" in title:
-                workers[child.pid] = title
-    return workers
-
-
-def wait_reloaded(gateway: Gateway, before: set[int], timeout: float = RELOAD_TIMEOUT) -> bool:
-    """Wait until nginx has taken a reload: a worker not in ``before`` (the pids before the reload)
-    runs, and every worker of ``before`` has gone or is shutting down (it accepts nothing new).
-    Returns False after ``timeout`` seconds (nginx kept its old config, or is not running)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        workers = nginx_workers(gateway)
-        new = any(pid not in before and "shutting down" not in title for pid, title in workers.items())
-        old = any(pid in before and "shutting down" not in title for pid, title in workers.items())
-        if new and not old:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
+def pid_file(workdir: Path = SERVE_DIR) -> Path:
+    """The pid file of a stack started in the background (``python -m serving start``) in ``workdir``."""
+    return Path(workdir).resolve() / "stack.pid"
 
 
 class Stack:
@@ -130,8 +86,8 @@ class Stack:
         model_store: Path,
         workdir: Path,
         gateway: GatewaySettings | None = None,
-        models: str = "emotion=emotion.mar",
-        model: str = "emotion",
+        models: str = SERVED_MODELS,
+        model: str = MODEL_NAME,
         keys_file: Path | None = None,
         free_ports: bool = False,
         ts_overrides: dict[str, str] | None = None,
@@ -180,7 +136,7 @@ class Stack:
         if self.keys_file is None:
             return None
         try:
-            return frontdoor_keys.valid_keys(self.keys_file)
+            return gateway_keys.valid_keys(self.keys_file)
         except (OSError, ValueError) as err:
             log.error("front-door keys not reloaded: %s", err)
             current = self.gateway.client_keys
@@ -195,7 +151,7 @@ class Stack:
         """Start TorchServe, then the gateway, then the supervisor; returns once both listen
         (not once the model is ready: see :meth:`wait_ready`)."""
         if self.keys_file is not None:
-            frontdoor_keys.ensure(self.keys_file)
+            gateway_keys.ensure(self.keys_file)
         # The client keys are loaded before TorchServe starts (a file broken meanwhile cannot
         # leave the front door without keys).
         self.gateway.client_keys = self.client_keys()
@@ -329,222 +285,3 @@ class Stack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _settings(args: argparse.Namespace) -> GatewaySettings:
-    return GatewaySettings(
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        tries=args.tries,
-        attempt_timeout=args.attempt_timeout,
-        rate=args.rate,
-        burst=args.burst,
-        connections=args.connections,
-        trusted_proxies=tuple(args.trusted_proxy),
-    )
-
-
-def _golden(path: Path | None) -> GoldenRecord | None:
-    if path is None:
-        return None
-    try:
-        return GoldenRecord.from_json(path.read_text(encoding="utf-8"), str(path))
-    except (OSError, GoldenError) as err:
-        raise SystemExit(f"--golden-file: {err}") from err
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the stack in the foreground until SIGTERM or SIGINT."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    keys_file = None if args.no_keys else args.keys_file
-    stack = Stack(
-        args.model_store,
-        args.workdir,
-        _settings(args),
-        models=args.models,
-        keys_file=keys_file,
-        free_ports=args.ts_free_ports,
-        golden=_golden(args.golden_file),
-        drain=args.drain,
-        golden_max_age=args.golden_max_age,
-        unready_exit=args.unready_exit,
-    )
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
-    try:
-        stack.start()
-        log.info("front door on %s:%d -> TorchServe %s", args.host, args.port, stack.torchserve.inference_url)
-        return watch(stack, stopping)
-    finally:
-        log.info("stopping: readiness down, draining for %.0f s", args.drain)
-        stack.stop()
-
-
-def watch(stack: Stack, stopping: threading.Event, poll: float = 0.5) -> int:
-    """Wait for ``stopping`` (SIGTERM, SIGINT): 0. Exit code 1 when TorchServe or nginx exits, or
-    when the service, once ready, has been not ready for longer than the stack's ``unready_exit``."""
-    while not stopping.wait(poll):
-        if not stack.torchserve.process.running():
-            log.error("TorchServe exited:\n%s", stack.torchserve.log_tail())
-            return 1
-        if stack.gateway.process is not None and not stack.gateway.process.running():
-            log.error("the front door (nginx) exited: see %s", stack.gateway.workdir / "nginx.out")
-            return 1
-        failure = stack.liveness_failure()
-        if failure:
-            log.error("exiting so that the service is restarted: %s (health: %s)", failure, stack.readiness.state)
-            return 1
-    return 0
-
-
-def _pid_file(workdir: Path) -> Path:
-    return workdir / "stack.pid"
-
-
-def _running_pid(workdir: Path) -> int | None:
-    try:
-        pid = int(_pid_file(workdir).read_text())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
-
-
-def start(args: argparse.Namespace) -> int:
-    """Start ``run`` in the background and wait until the front door is ready."""
-    workdir = args.workdir.resolve()
-    if _running_pid(workdir):
-        print(f"already running (pid {_running_pid(workdir)}); `make stop` first", file=sys.stderr)
-        return 1
-    workdir.mkdir(parents=True, exist_ok=True)
-    argv = [a for a in args.argv if a != "start"]
-    log_path = workdir / "stack.log"
-    with log_path.open("ab") as out:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "serving.stack", "run", *argv],
-            cwd=PROJECT_ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    _pid_file(workdir).write_text(str(child.pid))
-    url = f"http://127.0.0.1:{args.port}"
-    deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            print(f"the stack exited with code {child.returncode}; see {log_path}", file=sys.stderr)
-            return 1
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{url}/ready", timeout=2).status_code == 200:
-                break
-        time.sleep(0.5)
-    else:
-        print(f"not ready after {args.timeout:.0f} s; see {log_path} and {workdir}/torchserve/logs", file=sys.stderr)
-        return 1
-    print(f"Ready: {url} (TorchServe behind it; logs in {workdir}). Try:\n")
-    print("  KEY=$(.venv/bin/python -m serving.stack key)")
-    print(
-        "  curl -H \"Authorization: Bearer $KEY\" -H 'Content-Type: text/plain' \\\n"
-        f"       --data 'i feel wonderful today' {url}/predictions/emotion\n"
-    )
-    print("Stop it with: make stop")
-    return 0
-
-
-def stop(args: argparse.Namespace) -> int:
-    """Stop the stack that ``start`` began: SIGTERM, wait, then kill its whole session."""
-    workdir = args.workdir.resolve()
-    pid = _running_pid(workdir)
-    if pid is None:
-        print("not running")
-        _pid_file(workdir).unlink(missing_ok=True)
-        return 0
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline and _running_pid(workdir):
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    _pid_file(workdir).unlink(missing_ok=True)
-    print("stopped")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: ``run``, ``start``, ``stop``, ``key``, ``rotate-key``, ``torchserve-key [api]``."""
-    parser = argparse.ArgumentParser(description="TorchServe behind the retrying gateway, supervised.")
-    parser.add_argument("command", choices=["run", "start", "stop", "key", "rotate-key", "torchserve-key"])
-    parser.add_argument("api", nargs="?", default="management", choices=["inference", "management", "API"])
-    parser.add_argument("--workdir", type=Path, default=WORKDIR)
-    parser.add_argument("--model-store", type=Path, default=PROJECT_ROOT / "model_store")
-    parser.add_argument("--models", default="emotion=emotion.mar", help="TorchServe's --models")
-    parser.add_argument("--ts-free-ports", action="store_true", help="TorchServe on free loopback ports")
-    parser.add_argument("--keys-file", type=Path, default=None, help="front-door keys (default <workdir>/keys.json)")
-    parser.add_argument("--no-keys", action="store_true", help="no front-door key (behind another authenticator)")
-    parser.add_argument("--host", default="127.0.0.1", help="front-door address (0.0.0.0 in a container)")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--metrics-port", type=int, default=8083)
-    parser.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port")
-    parser.add_argument("--tries", type=int, default=3)
-    parser.add_argument("--attempt-timeout", type=int, default=None, help="default: responseTimeout")
-    parser.add_argument("--rate", type=int, default=5000, help="requests/s per client address")
-    parser.add_argument("--burst", type=int, default=5000)
-    parser.add_argument("--connections", type=int, default=1024, help="connections per client address")
-    parser.add_argument(
-        "--trusted-proxy",
-        action="append",
-        default=[],
-        help="a proxy in front (address or network; repeatable) whose X-Forwarded-For names the client",
-    )
-    parser.add_argument(
-        "--golden-file",
-        type=Path,
-        default=None,
-        help="readiness: a golden.json to compare answers with (default: the one in the served archive)",
-    )
-    parser.add_argument(
-        "--golden-max-age",
-        type=float,
-        default=GOLDEN_MAX_AGE,
-        help="readiness: seconds a good golden verdict holds while golden checks get busy answers or none",
-    )
-    parser.add_argument(
-        "--unready-exit",
-        type=float,
-        default=UNREADY_EXIT,
-        help="run: exit 1 after this many seconds not ready, once it was ready (0: never)",
-    )
-    parser.add_argument("--drain", type=float, default=2.0, help="seconds between not-ready and stopping")
-    parser.add_argument("--timeout", type=float, default=240)
-    parser.add_argument("--grace", type=float, default=3600, help="rotate-key: seconds the old keys stay valid")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.keys_file = args.keys_file or args.workdir / "keys.json"
-    if args.command == "key":
-        try:
-            print(frontdoor_keys.valid_keys(args.keys_file)[0])
-        except (OSError, ValueError, IndexError):
-            print(f"no valid key in {args.keys_file}: start the service first (make serve)", file=sys.stderr)
-            return 1
-        return 0
-    if args.command == "torchserve-key":  # for operators on this machine (management API)
-        key = read_keys(args.workdir / "torchserve" / "key_file.json").get(args.api)
-        if key is None:
-            print("no TorchServe key file: start the service first (make serve)", file=sys.stderr)
-            return 1
-        print(key)
-        return 0
-    if args.command == "rotate-key":
-        key = frontdoor_keys.rotate(args.keys_file, args.grace)
-        print(key)
-        print(f"(the other keys stay valid for {args.grace:.0f} s)", file=sys.stderr)
-        return 0
-    return {"run": run, "start": start, "stop": stop}[args.command](args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

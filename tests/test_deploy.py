@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from project import PROJECT_ROOT
 from serving.server import free_port, read_properties
 from tests.helpers import loopback_http_server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 GCP = ROOT / "deploy" / "gcp"
 BASE_ARGS = ["--project", "demo", "--allowed-source", "203.0.113.0/24", "--tls-cert", "c.pem", "--tls-key", "k.pem"]
 
@@ -256,7 +257,7 @@ def test_startup_script_sets_up_driver_runtime_telemetry_tls_and_the_container()
 def test_the_vm_replaces_its_container_gracefully_and_rebuilds_the_driver_for_a_new_kernel():
     import yaml
 
-    from serving.gateway import RETRY_MARGIN
+    from serving.settings import RETRY_MARGIN
 
     script = (GCP / "startup.sh").read_text()
     flat = script.replace("\\\n", " ")

@@ -14,11 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from handler.emotion_backends import HandlerSettings
-from handler.emotion_monitor import (
+from emotion_backends import HandlerSettings
+from emotion_monitor import (
     CONFIDENCE_BOUNDS,
     TOKEN_BOUNDS,
     EmotionMonitor,
@@ -29,6 +26,9 @@ from handler.emotion_monitor import (
     histogram,
     make_records,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from monitoring import drift, drift_rules
 from monitoring.drift_stats import alerts_firing, load_drift_config, psi, stream_statistics
 from tests.drift_fixtures import profiled_store  # noqa: F401 (fixture)
@@ -479,10 +479,11 @@ def test_make_drift_reads_the_request_log_where_make_serve_writes_it(monkeypatch
     # `make serve` runs the stack in its default work folder; its TorchServe sets LOG_LOCATION to
     # its own logs folder, where the handler writes requests.jsonl. `make drift` sets nothing.
     from monitoring.drift import request_log_dir
-    from serving.stack import WORKDIR, Stack
+    from project import SERVE_DIR
+    from serving.stack import Stack
 
     monkeypatch.delenv("LOG_LOCATION", raising=False)
-    stack = Stack(tmp_path, WORKDIR)  # built, not started: nothing is written
+    stack = Stack(tmp_path, SERVE_DIR)  # built, not started: nothing is written
     assert request_log_dir() == stack.torchserve.workdir / "logs"
     monkeypatch.setenv("LOG_LOCATION", str(tmp_path))
     assert request_log_dir() == tmp_path

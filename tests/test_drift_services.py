@@ -152,7 +152,7 @@ def test_make_drift_compares_logged_texts_with_a_domain_classifier(tmp_path):
     """With texts in the log (the operator's opt-in), the texts themselves are compared too."""
     import json
 
-    from handler.emotion_monitor import EmotionMonitor, RequestLog, RequestRecord
+    from emotion_monitor import EmotionMonitor, RequestLog, RequestRecord
 
     class NoMetrics:
         def start_distributions(self) -> None: ...

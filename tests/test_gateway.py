@@ -14,8 +14,9 @@ import requests
 
 from serving.access_log import AccessLog
 from serving.client import PROBE_HEADER
-from serving.gateway import RETRY_MARGIN, Gateway, GatewaySettings, attempts, client_keys_map, render
+from serving.gateway import Gateway, attempts, client_keys_map, render
 from serving.server import free_port
+from serving.settings import RETRY_MARGIN, GatewaySettings
 from tests.helpers import ScriptedHandler, loopback_http_server
 
 pytestmark = pytest.mark.integration
@@ -203,7 +204,7 @@ def test_keys_change_without_a_restart(gateway):
 def test_a_drain_has_every_answer_close_its_connection(gateway):
     """Clients on kept-alive connections reconnect during a drain (to another replica, behind a
     load balancer) instead of sending requests until nginx's stop closes their connections."""
-    from serving.stack import nginx_workers, wait_reloaded
+    from serving.gateway import nginx_workers, wait_reloaded
 
     with requests.Session() as session:
         before = session.post(f"{gateway.url}/predictions/echo", data=b"hi", headers={"Authorization": f"Bearer {KEY}"})

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from project import PROJECT_ROOT
 from serving.server import read_properties
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 BIN = Path(sys.executable).parent
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 SERVE = ROOT / "docker" / "serve.Dockerfile"
@@ -117,7 +118,7 @@ def test_image_shape_non_root_healthcheck_layers_and_entrypoint():
     (entrypoint,) = [json.loads(args) for kind, args in steps if kind == "ENTRYPOINT"]
     assert entrypoint[-1] == "/srv/serve-entrypoint.sh"
     script = (ROOT / "docker" / "serve-entrypoint.sh").read_text()
-    assert 'exec python -m serving.stack run --host 0.0.0.0 --port 8080 "$@"' in script
+    assert 'exec python -m serving run --host 0.0.0.0 "$@"' in script
     args = {line.split()[1].split("=")[0] for line in SERVE.read_text().splitlines() if line.startswith("ARG ")}
     assert {"BASE_IMAGE", "VARIANT", "ARCHIVE"} <= args
     assert "EXPOSE 8080" in SERVE.read_text() and "8082" not in " ".join(a for k, a in steps if k == "EXPOSE")

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.gateway import RETRY_MARGIN
+from project import GATEWAY_METRICS_PORT, PROJECT_ROOT
 from serving.server import TorchServe
+from serving.settings import RETRY_MARGIN
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 K8S = ROOT / "deploy" / "k8s"
 BIN = Path(sys.executable).parent
 BASE = K8S / "base"
@@ -169,7 +170,7 @@ def test_metrics_are_scraped_by_managed_prometheus_only(rendered):
     (endpoint,) = monitorings["torchserve"]["spec"]["endpoints"]
     assert env["TS_METRICS_ADDRESS"].endswith(f":{ports[endpoint['port']]}")
     (endpoint,) = monitorings["gateway"]["spec"]["endpoints"]
-    assert ports[endpoint["port"]] == 8083  # serving.stack's --metrics-port default
+    assert ports[endpoint["port"]] == GATEWAY_METRICS_PORT  # python -m serving's --metrics-port default
     # The series' job label is the PodMonitoring's name: the one monitoring/alerts.yml selects.
     assert 'job="torchserve"' in (ROOT / "monitoring" / "alerts.yml").read_text()
     rules = kinds["NetworkPolicy"]["spec"]["ingress"]

@@ -10,8 +10,9 @@ import requests
 from loadtest.closed_loop import ClosedLoop
 from serving.archive import build_archive
 from serving.client import ManagementError
-from serving.gateway import Gateway, GatewaySettings
+from serving.gateway import Gateway
 from serving.server import free_port
+from serving.settings import GatewaySettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

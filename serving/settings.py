@@ -1,0 +1,241 @@
+"""The service's settings, typed, each with its default and its environment override.
+
+:class:`ServeSettings` is every setting of ``python -m serving`` (``make serve``, the image's
+entrypoint): its fields are the command line's flags (``--model-store``), their defaults are the
+fields' defaults, and ``EMOTION_SERVE_<FIELD>`` (``EMOTION_SERVE_PORT=9000``) overrides a default
+for a process started without the flag, as a container's environment does. Precedence: flag,
+then environment, then default. :meth:`ServeSettings.gateway` hands the gateway its share
+(:class:`GatewaySettings`), which also validates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from project import (
+    GATEWAY_METRICS_PORT,
+    GATEWAY_PORT,
+    HANDLER_DIR,
+    LOOPBACK,
+    MODEL_NAME,
+    MODEL_STORE,
+    SERVE_DIR,
+    SERVED_MODELS,
+)
+from serving.health import GOLDEN_MAX_AGE, UNREADY_EXIT
+
+MODEL_CONFIG = HANDLER_DIR / "model-config.yaml"
+ENV_PREFIX = "EMOTION_SERVE_"
+
+
+# Seconds the retries of one request may go on past the first attempt's timeout
+# (proxy_next_upstream_timeout is attempt_timeout plus this): an attempt that timed out is
+# retried once, a second one is not (for attempt timeouts over this margin).
+RETRY_MARGIN = 5
+# The route of a model name, as the gateway's prediction location matches it.
+MODEL_ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def response_timeout(model_config: Path = MODEL_CONFIG) -> int:
+    """TorchServe's ``responseTimeout`` (seconds) from the model config; 120, its default, if unset."""
+    return int((yaml.safe_load(model_config.read_text()) or {}).get("responseTimeout", 120))
+
+
+def max_text_chars(model_config: Path = MODEL_CONFIG) -> int:
+    """The handler's ``max_text_chars`` from the model config; 2000, its default, if unset."""
+    handler = (yaml.safe_load(model_config.read_text()) or {}).get("handler") or {}
+    return int(handler.get("max_text_chars", 2000))
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """How the front door listens, retries and limits.
+
+    Attributes:
+        host: Address to listen on: 127.0.0.1, or 0.0.0.0 inside a container.
+        port: Port of the front door.
+        metrics_port: Port of its Prometheus metrics.
+        metrics_host: Address of the metrics port: 127.0.0.1, or 0.0.0.0 in a Kubernetes pod
+            whose network policy admits only the metrics collector.
+        tries: Attempts per request (first try plus retries) for answers from a removed worker,
+            refused connections and unanswered attempts; no retry starts later than
+            ``attempt_timeout`` plus ``RETRY_MARGIN`` seconds after the first; after a 507, one
+            attempt more.
+        attempt_timeout: Seconds without an answer before an attempt is given up; default
+            TorchServe's ``responseTimeout``.
+        rate: Requests per second accepted from one client address (beyond ``burst``: 429).
+        burst: Requests above ``rate`` one client may send at once.
+        connections: Open connections allowed from one client address.
+        retry_after: Seconds in the ``Retry-After`` header of 429 and 503 answers.
+        trusted_proxies: Addresses or networks of proxies in front (the VM's TLS nginx on
+            127.0.0.1, a load balancer's range) whose ``X-Forwarded-For`` names the client: the
+            per-client limits then count each client, not the proxy. Empty: the peer address.
+        model: The served model: on its route (``/predictions/<model>``) TorchServe's 404
+            means the model is being unregistered or registered again, a 503 ``NotReady``.
+    """
+
+    host: str = LOOPBACK
+    port: int = GATEWAY_PORT
+    metrics_port: int = GATEWAY_METRICS_PORT
+    metrics_host: str = LOOPBACK
+    tries: int = 3
+    attempt_timeout: int | None = None
+    rate: int = 5000
+    burst: int = 5000
+    connections: int = 1024
+    retry_after: int = 1
+    model: str = MODEL_NAME
+    trusted_proxies: tuple[str, ...] = ()
+
+    def longest_request(self) -> int:
+        """Seconds the front door may keep one request: attempts start for up to the attempt
+        timeout plus ``RETRY_MARGIN`` after the first, the last may take the attempt timeout, and a
+        507 then gets one attempt more (3 x responseTimeout + 5 s = 95 s as shipped)."""
+        timeout = self.attempt_timeout or response_timeout()
+        return 3 * timeout + RETRY_MARGIN
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port", "tries", "rate", "burst", "connections", "retry_after"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"gateway {name} must be >= 1, not {getattr(self, name)}")
+        if self.attempt_timeout is not None and self.attempt_timeout < 1:
+            raise ValueError(f"gateway attempt_timeout must be >= 1, not {self.attempt_timeout}")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"gateway trusted proxy must be an address or network, not {proxy!r}") from None
+        if not MODEL_ROUTE_NAME.fullmatch(self.model):
+            raise ValueError(f"gateway model must be a name matching {MODEL_ROUTE_NAME.pattern}, not {self.model!r}")
+
+
+def _flag(help_text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help_text, **extra}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Every setting of ``python -m serving`` (see the module docstring); ``help`` is the flag's."""
+
+    workdir: Path = field(default=SERVE_DIR, metadata=_flag("folder of TorchServe's and nginx's files, keys, logs"))
+    model_store: Path = field(default=MODEL_STORE, metadata=_flag("folder holding the archives"))
+    models: str = field(default=SERVED_MODELS, metadata=_flag("TorchServe's --models"))
+    ts_free_ports: bool = field(default=False, metadata=_flag("TorchServe on free loopback ports"))
+    keys_file: Path | None = field(default=None, metadata=_flag("gateway keys (default <workdir>/keys.json)"))
+    no_keys: bool = field(default=False, metadata=_flag("no gateway key (behind another authenticator)"))
+    host: str = field(default=LOOPBACK, metadata=_flag("gateway address (0.0.0.0 in a container)"))
+    port: int = field(default=GATEWAY_PORT, metadata=_flag("gateway port"))
+    metrics_port: int = field(default=GATEWAY_METRICS_PORT, metadata=_flag("port of the gateway's metrics"))
+    metrics_host: str = field(default=LOOPBACK, metadata=_flag("address of the metrics port"))
+    tries: int = field(default=3, metadata=_flag("attempts per request"))
+    attempt_timeout: int | None = field(default=None, metadata=_flag("default: responseTimeout"))
+    rate: int = field(default=5000, metadata=_flag("requests/s per client address"))
+    burst: int = field(default=5000, metadata=_flag("requests above the rate one client may send at once"))
+    connections: int = field(default=1024, metadata=_flag("connections per client address"))
+    trusted_proxy: tuple[str, ...] = field(
+        default=(),
+        metadata=_flag("a proxy in front (address or network; repeatable) whose X-Forwarded-For names the client"),
+    )
+    golden_file: Path | None = field(
+        default=None,
+        metadata=_flag("readiness: a golden.json to compare answers with (default: the one in the served archive)"),
+    )
+    golden_max_age: float = field(
+        default=GOLDEN_MAX_AGE,
+        metadata=_flag("readiness: seconds a good golden verdict holds while golden checks get busy answers or none"),
+    )
+    unready_exit: float = field(
+        default=UNREADY_EXIT,
+        metadata=_flag("run: exit 1 after this many seconds not ready, once it was ready (0: never)"),
+    )
+    drain: float = field(default=2.0, metadata=_flag("seconds between not-ready and stopping"))
+    timeout: float = field(default=240, metadata=_flag("start, stop: seconds to wait"))
+    grace: float = field(default=3600, metadata=_flag("rotate-key: seconds the old keys stay valid"))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeSettings:
+        """The defaults, with ``EMOTION_SERVE_<FIELD>`` overrides from ``environ`` (default: the process').
+
+        Raises:
+            ValueError: An override is not a value of its field's type.
+        """
+        environ = os.environ if environ is None else environ
+        values = {}
+        for item in dataclasses.fields(cls):
+            name = ENV_PREFIX + item.name.upper()
+            if name in environ:
+                kind, many = field_type(item)
+                try:
+                    if many:
+                        values[item.name] = tuple(
+                            parse_value(kind, part.strip()) for part in environ[name].split(",") if part.strip()
+                        )
+                    else:
+                        values[item.name] = parse_value(kind, environ[name])
+                except ValueError as err:
+                    raise ValueError(f"{name}: {err}") from None
+        try:
+            return cls(**values)
+        except ValueError as err:
+            overrides = ", ".join(ENV_PREFIX + name.upper() for name in values)
+            raise ValueError(f"{err} (environment overrides: {overrides})") from None
+
+    def __post_init__(self) -> None:
+        self.gateway()  # raises ValueError for a port, limit or proxy the gateway cannot take
+        for name in ("golden_max_age", "unready_exit", "drain", "timeout", "grace"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
+
+    def gateway(self, model: str = MODEL_NAME) -> GatewaySettings:
+        """The gateway's settings (validated there)."""
+        return GatewaySettings(
+            host=self.host,
+            port=self.port,
+            metrics_port=self.metrics_port,
+            metrics_host=self.metrics_host,
+            tries=self.tries,
+            attempt_timeout=self.attempt_timeout,
+            rate=self.rate,
+            burst=self.burst,
+            connections=self.connections,
+            trusted_proxies=tuple(self.trusted_proxy),
+            model=model,
+        )
+
+
+def field_type(item: dataclasses.Field) -> tuple[type, bool]:
+    """The type of a field's values, and whether the field holds several (``(int, False)`` for
+    ``int | None``, ``(str, True)`` for ``tuple[str, ...]``)."""
+    hint = typing.get_type_hints(ServeSettings)[item.name]
+    if isinstance(hint, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def parse_value(kind: type, text: str) -> Any:
+    """``text`` as a value of ``kind`` (booleans: 1/0, true/false, yes/no, on/off; tuples: comma-separated).
+
+    Raises:
+        ValueError: It is not one.
+    """
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"expected a boolean (1/0, true/false), not {text!r}")
+    return kind(text)
