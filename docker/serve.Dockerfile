@@ -56,7 +56,6 @@ WORKDIR /srv
 COPY docker/config.properties project.py ./
 COPY handler/model-config.yaml handler/model-config.yaml
 COPY monitoring/metrics.yaml monitoring/metrics.yaml
-COPY gateway/ gateway/
 COPY serving/ serving/
 COPY --chmod=755 docker/serve-entrypoint.sh serve-entrypoint.sh
 # Model layer last: a new model rebuilds only this layer.
