@@ -1,4 +1,4 @@
-# The project's front door: `make help` lists every command.
+# The project's gateway: `make help` lists every command.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -93,27 +93,27 @@ profile: data ## Profile a few training steps (trace + top operators in outputs/
 		data.max_train_examples=640 paths.model_dir=$(abspath outputs/profile/model) \
 		paths.metrics_dir=$(abspath outputs/profile/metrics)
 
-serve: system-deps $(ARCHIVE) ## Main job: the DVC pipeline for $EXPERIMENT (default|full|quick) -> TorchServe behind the front door on 127.0.0.1:8080
+serve: system-deps $(ARCHIVE) ## Main job: the DVC pipeline for $EXPERIMENT (default|full|quick) -> TorchServe behind the gateway on 127.0.0.1:8080
 	@$(BIN)/python -m serving stop >/dev/null
 	$(BIN)/python -m serving start
 
-stop: ## Stop what `make serve` started (front door and TorchServe): readiness drops, in-flight requests finish
+stop: ## Stop what `make serve` started (gateway and TorchServe): readiness drops, in-flight requests finish
 	$(BIN)/python -m serving stop
 	@$(BIN)/torchserve --stop >/dev/null 2>&1 || true
 
-key: ## Print a front-door key for clients (KEY=$$(make -s key))
+key: ## Print a gateway key for clients (KEY=$$(make -s key))
 	@$(BIN)/python -m serving key
 
-rotate-key: ## Add a new front-door key; the others stay valid for GRACE seconds (default 3600)
+rotate-key: ## Add a new gateway key; the others stay valid for GRACE seconds (default 3600)
 	$(BIN)/python -m serving rotate-key --grace $(or $(GRACE),3600)
 
-soak: $(BIN)/.installed ## 10 minutes at 70% of measured capacity through the front door of `make serve`
+soak: $(BIN)/.installed ## 10 minutes at 70% of measured capacity through the gateway of `make serve`
 	$(BIN)/python -m loadtest.soak --minutes $(or $(MINUTES),10)
 
 loadtest: $(BIN)/.installed ## Stepped Locust load test against `make serve` (reports in loadtest/results)
 	$(BIN)/python -m loadtest.run --config loadtest/config.yaml
 
-monitor: system-deps ## Prometheus on 127.0.0.1:9090 scraping TorchServe and the front door of `make serve`
+monitor: system-deps ## Prometheus on 127.0.0.1:9090 scraping TorchServe and the gateway of `make serve`
 	prometheus --config.file=monitoring/prometheus.yml --web.listen-address=$(LOOPBACK):$(PROMETHEUS_PORT) \
 		--storage.tsdb.path=outputs/prometheus
 
@@ -123,7 +123,7 @@ bench: system-deps train ## In-process, FastAPI, stock and tuned TorchServe, Lit
 engines: system-deps train ## ONNX Runtime vs OpenVINO, fp32 vs dynamic vs static int8: speed, accuracy, GFLOP/s
 	$(BIN)/python -m bench.engines --model-dir $(MODEL_DIR)
 
-overload: system-deps $(ARCHIVE) ## Goodput under overload through the front door (48 clients, short queue), PASS/FAIL >= 80% of capacity
+overload: system-deps $(ARCHIVE) ## Goodput under overload through the gateway (48 clients, short queue), PASS/FAIL >= 80% of capacity
 	$(BIN)/python -m bench.overload
 
 # The GPU path: `make gpu-pack` here (the model in fp16, the CPU int8 archive's answers), then
@@ -179,7 +179,7 @@ image-deps: ## Install buildah and debootstrap with apt when no Docker engine an
 image: $(BIN)/.installed image-deps $(IMAGE_ARCHIVE) ## Build the CPU serving image (docker, or buildah on a debootstrap base)
 	docker/image.sh build --variant cpu --archive $(IMAGE_ARCHIVE) --tag $(IMAGE_TAG)
 
-image-smoke: image ## Start the image, get a prediction through its front door on 127.0.0.1, stop it
+image-smoke: image ## Start the image, get a prediction through its gateway on 127.0.0.1, stop it
 	$(BIN)/python -m docker.smoke --image $(IMAGE_TAG)
 
 report: $(BIN)/.installed system-deps ## Exam report: figures from the project's outputs, report/report.html, report.py check

@@ -1,10 +1,10 @@
-"""Goodput under overload through the front door: ``python -m bench.overload [--model-store DIR]``.
+"""Goodput under overload through the gateway: ``python -m bench.overload [--model-store DIR]``.
 
-Starts the stack (TorchServe behind the front door) on free loopback ports with a short TorchServe
+Starts the stack (TorchServe behind the gateway) on free loopback ports with a short TorchServe
 queue, measures its capacity with as many closed-loop clients as the queue holds (so none is
 refused), then drives it with many clients that
 ignore Retry-After, and reports the goodput (answers 200 per second) against the capacity, how
-long the front door took to refuse (from its access log) and the attempts per request. Prints the
+long the gateway took to refuse (from its access log) and the attempts per request. Prints the
 CPU line first and PASS/FAIL for goodput >= ``GOODPUT_TARGET`` x capacity. Figures are the
 machine's: compare the ratio, not the rates, across machines.
 """

@@ -6,7 +6,7 @@
 #   docker build -f docker/serve.Dockerfile --build-arg VARIANT=cuda \
 #       --build-arg ARCHIVE=model_store/emotion.mar -t emotion-serve:cuda .     GPU VM / GKE GPU pool
 #
-# The front door is port 8080 (gateway: keyless /live and /ready, keyed /predictions/emotion).
+# The gateway is port 8080 (keyless /live and /ready, keyed /predictions/emotion).
 # TorchServe's own listeners (inference 8085, management 8081, metrics 8082) stay on the
 # container's loopback unless a deployment overrides them (TS_METRICS_ADDRESS, see deploy/k8s/).
 ARG BASE_IMAGE=debian:bookworm-slim

@@ -1,16 +1,16 @@
-"""Start a container of the serving image, get a prediction through its front door, stop it.
+"""Start a container of the serving image, get a prediction through its gateway, stop it.
 
 ``python -m docker.smoke --image localhost/emotion-serve:cpu`` (``make image-smoke``) runs the
-image's own entrypoint and checks, through the front door published on 127.0.0.1:
+image's own entrypoint and checks, through the gateway published on 127.0.0.1:
 
-* a prediction with the front-door key answers 200 with the six labels' probabilities;
+* a prediction with the gateway key answers 200 with the six labels' probabilities;
 * ``/live`` and ``/ready`` answer 200 without a key, a prediction without a key is refused, and
   the image's HEALTHCHECK command passes;
 * on SIGTERM the container stops within ``--stop-timeout`` and leaves no process behind.
 
 Engines: ``docker run -p 127.0.0.1:PORT:8080`` where a Docker engine answers; otherwise
 ``buildah run --isolation chroot`` inside a network namespace of its own (so the container's
-ports never meet the host's) and a PID namespace (so nothing outlives it), with the front door
+ports never meet the host's) and a PID namespace (so nothing outlives it), with the gateway
 published on the host's 127.0.0.1 by a forwarder that connects from inside that namespace.
 Exit status 0 when every check passed.
 """
@@ -281,7 +281,7 @@ class DockerContainer:
 
 
 def read_key(container: BuildahContainer | DockerContainer) -> str | None:
-    """The key a client sends: the front-door key (``serving key``), once the stack made it."""
+    """The key a client sends: the gateway key (``serving key``), once the stack made it."""
     result = container.exec("python", "-m", "serving", "key")
     return result.stdout.strip().splitlines()[-1] if result.returncode == 0 and result.stdout.strip() else None
 

@@ -89,13 +89,13 @@ class MediaType:
         return self.essence in RAW_TYPES or (self.essence.startswith("text/") and not self.is_json)
 
 
-# Set by the front door's readiness check (serving/health.py) on its golden request, and stripped
+# Set by the gateway's readiness check (serving/health.py) on its golden request, and stripped
 # by the gateway from every client request: a probe is answered but not counted as traffic.
 PROBE_HEADER = "x-emotion-probe"
 
 
 def is_probe(headers: Mapping[str, Any] | None) -> bool:
-    """Whether the request is the front door's readiness probe (``PROBE_HEADER`` present)."""
+    """Whether the request is the gateway's readiness probe (``PROBE_HEADER`` present)."""
     return PROBE_HEADER in header_map(headers)
 
 

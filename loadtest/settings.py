@@ -56,7 +56,7 @@ class LoadTestSettings:
 
 
 def inference_key() -> str | None:
-    """The key clients send: ``$EMOTION_INFERENCE_KEY``, or the newest front-door key of the
+    """The key clients send: ``$EMOTION_INFERENCE_KEY``, or the newest gateway key of the
     service ``make serve`` started (``python -m serving key``)."""
     key = os.environ.get("EMOTION_INFERENCE_KEY")
     if key:

@@ -1,4 +1,4 @@
-"""Soak test: a steady load at a share of measured capacity through the front door, for minutes.
+"""Soak test: a steady load at a share of measured capacity through the gateway, for minutes.
 
 ``python -m loadtest.soak`` (``make soak``) runs against the service ``make serve`` started:
 
@@ -182,11 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     from serving.process import ManagedProcess
     from serving.stack import pid_file
 
-    parser = argparse.ArgumentParser(description="Soak test through the front door.")
+    parser = argparse.ArgumentParser(description="Soak test through the gateway.")
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--share", type=float, default=0.7, help="share of measured capacity")
     parser.add_argument("--window", type=float, default=60, help="seconds per row")
-    parser.add_argument("--url", default=None, help="front door (default: loadtest/config.yaml's host)")
+    parser.add_argument("--url", default=None, help="gateway (default: loadtest/config.yaml's host)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "loadtest" / "results" / "soak.json")
     args = parser.parse_args(argv)
     settings = LoadTestSettings.load()

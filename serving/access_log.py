@@ -1,6 +1,6 @@
-"""The front door's access log: counted into Prometheus metrics, and rotated by size.
+"""the gateway's access log: counted into Prometheus metrics, and rotated by size.
 
-nginx writes one line per request (``gateway/nginx.conf``, format ``upstreams``). :class:`AccessLog`
+nginx writes one line per request (``serving/nginx.conf``, format ``upstreams``). :class:`AccessLog`
 reads the lines added since its last call, counts answers by status code, upstream attempts and
 retried requests, and renders them in Prometheus' text format for the gateway's ``/metrics``.
 When the file passes ``max_bytes`` it is renamed (``access.log.1`` ... ``access.log.<backups>``)
@@ -102,7 +102,7 @@ class AccessLog:
     def metrics(self, ready: bool, up: bool, ready_workers: int) -> str:
         """The gateway's metrics in Prometheus' text exposition format."""
         lines = [
-            "# HELP emotion_gateway_responses_total Answers of the front door by HTTP status code.",
+            "# HELP emotion_gateway_responses_total Answers of the gateway by HTTP status code.",
             "# TYPE emotion_gateway_responses_total counter",
             *(f'emotion_gateway_responses_total{{code="{code}"}} {n}' for code, n in sorted(self.responses.items())),
             "# HELP emotion_gateway_upstream_attempts_total Requests sent to TorchServe, retries included.",

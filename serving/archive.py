@@ -8,7 +8,7 @@ backend whose CPU worker never reads them (the CPU serving image). Nothing the a
 fetched at serve time. The reference profile written beside the model directory
 (``<model-dir>.profile.json``, ``monitoring.profile``) is packed as ``reference_profile.json``.
 The archived engine's answers to the golden texts are packed as ``golden.json``
-(``serving.golden``), which the front door's readiness check compares served answers with.
+(``serving.golden``), which the gateway's readiness check compares served answers with.
 The pipeline's archive stage (``dvc.yaml``) passes the experiment's model directory.
 """
 

@@ -16,7 +16,7 @@ import requests
 
 from project import MODEL_NAME
 
-# The readiness probe's mark (handler/emotion_inputs.py PROBE_HEADER; gateway/nginx.conf strips it
+# The readiness probe's mark (handler/emotion_inputs.py PROBE_HEADER; serving/nginx.conf strips it
 # from client requests).
 PROBE_HEADER = "X-Emotion-Probe"
 

@@ -93,7 +93,7 @@ def client_keys_map(keys: list[str] | None) -> str:
         lines.append("    default 1;")
     else:
         lines.append("    default 0;")
-        # Front-door keys are URL-safe base64: no character needs escaping in the pattern. The
+        # Gateway keys are URL-safe base64: no character needs escaping in the pattern. The
         # scheme's name is case-insensitive, the key is not.
         lines += [f'    "~^(?i:bearer) +{key} *$" 1;' for key in keys]
     return "\n".join([*lines, "}"]) + "\n"
@@ -117,7 +117,7 @@ class Gateway:
         upstream: TorchServe's inference address, ``host:port``.
         workdir: Folder for the rendered config, logs, health files and nginx temp files.
         settings: Listening address, retries and limits.
-        client_keys: Front-door keys clients may send (None: no key needed).
+        client_keys: Gateway keys clients may send (None: no key needed).
         upstream_key: TorchServe's inference key (None: TorchServe runs without token auth).
     """
 

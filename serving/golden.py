@@ -3,7 +3,7 @@ was built, and how far a served answer may differ from it before the model count
 
 ``serving.archive`` writes ``golden.json`` into every archive: the texts, the probabilities the
 archived engine (backend and precision as ``model-config.yaml`` sets them) gave each one alone,
-the engine's noise, and the tolerance derived from it. The front door's ``/ready``
+the engine's noise, and the tolerance derived from it. the gateway's ``/ready``
 (``serving.health``) sends the same texts through TorchServe and compares the answers with the
 record (:func:`judge`), so readiness holds for any model the pipeline can produce (a well-trained
 one or the tests' barely-trained one) on any CPU, and fails for a served model that is not the

@@ -1,4 +1,4 @@
-"""What the front door's ``/ready`` says, whether it lets predictions through, and when the
+"""What the gateway's ``/ready`` says, whether it lets predictions through, and when the
 supervisor gives up and has the service restarted.
 
 TorchServe's ``/ping`` answers "Healthy" while every worker is dead or still failing to load.
@@ -82,7 +82,7 @@ class Readiness:
 
     Args:
         client: The TorchServe to check (its own inference and management ports).
-        model: The model the front door serves.
+        model: The model the gateway serves.
         golden: The served archive's golden record (None: there is none, so never ready).
         interval: Seconds between worker checks.
         golden_interval: Seconds between golden checks.

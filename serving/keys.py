@@ -1,4 +1,4 @@
-"""Front-door keys: the bearer keys clients send to the gateway.
+"""Gateway keys: the bearer keys clients send to the gateway.
 
 They live in a JSON file (``{"keys": [{"key": ..., "created": ..., "expires": ...}]}``) that an
 operator owns: on a machine it is created with one key at the first start, in Kubernetes it is
@@ -25,7 +25,7 @@ KEY_PATTERN = re.compile(rf"[A-Za-z0-9_-]{{{MIN_KEY_LENGTH},}}")
 
 
 @dataclass(frozen=True)
-class FrontDoorKey:
+class GatewayKey:
     """One key; ``expires`` is a Unix time, or None for no expiry."""
 
     key: str
@@ -41,7 +41,7 @@ def new_key() -> str:
     return secrets.token_urlsafe(24)
 
 
-def load(path: Path) -> list[FrontDoorKey]:
+def load(path: Path) -> list[GatewayKey]:
     """The keys in ``path``.
 
     Raises:
@@ -49,9 +49,9 @@ def load(path: Path) -> list[FrontDoorKey]:
     """
     try:
         data = json.loads(Path(path).read_text())
-        keys = [FrontDoorKey(**entry) for entry in data["keys"]]
+        keys = [GatewayKey(**entry) for entry in data["keys"]]
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not a front-door keys file ({err})") from None
+        raise ValueError(f"{path}: not a gateway keys file ({err})") from None
     for entry in keys:
         if not isinstance(entry.key, str) or not KEY_PATTERN.fullmatch(entry.key):
             raise ValueError(
@@ -61,7 +61,7 @@ def load(path: Path) -> list[FrontDoorKey]:
     return keys
 
 
-def save(path: Path, keys: list[FrontDoorKey]) -> None:
+def save(path: Path, keys: list[GatewayKey]) -> None:
     """Write ``keys`` atomically, readable by the owner only."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,10 +72,10 @@ def save(path: Path, keys: list[FrontDoorKey]) -> None:
     os.replace(tmp, path)
 
 
-def ensure(path: Path) -> list[FrontDoorKey]:
+def ensure(path: Path) -> list[GatewayKey]:
     """The keys in ``path``, creating the file with one new key if it does not exist."""
     if not Path(path).exists():
-        save(path, [FrontDoorKey(new_key(), time.time())])
+        save(path, [GatewayKey(new_key(), time.time())])
     return load(path)
 
 
@@ -92,10 +92,10 @@ def rotate(path: Path, grace_s: float) -> str:
     """
     now = time.time()
     kept = [
-        FrontDoorKey(k.key, k.created, now + grace_s if k.expires is None else min(k.expires, now + grace_s))
+        GatewayKey(k.key, k.created, now + grace_s if k.expires is None else min(k.expires, now + grace_s))
         for k in ensure(path)
         if k.valid(now)
     ]
     key = new_key()
-    save(path, [FrontDoorKey(key, now), *kept])
+    save(path, [GatewayKey(key, now), *kept])
     return key

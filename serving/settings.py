@@ -60,11 +60,11 @@ def max_text_chars(model_config: Path = MODEL_CONFIG) -> int:
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    """How the front door listens, retries and limits.
+    """How the gateway listens, retries and limits.
 
     Attributes:
         host: Address to listen on: 127.0.0.1, or 0.0.0.0 inside a container.
-        port: Port of the front door.
+        port: Port of the gateway.
         metrics_port: Port of its Prometheus metrics.
         metrics_host: Address of the metrics port: 127.0.0.1, or 0.0.0.0 in a Kubernetes pod
             whose network policy admits only the metrics collector.
@@ -99,7 +99,7 @@ class GatewaySettings:
     trusted_proxies: tuple[str, ...] = ()
 
     def longest_request(self) -> int:
-        """Seconds the front door may keep one request: attempts start for up to the attempt
+        """Seconds the gateway may keep one request: attempts start for up to the attempt
         timeout plus ``RETRY_MARGIN`` after the first, the last may take the attempt timeout, and a
         507 then gets one attempt more (3 x responseTimeout + 5 s = 95 s as shipped)."""
         timeout = self.attempt_timeout or response_timeout()

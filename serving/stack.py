@@ -4,7 +4,7 @@
 ``config.properties``), then the nginx gateway in front of it, and supervises both until stopped:
 
 * readiness (``serving.health``): the gateway's ``/ready`` and prediction route follow it;
-* keys: clients hold front-door keys (``serving.keys``), applied on change without a restart;
+* keys: clients hold gateway keys (``serving.keys``), applied on change without a restart;
   TorchServe's inference key is passed upstream and followed through restarts and rotations,
   and renewed through TorchServe's token API before it expires. TorchServe holds one inference
   key, so a request forwarded with the old one after a change would fail: the prediction route
@@ -64,10 +64,10 @@ class Stack:
     Args:
         model_store: Folder holding the archives.
         workdir: Folder for TorchServe's and nginx's files, the keys file and the logs.
-        gateway: The front door's settings.
+        gateway: The gateway's settings.
         models: TorchServe's ``--models`` argument.
-        model: The model the front door checks and serves.
-        keys_file: Front-door keys (created with one key if missing); None: no key needed.
+        model: The model the gateway checks and serves.
+        keys_file: Gateway keys (created with one key if missing); None: no key needed.
         free_ports: TorchServe on free loopback ports instead of ``config.properties``' addresses.
         ts_overrides: Properties that replace ``config.properties`` values.
         golden: The readiness check's golden record (``serving.golden``); None: the one packed in
@@ -106,7 +106,7 @@ class Stack:
         self.key_renewal = key_renewal
         self.torchserve = TorchServe(model_store, self.workdir / "torchserve", models, ts_overrides, free_ports)
         upstream = self.torchserve.inference_url.split("//", 1)[-1]
-        # The front door maps TorchServe's 404 on this model's route to a retryable 503 NotReady.
+        # The gateway maps TorchServe's 404 on this model's route to a retryable 503 NotReady.
         gateway = dataclasses.replace(gateway or GatewaySettings(), model=model)
         self.gateway = Gateway(upstream, self.workdir / "gateway", gateway)
         if golden is None:
@@ -124,26 +124,26 @@ class Stack:
 
     @property
     def url(self) -> str:
-        """The front door."""
+        """The gateway."""
         return self.gateway.url
 
     def client_keys(self) -> list[str] | None:
-        """The front-door keys valid now (None: keys are off, only with no keys file).
+        """The gateway keys valid now (None: keys are off, only with no keys file).
 
         A keys file that cannot be read keeps the keys in force, and where none is in force yet
-        (at start) no key is valid: the front door fails closed, never open.
+        (at start) no key is valid: the gateway fails closed, never open.
         """
         if self.keys_file is None:
             return None
         try:
             return gateway_keys.valid_keys(self.keys_file)
         except (OSError, ValueError) as err:
-            log.error("front-door keys not reloaded: %s", err)
+            log.error("gateway keys not reloaded: %s", err)
             current = self.gateway.client_keys
             return current if current is not None else []
 
     def headers(self) -> dict[str, str]:
-        """An ``Authorization`` header with the newest front-door key (empty when keys are off)."""
+        """An ``Authorization`` header with the newest gateway key (empty when keys are off)."""
         keys = self.client_keys()
         return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
 
@@ -153,7 +153,7 @@ class Stack:
         if self.keys_file is not None:
             gateway_keys.ensure(self.keys_file)
         # The client keys are loaded before TorchServe starts (a file broken meanwhile cannot
-        # leave the front door without keys).
+        # leave the gateway without keys).
         self.gateway.client_keys = self.client_keys()
         self.torchserve.start(timeout=timeout, wait_model=None)
         self.gateway.upstream_key = self.torchserve.keys.get("inference")
@@ -164,7 +164,7 @@ class Stack:
         self._thread.start()
 
     def wait_ready(self, timeout: float = 180) -> float:
-        """Wait until the front door's ``/ready`` answers 200; returns the seconds waited.
+        """Wait until the gateway's ``/ready`` answers 200; returns the seconds waited.
 
         Raises:
             TimeoutError: Not ready in time (the message says what the checks saw).
@@ -271,7 +271,7 @@ class Stack:
             try:
                 self.gateway.drain()
             except OSError as err:  # the stop goes on: the drain's Connection: close is a courtesy
-                log.warning("could not switch the front door to closing connections: %s", err)
+                log.warning("could not switch the gateway to closing connections: %s", err)
             time.sleep(self.drain)
             self._stop.set()
             self._thread.join(timeout=10)

@@ -261,7 +261,7 @@ def test_the_vm_replaces_its_container_gracefully_and_rebuilds_the_driver_for_a_
 
     script = (GCP / "startup.sh").read_text()
     flat = script.replace("\\\n", " ")
-    # the longest request behind the front door, the drain and TorchServe's stop fit in the stop timeout
+    # the longest request behind the gateway, the drain and TorchServe's stop fit in the stop timeout
     timeout = int(yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["responseTimeout"])
     (run_line,) = [line for line in flat.splitlines() if line.startswith("docker run")]
     (stop_line,) = [line for line in flat.splitlines() if line.startswith("docker stop")]
@@ -339,7 +339,7 @@ def nginx_binary() -> str | None:
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.skipif(nginx_binary() is None or shutil.which("openssl") is None, reason="needs nginx and openssl")
-def test_tls_front_door_terminates_https_and_forwards_to_the_gateway(tmp_path):
+def test_tls_proxy_terminates_https_and_forwards_to_the_gateway(tmp_path):
     """nginx-tls.conf for real: a self-signed certificate, a stand-in gateway on loopback, one HTTPS request."""
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     subprocess.run(

@@ -1,4 +1,4 @@
-"""The nginx front door against a scripted upstream: what it retries, refuses, rewrites and reports."""
+"""The nginx gateway against a scripted upstream: what it retries, refuses, rewrites and reports."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.helpers import ScriptedHandler, loopback_http_server
 
 pytestmark = pytest.mark.integration
 
-KEY = "front-door-key_1"
+KEY = "gateway-key_1"
 
 
 TEXT_TOO_LONG = b'{"code": 413, "type": "TextTooLong", "message": "the text has 2001 characters; the limit is 2000"}'
@@ -180,7 +180,7 @@ def test_the_handlers_text_too_long_is_not_taken_for_a_body_too_large(gateway):
     assert ScriptedUpstream.attempts["too-long"] == 1
 
 
-def test_clients_need_a_front_door_key_and_never_see_torchserves(gateway):
+def test_clients_need_a_gateway_key_and_never_see_torchserves(gateway):
     refused = post(gateway, "echo", key=None)
     assert refused.status_code == 401 and refused.json()["type"] == "Unauthorized"
     assert refused.headers["WWW-Authenticate"].startswith("Bearer")
@@ -370,7 +370,7 @@ def test_the_scheme_is_case_insensitive_and_the_key_is_not():
         assert not re.search(pattern, f"Bearer {wrong}")
 
 
-def test_the_stack_tells_the_front_door_which_model_it_serves(tmp_path):
+def test_the_stack_tells_the_gateway_which_model_it_serves(tmp_path):
     from serving.stack import Stack
 
     stack = Stack(tmp_path / "store", tmp_path / "work", models="other=other.mar", model="other", free_ports=True)

@@ -1,7 +1,7 @@
 """The serving image: its Dockerfiles pass hadolint, its build context holds what it copies and
 nothing else, the archive it packs carries only what the CPU backend reads, and (slow) the image
 is built and run here: ``make image-smoke`` starts a container, gets a prediction through its
-front door on 127.0.0.1 and stops it, leaving no process behind."""
+gateway on 127.0.0.1 and stops it, leaving no process behind."""
 
 from __future__ import annotations
 

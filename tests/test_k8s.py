@@ -99,7 +99,7 @@ def test_shutdown_drops_readiness_and_lets_requests_finish_within_the_grace_peri
     model_config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
     attempt = int(args[args.index("--attempt-timeout") + 1]) if "--attempt-timeout" in args else None
     attempt = attempt or model_config["responseTimeout"]
-    # The front door's retries keep one request up to 3 attempt timeouts + RETRY_MARGIN (95 s as
+    # the gateway's retries keep one request up to 3 attempt timeouts + RETRY_MARGIN (95 s as
     # shipped); then TorchServe's stop (serving.server.TorchServe.stop's timeout).
     longest_request = 3 * attempt + RETRY_MARGIN
     torchserve_stop = inspect.signature(TorchServe.stop).parameters["timeout"].default

@@ -1,4 +1,4 @@
-"""Front-door keys: creation, rotation with a grace period, expiry, and bad files."""
+"""Gateway keys: creation, rotation with a grace period, expiry, and bad files."""
 
 from __future__ import annotations
 
@@ -62,5 +62,5 @@ def test_an_unreadable_keys_file_never_turns_the_keys_off(tmp_path):
 def test_new_keys_are_long_enough_and_a_32_character_key_is_accepted(tmp_path):
     assert len(keys.new_key()) >= keys.MIN_KEY_LENGTH
     path = tmp_path / "keys.json"
-    keys.save(path, [keys.FrontDoorKey("k" * keys.MIN_KEY_LENGTH, 0.0)])
+    keys.save(path, [keys.GatewayKey("k" * keys.MIN_KEY_LENGTH, 0.0)])
     assert keys.valid_keys(path) == ["k" * keys.MIN_KEY_LENGTH]

@@ -1,4 +1,4 @@
-"""Faults under load through the front door: the real TorchServe behind the real gateway.
+"""Faults under load through the gateway: the real TorchServe behind the real gateway.
 
 A worker killed mid-load, overload, an archive that cannot load, TorchServe restarted behind the
 gateway, key rotation, and the lifecycle of ``python -m serving``.
@@ -112,7 +112,7 @@ def test_overload_is_refused_fast_without_retries_and_recovers(model_store, tmp_
         stack.supervise_once()
         requests_seen = sum(stack.access_log.responses.values()) - before[0]
         attempts = stack.access_log.attempts - before[1]
-        # How long the front door took to refuse, from its access log: 48 client threads on two
+        # How long the gateway took to refuse, from its access log: 48 client threads on two
         # shared cores add their own scheduling delay to what the client measures.
         stack.gateway.retried(answered=logged_before + len(result.statuses))
         refusals = [
@@ -152,7 +152,7 @@ def test_an_archive_that_cannot_load_is_not_ready_and_refuses_at_once(tmp_path):
         time.sleep(3)
         assert requests.get(f"{stack.url}/ready", timeout=5).status_code == 503
         answer = predict(stack)
-        # Refused by the front door (no READY worker), not queued at TorchServe until a timeout.
+        # Refused by the gateway (no READY worker), not queued at TorchServe until a timeout.
         assert answer.status_code == 503 and answer.json()["type"] == "NotReady"
         assert answer.headers["Retry-After"]
     finally:
@@ -174,7 +174,7 @@ def test_torchserve_restarted_behind_the_gateway(stack):
     assert predict(stack).status_code == 200
 
 
-def test_front_door_keys_rotate_without_downtime(stack):
+def test_gateway_keys_rotate_without_downtime(stack):
     old_headers = stack.headers()
     with ClosedLoop(f"{stack.url}/predictions/emotion", old_headers, TEXTS, 3) as old_clients:
         new_key = gateway_keys.rotate(stack.keys_file, grace_s=10)

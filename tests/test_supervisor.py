@@ -275,7 +275,7 @@ def test_during_the_drain_answers_close_their_connections_so_clients_move(tmp_pa
             stack.stop()
 
 
-def test_the_supervisor_exits_when_the_front_door_dies(tmp_path):
+def test_the_supervisor_exits_when_the_gateway_dies(tmp_path):
     """Docker does not act on a failed HEALTHCHECK: the supervisor itself must exit for a restart."""
     stack, _ = watched_stack(tmp_path)
     stack.gateway.process = SimpleNamespace(running=lambda: False)
@@ -286,7 +286,7 @@ def test_the_supervisor_exits_when_the_front_door_dies(tmp_path):
     assert watch(stack, stopping, poll=0.01) == 0
 
 
-def test_the_front_door_waits_for_its_longest_request_before_it_is_killed(tmp_path):
+def test_the_gateway_waits_for_its_longest_request_before_it_is_killed(tmp_path):
     from serving.settings import RETRY_MARGIN, response_timeout
 
     assert GatewaySettings(attempt_timeout=7).longest_request() == 3 * 7 + RETRY_MARGIN

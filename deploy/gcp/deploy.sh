@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Deploy the serving image on a Compute Engine VM with one GPU, least privilege, TLS at the front door.
+# Deploy the serving image on a Compute Engine VM with one GPU, least privilege, TLS at the gateway.
 #
 #   deploy/gcp/deploy.sh --project my-project --allowed-source 203.0.113.0/24 \
 #       --tls-cert fullchain.pem --tls-key privkey.pem [--dry-run]
@@ -80,7 +80,7 @@ for range in ${ALLOWED_SOURCE//,/ }; do
     fail "--allowed-source $range opens the service to the whole internet; add --allow-any-source if you mean it"
   fi
 done
-[ -n "$TLS_CERT" ] && [ -n "$TLS_KEY" ] || fail "set --tls-cert and --tls-key (PEM files): the front door serves HTTPS only"
+[ -n "$TLS_CERT" ] && [ -n "$TLS_KEY" ] || fail "set --tls-cert and --tls-key (PEM files): the gateway serves HTTPS only"
 [ -n "$DRY_RUN" ] || { [ -f "$TLS_CERT" ] && [ -f "$TLS_KEY" ]; } || fail "TLS certificate or key file not found"
 [[ "$GPU_COUNT" =~ ^[1-8]$ ]] || fail "--gpu-count must be 1 to 8"
 ZONE=${ZONE:-${REGION}-a}

@@ -70,7 +70,7 @@ if ! cmp -s /tmp/ops-agent.yaml /etc/google-cloud-ops-agent/config.yaml; then
   systemctl restart google-cloud-ops-agent
 fi
 
-# 4. TLS front door: nginx with the operator's certificate and key (private bucket, readable by
+# 4. TLS proxy: nginx with the operator's certificate and key (private bucket, readable by
 #    this VM's service account only), proxying to the gateway on the VM's loopback.
 command -v nginx >/dev/null || { apt-get update && apt-get install -y --no-install-recommends nginx; }
 install -d -m 700 /etc/nginx/tls
@@ -87,12 +87,12 @@ systemctl enable nginx
 systemctl reload-or-restart nginx
 
 # 5. The service: host networking keeps TorchServe's listeners and the gateway on the VM's
-#    loopback (only nginx listens outside); logs go to Cloud Logging; the front-door keys live in
+#    loopback (only nginx listens outside); logs go to Cloud Logging; the gateway keys live in
 #    the emotion-state volume and survive restarts.
 token | docker login --username oauth2accesstoken --password-stdin "https://${REGISTRY}"
 docker pull "$IMAGE"
 # The old container is stopped, not killed: SIGTERM drains it (readiness drops, in-flight requests
-# are answered). 140 s covers the drain, the front door's longest request (3 x responseTimeout +
+# are answered). 140 s covers the drain, the gateway's longest request (3 x responseTimeout +
 # 5 s = 95 s) and TorchServe's stop (30 s).
 docker stop --time 140 emotion 2>/dev/null || true
 docker rm emotion 2>/dev/null || true
