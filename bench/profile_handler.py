@@ -19,7 +19,8 @@ import torch
 import yaml
 
 from loadtest.settings import LoadTestSettings
-from project import MODEL_NAME, PROJECT_ROOT, handler_module, pipeline_model_dir
+from project import pipeline_model_dir
+from serving.worker import InProcessWorker
 
 # Modules whose backends' __call__ is the model's forward pass.
 BACKEND_MODULES = {"emotion_backends", "emotion_onnx"}
@@ -41,10 +42,6 @@ def linear_gflops(dtype: torch.dtype, tokens: int = 480, hidden: int = 384, ffn:
 
 def main(argv: list[str] | None = None) -> int:
     """Profile the handler and print the findings."""
-    from ts.context import Context, RequestProcessor
-
-    EmotionHandler = handler_module("emotion_handler").EmotionHandler
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=pipeline_model_dir())
     parser.add_argument("--section", default="{backend: torch, precision: bf16}", help="handler section (YAML)")
@@ -52,21 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     texts = LoadTestSettings.load().texts()
     section = yaml.safe_load(args.section)
-    context = Context(
-        MODEL_NAME, str(args.model_dir), {"model": {}}, 16, None, "0.12.0", model_yaml_config={"handler": section}
-    )
-    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-
-    context.metrics = MetricsCacheYamlImpl(config_file_path=str(PROJECT_ROOT / "monitoring" / "metrics.yaml"))
-    context.metrics.initialize_cache()
-    handler = EmotionHandler()
-    handler.initialize(context)
+    worker = InProcessWorker(args.model_dir, {"batchSize": 16, "handler": section})
 
     def run(batch: list[str]) -> None:
-        context.request_processor = [RequestProcessor({"body": {"content-type": "text/plain"}}) for _ in batch]
-        context.request_ids = {i: str(i) for i in range(len(batch))}
-        context.metrics.request_ids = context.request_ids
-        handler.handle([{"body": text} for text in batch], context)
+        worker.run([(text, "text/plain") for text in batch])
 
     batches = [texts[(16 * i) % len(texts) :][:16] for i in range(args.batches)]
     run(batches[0])

@@ -36,7 +36,7 @@ import yaml
 from bench import peers
 from loadtest.settings import LoadTestSettings
 from loadtest.texts import latency_ms, write_texts
-from project import ARCHIVE_NAME, PROJECT_ROOT, handler_module, pipeline_model_dir
+from project import ARCHIVE_NAME, LOOPBACK, PROJECT_ROOT, handler_module, pipeline_model_dir
 from serving.archive import build_archive
 from serving.process import ManagedProcess
 from serving.server import TorchServe, free_port
@@ -163,41 +163,27 @@ def worker_rss_mb(server: TorchServe) -> int:
     return round(max(p.memory_info().rss for p in workers) / 2**20) if workers else 0
 
 
-def fastapi_setup(model_dir: Path, texts_file: Path, args) -> dict:
+def fastapi_setup(model_dir: Path, texts_file: Path, args, workdir: Path) -> dict:
     """Setup b: the FastAPI baseline under uvicorn."""
     port = free_port()
     env = dict(os.environ, BENCH_MODEL_DIR=str(model_dir))
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.fastapi_baseline:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        cwd=PROJECT_ROOT,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}/predict"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.post(url, data=b"hello", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
+    command = [sys.executable, "-m", "uvicorn", "bench.fastapi_baseline:app", "--host", LOOPBACK, "--port", str(port)]
+    url = f"http://{LOOPBACK}:{port}/predict"
+    log_path = workdir / "fastapi.log"
+    with ManagedProcess("FastAPI", [*command, "--log-level", "warning"], log_path, PROJECT_ROOT, env) as process:
+        process.start()
+        process.wait_until(lambda: answers_text(url), timeout=120, what="answering")
         result = drive(url, texts_file, None, args)
         result["rss_mb_per_worker"] = round(psutil.Process(process.pid).memory_info().rss / 2**20)
-        return result
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    return result
+
+
+def answers_text(url: str) -> bool:
+    """Whether ``url`` answers a plain-text POST with 200."""
+    try:
+        return requests.post(url, data=b"hello", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 @contextlib.contextmanager
@@ -319,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print("a: in-process fp32, batched ...", flush=True)
         results["a"] = in_process(args.model_dir, texts, args.concurrency, args.duration, args.warmup)
         print("b: FastAPI baseline ...", flush=True)
-        results["b"] = fastapi_setup(args.model_dir, texts_file, args)
+        results["b"] = fastapi_setup(args.model_dir, texts_file, args, Path(tmp))
         print("c: TorchServe stock ...", flush=True)
         results["c"] = torchserve_setup(args.model_dir, texts_file, stock, args, Path(tmp) / "c")
         print("d: TorchServe tuned ...", flush=True)

@@ -35,6 +35,7 @@ import urllib.request
 from pathlib import Path
 
 from project import GATEWAY_PORT
+from serving.process import ManagedProcess
 
 LABELS = {"sadness", "joy", "love", "anger", "fear", "surprise"}
 CONTAINER_PORT = GATEWAY_PORT
@@ -139,7 +140,7 @@ class BuildahContainer:
         self.log_path = log_path
         self.name = f"emotion-smoke-{os.getpid()}"
         self.netns = self.name
-        self.process: subprocess.Popen | None = None
+        self.process: ManagedProcess | None = None
         self.forward: NetnsForward | None = None
         self.ctr: str | None = None
         self.config: dict = {}
@@ -157,14 +158,16 @@ class BuildahContainer:
         inspect = json.loads(self._out(["buildah", "inspect", "--type", "container", self.ctr]))
         self.config = inspect["Docker"]["config"]
         command = (self.config.get("Entrypoint") or []) + (self.config.get("Cmd") or [])
-        with self.log_path.open("wb") as log:
-            # The PID namespace's first process is `buildah run`: when it ends, the kernel ends
-            # every process left in the namespace, so nothing can outlive the container.
-            self.process = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns, "unshare", "--pid", "--fork", "--kill-child",
-                 "buildah", "run", "--isolation", "chroot", "--hostname", self.name, self.ctr, "--", *command],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
+        # The PID namespace's first process is `buildah run`: when it ends, the kernel ends every
+        # process left in the namespace, so nothing can outlive the container.
+        self.log_path.unlink(missing_ok=True)
+        self.process = ManagedProcess(
+            "the container",
+            ["ip", "netns", "exec", self.netns, "unshare", "--pid", "--fork", "--kill-child",
+             "buildah", "run", "--isolation", "chroot", "--hostname", self.name, self.ctr, "--", *command],
+            self.log_path,
+        )  # fmt: skip
+        self.process.start()
         self.forward = NetnsForward(self.netns, self.port)
         self.forward.start()
 
@@ -186,7 +189,7 @@ class BuildahContainer:
         )  # fmt: skip
 
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.process is not None and self.process.running()
 
     def pids(self) -> list[int]:
         """Processes in the container's network namespace."""
@@ -220,9 +223,8 @@ class BuildahContainer:
         return None
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
+        if self.process is not None:
+            self.process.stop(30, sig=signal.SIGKILL)
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -5,13 +5,16 @@ Used by the integration tests and by ``make monitor``; listens on 127.0.0.1 only
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-import subprocess
-import time
+import signal
 from pathlib import Path
 
 import requests
 import yaml
+
+from project import LOOPBACK
+from serving.process import ManagedProcess
 
 MONITORING_DIR = Path(__file__).resolve().parent
 
@@ -45,11 +48,11 @@ class Prometheus:
         config["rule_files"] = [str(Path(path).resolve()) for path in rule_files]
         config["scrape_configs"][0]["static_configs"][0]["targets"] = targets
         self.config = config
-        self.process: subprocess.Popen | None = None
+        self.process: ManagedProcess | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{LOOPBACK}:{self.port}"
 
     def start(self, timeout: float = 30) -> None:
         """Start Prometheus and wait until it answers ``/-/ready``."""
@@ -59,28 +62,25 @@ class Prometheus:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(self.config))
-        self.log = (self.workdir / "prometheus.log").open("w")
-        self.process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config_path}",
-                f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"prometheus exited: {(self.workdir / 'prometheus.log').read_text()[-2000:]}")
-            try:
-                if requests.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"prometheus on {self.url} not ready after {timeout} s")
+        command = [
+            binary,
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+            f"--web.listen-address={LOOPBACK}:{self.port}",
+        ]
+        self.process = ManagedProcess("Prometheus", command, self.workdir / "prometheus.log")
+        self.process.start()
+
+        def ready() -> bool:
+            with contextlib.suppress(requests.RequestException):
+                return requests.get(f"{self.url}/-/ready", timeout=1).status_code == 200
+            return False
+
+        try:
+            self.process.wait_until(ready, timeout, f"ready on {self.url}")
+        except Exception:
+            self.stop()
+            raise
 
     def query(self, expr: str) -> list[dict]:
         """Instant query through the HTTP API; returns the result vector."""
@@ -95,13 +95,7 @@ class Prometheus:
         return response.json()["data"]["alerts"]
 
     def stop(self) -> None:
-        """Stop Prometheus; safe to call twice."""
+        """Stop Prometheus (SIGTERM, then SIGKILL after 15 s); safe to call twice."""
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            self.process.stop(15, sig=signal.SIGTERM)
             self.process = None
-            self.log.close()

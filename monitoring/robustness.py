@@ -2,8 +2,9 @@
 and what each perturbation does to the drift statistics.
 
 ``python -m monitoring.robustness --archive model_store/emotion.mar`` unpacks the archive and runs
-its own handler code in this process (a TorchServe worker context without the server, batches of
-the archive's ``batchSize``) on the validation texts, once unchanged and once per perturbation.
+the handler on it in this process (``serving.worker``: a TorchServe worker context without the
+server, batches of the archive's ``batchSize``) on the validation texts, once unchanged and once
+per perturbation.
 The handler's request log of each run is read back and compared with the archive's reference
 profile by the same statistics the Prometheus drift alerts use. Writes
 ``outputs/robustness/robustness.json`` and prints Markdown tables: one row per perturbation, and the
@@ -19,22 +20,19 @@ import random
 import re
 import sys
 import tempfile
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from monitoring.drift import positive_int, read_requests, run_drift
 from monitoring.drift_stats import alerts_firing, load_drift_config, stream_statistics
 from monitoring.profile import load_profile
-from project import ARCHIVE, MODEL_NAME, OUTPUTS_DIR, PROJECT_ROOT, VAL_FILE, handler_module
+from project import ARCHIVE, OUTPUTS_DIR, VAL_FILE, handler_module
+from serving.worker import InProcessWorker
 from training.data import load_split
 
 monitor = handler_module("emotion_monitor")  # the module TorchServe's worker loads, not a second copy
 
-METRICS_YAML = PROJECT_ROOT / "monitoring" / "metrics.yaml"
 EMOJI = ("😂", "😭", "❤️", "🙄", "😡", "😱", "🔥", "🙏")
 NEGATABLE = re.compile(r"\b(feel|feeling|am|was|is|felt)\b")
 
@@ -93,51 +91,6 @@ def perturb(texts: Sequence[str], name: str, seed: int = 0) -> list[str]:
     """``texts`` under the named perturbation, reproducibly."""
     rng = random.Random(seed)
     return [PERTURBATIONS[name](text, rng) for text in texts]
-
-
-class InProcessHandler:
-    """The archive's handler, run in this process on its unpacked model folder.
-
-    Args:
-        archive: A ``.mar`` built by ``serving.archive``.
-        workdir: Where to unpack it.
-        log_dir: The handler's request-log folder.
-    """
-
-    def __init__(self, archive: Path, workdir: Path, log_dir: Path) -> None:
-        model_dir = Path(workdir) / "model"
-        with zipfile.ZipFile(archive) as mar:
-            mar.extractall(model_dir)
-        sys.path.insert(0, str(model_dir))  # the archive's handler modules, as a worker imports them
-        from emotion_handler import EmotionHandler
-        from ts.context import Context
-        from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-
-        yaml_config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
-        yaml_config.setdefault("handler", {})["request_log_dir"] = str(log_dir)
-        metrics = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
-        metrics.initialize_cache()
-        self.batch_size = int(yaml_config.get("batchSize", 8))
-        self.context = Context(
-            MODEL_NAME, str(model_dir), {"model": {}}, self.batch_size, None, "0.12.0", metrics=metrics,
-            model_yaml_config=yaml_config,
-        )  # fmt: skip
-        self.handler = EmotionHandler()
-        self.handler.initialize(self.context)
-        self.profile = load_profile(model_dir / "reference_profile.json")
-
-    def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
-        """Answers for ``texts``, sent in batches of the archive's ``batchSize`` as text/plain."""
-        from ts.context import RequestProcessor
-
-        answers = []
-        for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start : start + self.batch_size]
-            self.context.request_processor = [RequestProcessor({"body": {"content-type": "text/plain"}}) for _ in chunk]
-            self.context.request_ids = {i: f"r{start + i}" for i in range(len(chunk))}
-            self.context.metrics.request_ids = self.context.request_ids
-            answers += [json.loads(out) for out in self.handler.handle([{"body": t} for t in chunk], self.context)]
-        return answers
 
 
 def reference_from(entries: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
@@ -202,9 +155,11 @@ def evaluate(
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         log_root = Path(tmp) / "logs"
-        server = InProcessHandler(archive, Path(tmp), log_root)
-        examples = load_split(val_file, server.profile["labels"])[:limit]
-        gold = [server.profile["labels"][e.label] for e in examples]
+        # The archive's handler in this process, its request log under log_root.
+        server = InProcessWorker.from_archive(archive, Path(tmp), request_log_dir=str(log_root))
+        profile = load_profile(server.model_dir / "reference_profile.json")
+        examples = load_split(val_file, profile["labels"])[:limit]
+        gold = [profile["labels"][e.label] for e in examples]
         for name in PERTURBATIONS:
             log_dir = log_root / name.replace(" ", "_")
             old = server.handler.monitor.request_log
@@ -214,19 +169,17 @@ def evaluate(
             answers = server.predict(perturb([e.text for e in examples], name, seed))
             accuracy = sum(a.get("label") == g for a, g in zip(answers, gold, strict=True)) / len(gold)
             entries = read_requests(log_dir, len(examples))
-            stats = stream_statistics(entries, server.profile)
+            stats = stream_statistics(entries, profile)
             rows.append({"perturbation": name, "accuracy": accuracy, **stats, "alerts": alerts_firing(stats, config)})
             if report_dir is not None:
-                code, summary = run_drift(
-                    log_dir, server.profile, report_dir / log_dir.name, len(examples), None, config
-                )
+                code, summary = run_drift(log_dir, profile, report_dir / log_dir.name, len(examples), None, config)
                 rows[-1].update(make_drift_exit=code, drifted_columns=summary.get("drifted_columns", []))
             if name == "none":
-                undrifted = noise(entries, server.profile["labels"])
+                undrifted = noise(entries, profile["labels"])
     base = rows[0]["accuracy"]
     for row in rows:
         row["accuracy_change_points"] = 100 * (row["accuracy"] - base)
-    return {"model": server.profile.get("model_dir"), "texts": len(examples), "perturbations": rows, "noise": undrifted}
+    return {"model": profile.get("model_dir"), "texts": len(examples), "perturbations": rows, "noise": undrifted}
 
 
 def noise_table(rows: Sequence[dict[str, Any]]) -> str:

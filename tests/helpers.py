@@ -4,18 +4,16 @@ handler, and scripted HTTP upstreams on loopback. (Fixtures stay in ``conftest.p
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from project import PROJECT_ROOT
+from serving.worker import run_batch, worker_context  # noqa: F401 (run_batch: used by the tests)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_DATA = FIXTURES / "emotion"
-METRICS_YAML = PROJECT_ROOT / "monitoring" / "metrics.yaml"
 
 
 def tiny_overrides(root: Path, *extra: str, steps: int = 6, lr: float = 3e-4) -> list[str]:
@@ -41,31 +39,9 @@ def tiny_overrides(root: Path, *extra: str, steps: int = 6, lr: float = 3e-4) ->
 
 
 def make_context(model_dir: Path, handler_section: dict | None = None, gpu: int | None = None) -> Any:
-    """A TorchServe worker context; ``gpu`` is the gpu_id TorchServe would hand the worker."""
-    from ts.context import Context
-    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-
-    metrics = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
-    metrics.initialize_cache()
-    yaml_config = {"batchSize": 8, "handler": handler_section or {}}
-    return Context(
-        "emotion", str(model_dir), {"model": {}}, 8, gpu, "0.12.0", metrics=metrics, model_yaml_config=yaml_config
-    )
-
-
-def run_batch(handler: Any, context: Any, requests: list[tuple]) -> list[tuple[int, dict]]:
-    """Send (payload, content type[, headers]) tuples as one TorchServe batch; return (status, body)
-    per request."""
-    from ts.context import RequestProcessor
-
-    context.request_processor = [
-        RequestProcessor({"body": {"content-type": r[1]}, **(r[2] if len(r) > 2 else {})}) for r in requests
-    ]
-    context.request_ids = {i: f"req-{i}" for i in range(len(requests))}
-    context.metrics.request_ids = context.request_ids
-    outputs = handler.handle([{"body": r[0]} for r in requests], context)
-    assert len(outputs) == len(requests)
-    return [(context.get_response_status(i)[0], json.loads(out)) for i, out in enumerate(outputs)]
+    """The worker context (``serving.worker``) with batchSize 8 and the given handler section;
+    ``gpu`` is the gpu_id TorchServe would hand the worker."""
+    return worker_context(model_dir, {"batchSize": 8, "handler": handler_section or {}}, gpu)
 
 
 class ScriptedHandler(BaseHTTPRequestHandler):
