@@ -111,7 +111,7 @@ class EmotionHandler(BaseHandler):
                 batch.errors[idx] = err
             except Exception:  # a request nobody foresaw still fails alone
                 log.exception("request %d of the batch could not be read", idx)
-                batch.errors[idx] = InputError(400, "UnreadableInput", "the request could not be read")
+                batch.errors[idx] = InputError("UnreadableInput", "the request could not be read")
         return batch
 
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
@@ -186,7 +186,7 @@ class EmotionHandler(BaseHandler):
                 token_ids[idx] = self._token_ids(batch, [idx])[0]
             except Exception:
                 log.exception("the tokenizer failed on request %d", idx)
-                batch.errors[idx] = InputError(400, "UntokenizableText", "the text could not be tokenised")
+                batch.errors[idx] = InputError("UntokenizableText", "the text could not be tokenised")
                 del batch.texts[idx]
         return token_ids
 
@@ -210,7 +210,7 @@ class EmotionHandler(BaseHandler):
                 log.warning("a forward pass of %d texts failed; running them one by one", len(rows), exc_info=True)
                 return sum(self._run_pass(batch, token_ids, [i]) for i in rows)
             log.exception("the model failed on request %d", rows[0])
-            batch.errors[rows[0]] = InputError(422, "UnprocessableText", "the model failed on this text")
+            batch.errors[rows[0]] = InputError("UnprocessableText", "the model failed on this text")
             del batch.texts[rows[0]]
             return 0.0
         for i, row in zip(rows, probabilities.tolist(), strict=True):

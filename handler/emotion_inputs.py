@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from emotion_errors import error_body, status_of
+
 JSON_TYPES = ("application/json", "text/json")
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 RAW_TYPES = ("", "application/octet-stream")
@@ -43,17 +45,22 @@ BOM = "\ufeff"
 
 
 class InputError(Exception):
-    """A request the client must fix; carries the HTTP status to answer with."""
+    """A request the client must fix: its error type (``emotion_errors.ERRORS``, which gives the
+    HTTP status) and a message that says what to fix.
 
-    def __init__(self, status: int, kind: str, message: str) -> None:
+    Raises:
+        KeyError: ``kind`` is not in the error table.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
-        self.status = status
+        self.status = status_of(kind)
         self.kind = kind
         self.message = message
 
     def to_response(self) -> dict[str, Any]:
         """The JSON body sent back to the client."""
-        return {"code": self.status, "type": self.kind, "message": self.message}
+        return error_body(self.kind, self.message)
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,7 @@ def _codec(media: MediaType) -> str:
     except (LookupError, ValueError):  # ValueError: a NUL or an unpaired surrogate in the name
         info = None
     if info is None or not getattr(info, "_is_text_encoding", True) or info.name in NOT_CHARSETS:
-        raise InputError(415, "UnsupportedCharset", f"unknown charset {media.charset!r}: send UTF-8 (charset=utf-8)")
+        raise InputError("UnsupportedCharset", f"unknown charset {media.charset!r}: send UTF-8 (charset=utf-8)")
     return info.name
 
 
@@ -135,9 +142,9 @@ def _decode(raw: bytes, codec: str) -> str:
     try:
         return raw.decode(codec).removeprefix(BOM)
     except UnicodeDecodeError as err:
-        raise InputError(400, "InvalidEncoding", f"the body is not valid {codec} (byte {err.start})") from None
+        raise InputError("InvalidEncoding", f"the body is not valid {codec} (byte {err.start})") from None
     except UnicodeError:
-        raise InputError(400, "InvalidEncoding", f"the body is not valid {codec}") from None
+        raise InputError("InvalidEncoding", f"the body is not valid {codec}") from None
 
 
 def _refuse_constant(name: str) -> Any:
@@ -151,11 +158,11 @@ def _parse_json(text: str) -> Any:
     try:
         return json.loads(text, parse_int=Decimal, parse_constant=_refuse_constant)
     except json.JSONDecodeError as err:
-        raise InputError(400, "MalformedJSON", f"the body is not valid JSON: {err.msg} at char {err.pos}") from None
+        raise InputError("MalformedJSON", f"the body is not valid JSON: {err.msg} at char {err.pos}") from None
     except RecursionError:
-        raise InputError(400, "MalformedJSON", "the JSON body is nested too deeply") from None
+        raise InputError("MalformedJSON", "the JSON body is nested too deeply") from None
     except ValueError as err:
-        raise InputError(400, "MalformedJSON", f"the body is not valid JSON: {err}") from None
+        raise InputError("MalformedJSON", f"the body is not valid JSON: {err}") from None
 
 
 def json_type(value: Any) -> str:
@@ -174,7 +181,7 @@ def _refuse_non_finite(value: Any) -> None:
     while pending:
         item = pending.pop()
         if isinstance(item, float) and not math.isfinite(item):
-            raise InputError(400, "MalformedJSON", f"{item} is not a JSON value (NaN and infinities are refused)")
+            raise InputError("MalformedJSON", f"{item} is not a JSON value (NaN and infinities are refused)")
         if isinstance(item, dict):
             pending.extend(item.values())
         elif isinstance(item, list):
@@ -185,15 +192,15 @@ def _from_json(value: Any) -> str:
     _refuse_non_finite(value)
     if isinstance(value, list):
         raise InputError(
-            400, "UnsupportedInput", 'a JSON list is not accepted: send one text per request as {"text": "..."}'
+            "UnsupportedInput", 'a JSON list is not accepted: send one text per request as {"text": "..."}'
         )
     if not isinstance(value, dict):
-        raise InputError(400, "InvalidInput", f'expected a JSON object {{"text": ...}}, got {json_type(value)}')
+        raise InputError("InvalidInput", f'expected a JSON object {{"text": ...}}, got {json_type(value)}')
     if "text" not in value:
-        raise InputError(400, "MissingField", 'the JSON object has no "text" field')
+        raise InputError("MissingField", 'the JSON object has no "text" field')
     text = value["text"]
     if not isinstance(text, str):
-        raise InputError(400, "InvalidType", f'"text" must be a string, got {json_type(text)}')
+        raise InputError("InvalidType", f'"text" must be a string, got {json_type(text)}')
     return text
 
 
@@ -202,20 +209,19 @@ def _body(request: Mapping[str, Any], parsed: bool) -> Any:
     for key in ("body", "data"):
         if request.get(key) is not None or (parsed and key in request):
             return request[key]
-    raise InputError(400, "EmptyInput", f"the request has no body; {HOW_TO_SEND}")
+    raise InputError("EmptyInput", f"the request has no body; {HOW_TO_SEND}")
 
 
 def _form_text(request: Mapping[str, Any], media: MediaType) -> str:
     if request.get("text") is None:
         raise InputError(
-            415,
             "UnsupportedMediaType",
             f"a {media.essence} body needs a field named 'text'; or {HOW_TO_SEND}",
         )
     value = request["text"]
     if not isinstance(value, (str, bytes, bytearray, memoryview)):
         # TorchServe parses a part sent as application/json: a number would become that many bytes.
-        raise InputError(400, "InvalidType", f"the form field 'text' must be text, got JSON {json_type(value)}")
+        raise InputError("InvalidType", f"the form field 'text' must be text, got JSON {json_type(value)}")
     return _decode(_raw_bytes(value), "utf-8")
 
 
@@ -225,9 +231,7 @@ def _body_text(request: Mapping[str, Any], media: MediaType, parsed: bool) -> st
     if parsed and not isinstance(payload, (bytes, bytearray, memoryview)):
         return _from_json(payload)  # TorchServe parsed the application/json body itself
     if not isinstance(payload, (bytes, bytearray, memoryview, str)):
-        raise InputError(
-            415, "UnsupportedMediaType", f"a JSON body needs Content-Type: application/json; {HOW_TO_SEND}"
-        )
+        raise InputError("UnsupportedMediaType", f"a JSON body needs Content-Type: application/json; {HOW_TO_SEND}")
     text = _decode(_raw_bytes(payload), codec)
     return _from_json(_parse_json(text)) if media.is_json else text
 
@@ -243,15 +247,13 @@ def check_text(text: str, max_chars: int) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise InputError(
-            400, "InvalidText", f"the text is not valid Unicode (unpaired surrogate at {err.start})"
-        ) from None
+        raise InputError("InvalidText", f"the text is not valid Unicode (unpaired surrogate at {err.start})") from None
     text = text.strip()
     # The length first: looking for a visible character is a Python loop over the whole text.
     if len(text) > max_chars:
-        raise InputError(413, "TextTooLong", f"the text has {len(text)} characters; the limit is {max_chars}")
+        raise InputError("TextTooLong", f"the text has {len(text)} characters; the limit is {max_chars}")
     if not any(unicodedata.category(char)[0] in VISIBLE_CATEGORIES and char not in INVISIBLE_LETTERS for char in text):
-        raise InputError(400, "EmptyText", "the text has no letter, digit, symbol or emoji to classify")
+        raise InputError("EmptyText", "the text has no letter, digit, symbol or emoji to classify")
     return text
 
 
@@ -275,7 +277,7 @@ def extract_text(request: Mapping[str, Any], headers: Mapping[str, Any] | None, 
     """
     names = header_map(headers)
     if names.get("explain", "").lower() == "true":
-        raise InputError(400, "UnsupportedEndpoint", "explanations are not served: use /predictions/<model>")
+        raise InputError("UnsupportedEndpoint", "explanations are not served: use /predictions/<model>")
     # TorchServe records the body's media type per parameter, without its parameters, and parses
     # the body itself when that type is exactly application/json.
     parameter_type = next(
@@ -288,5 +290,5 @@ def extract_text(request: Mapping[str, Any], headers: Mapping[str, Any] | None, 
     elif media.is_json or media.is_text:
         text = _body_text(request, media, parsed=MediaType.parse(parameter_type).essence == "application/json")
     else:
-        raise InputError(415, "UnsupportedMediaType", f"content type {media.essence!r} is not accepted; {HOW_TO_SEND}")
+        raise InputError("UnsupportedMediaType", f"content type {media.essence!r} is not accepted; {HOW_TO_SEND}")
     return check_text(text, max_chars)

@@ -1,0 +1,83 @@
+"""One error map (handler/emotion_errors.py): the handler, the gateway's answers and the README's
+error table name every error type with the status the map gives it, and nothing else."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+from emotion_errors import ERRORS, error_body
+from emotion_inputs import InputError
+from hypothesis import given
+from hypothesis import strategies as st
+
+from project import HANDLER_DIR, PROJECT_ROOT
+
+NGINX = PROJECT_ROOT / "serving" / "nginx.conf"
+README = PROJECT_ROOT / "README.md"
+
+
+def raised_kinds() -> set[str]:
+    """The error types the handler's modules raise (``InputError("Kind", ...)``)."""
+    kinds = set()
+    for path in HANDLER_DIR.glob("emotion_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "InputError":
+                first = node.args[0]
+                assert isinstance(first, ast.Constant), f"{path.name}:{node.lineno}: the type must be a literal"
+                kinds.add(first.value)
+    return kinds
+
+
+def gateway_answers() -> list[tuple[int, dict]]:
+    """Every JSON error answer the gateway's template returns: (status of ``return``, body). The
+    health answers (``{"status": ...}``) are no errors."""
+    found = []
+    for status, body in re.findall(r"return (\d{3}) '(\{.*?\})\\n';", NGINX.read_text()):
+        answer = json.loads(body.replace("@@MAX_TEXT_CHARS@@", "2000").replace("@@MODEL@@", "m"))
+        if "status" not in answer:
+            found.append((int(status), answer))
+    return found
+
+
+def test_the_handler_raises_only_types_of_the_map():
+    kinds = raised_kinds()
+    assert kinds, "no InputError found: the scan is broken"
+    assert kinds <= set(ERRORS), kinds - set(ERRORS)
+    assert {kind for kind, spec in ERRORS.items() if spec.source == "handler"} == kinds
+
+
+def test_every_gateway_answer_is_in_the_map_with_its_status():
+    answers = gateway_answers()
+    assert len(answers) >= 15, "the template's JSON answers were not found: the scan is broken"
+    for status, body in answers:
+        spec = ERRORS.get(body["type"])
+        assert spec is not None, f"the gateway answers {body['type']}, which the map does not have"
+        assert status == body["code"] == spec.status, body
+    gateway_types = {body["type"] for _, body in answers}
+    # TextTooLong: the gateway answers it first; the handler's copy serves TorchServe direct.
+    assert gateway_types - {"TextTooLong"} == {kind for kind, spec in ERRORS.items() if spec.source == "gateway"}
+
+
+def test_the_readme_table_gives_each_type_its_status():
+    rows = [line for line in README.read_text().splitlines() if line.startswith("| ") and "`" in line]
+    for kind, spec in ERRORS.items():
+        mine = [row for row in rows if f"`{kind}`" in row or f"{spec.status} `{kind}`" in row]
+        assert mine, f"the README's error table has no row for {kind}"
+        assert any(str(spec.status) in row for row in mine), f"{kind}: {spec.status} not in {mine}"
+
+
+@given(st.sampled_from(sorted(k for k, s in ERRORS.items() if s.source == "handler")), st.text())
+def test_a_handler_error_answers_the_map_status(kind, message):
+    error = InputError(kind, message)
+    assert error.status == ERRORS[kind].status
+    assert error.to_response() == error_body(kind, message) == {"code": error.status, "type": kind, "message": message}
+
+
+def test_an_unknown_type_is_refused():
+    try:
+        InputError("NoSuchKind", "x")
+    except KeyError:
+        return
+    raise AssertionError("an InputError of a type outside the map was made")
