@@ -5,18 +5,18 @@ SHELL := /bin/bash
 PYTHON      ?= python3
 VENV        := .venv
 BIN         := $(VENV)/bin
-# The Hydra experiment (training/conf/experiment) the pipeline targets build: default (the served
-# model), full (the released recipe), quick (smoke runs). Outputs: models/emotion-$EXPERIMENT/,
-# metrics/$EXPERIMENT/ (named by the Hydra paths group and dvc.yaml alike).
-EXPERIMENT  ?= default
-# The Hydra experiment whose fine-tuned model teaches $EXPERIMENT by its soft targets (experiments
-# distill and distill4): mpnet (make teacher-deps), full, ...; none: labels only.
-TEACHER     ?= none
 # The project's contract (project.py: model name, archive, ports, folders), as Make variables.
 CONTRACT    := outputs/contract.mk
 include $(CONTRACT)
 $(CONTRACT): project.py
 	@mkdir -p $(@D) && $(PYTHON) project.py make > $@
+# The Hydra experiment (training/conf/experiment) the pipeline targets build: default (the served
+# model), full (the released recipe), quick (smoke runs). Outputs: models/emotion-$EXPERIMENT/,
+# metrics/$EXPERIMENT/ (named by the Hydra paths group and dvc.yaml alike).
+EXPERIMENT  ?= $(DEFAULT_EXPERIMENT)
+# The Hydra experiment whose fine-tuned model teaches $EXPERIMENT by its soft targets (experiments
+# distill and distill4): mpnet (make teacher-deps), full, ...; none: labels only.
+TEACHER     ?= $(DEFAULT_TEACHER)
 MODEL_DIR   := $(MODELS_DIR)/$(MODEL_NAME)-$(EXPERIMENT)
 # dvc.yaml holds the stage graph; its commands run `python` from the virtualenv.
 DVC         := PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc
@@ -43,13 +43,12 @@ system-deps: ## Install Java 17 (TorchServe), Prometheus, wrk, nginx and Graphvi
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx)
 	@command -v dot >/dev/null || (apt-get update -qq && apt-get install -y -qq graphviz)
 
-experiment: $(BIN)/.installed ## Set `experiment` and `teacher` in params.yaml to $EXPERIMENT and $TEACHER (the pipeline targets do it)
+experiment: $(BIN)/.installed ## Write params.yaml (untracked) for $EXPERIMENT and $TEACHER (the pipeline targets do it)
 	@test $(EXPERIMENT) != none && test -f training/conf/experiment/$(EXPERIMENT).yaml || \
 		{ echo "no experiment '$(EXPERIMENT)': choose one of training/conf/experiment/*.yaml" >&2; exit 1; }
 	@test $(TEACHER) = none || test -f training/conf/experiment/$(TEACHER).yaml || \
 		{ echo "no teacher experiment '$(TEACHER)': choose none or one of training/conf/experiment/*.yaml" >&2; exit 1; }
-	@grep -qx 'experiment: $(EXPERIMENT)' params.yaml || sed -i 's/^experiment: .*/experiment: $(EXPERIMENT)/' params.yaml
-	@grep -qx 'teacher: $(TEACHER)' params.yaml || sed -i 's/^teacher: .*/teacher: $(TEACHER)/' params.yaml
+	@$(PYTHON) project.py params $(EXPERIMENT) $(TEACHER)
 
 # Each pipeline target runs its DVC stage and whatever it depends on; DVC skips what is up to date.
 data: experiment ## Validate the raw splits and write data/processed/ (DVC stage data)

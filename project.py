@@ -41,7 +41,11 @@ VAL_FILE = DATA_DIR / "val.txt"
 METRICS_DIR = PROJECT_ROOT / "metrics"
 OUTPUTS_DIR = PROJECT_ROOT / "outputs"
 HANDLER_DIR = PROJECT_ROOT / "handler"
+# The DVC pipeline's parameters: which Hydra experiment it builds and which teaches it. The file is
+# generated and untracked (`make experiment`, :func:`write_params`); without it, the defaults.
 PARAMS_FILE = PROJECT_ROOT / "params.yaml"
+DEFAULT_EXPERIMENT = "default"  # the model `make serve` serves
+DEFAULT_TEACHER = "none"
 TORCHSERVE_CONFIG = PROJECT_ROOT / "config.properties"
 
 # The network: every server the project starts on a machine listens on loopback; a deployment
@@ -63,11 +67,35 @@ def model_dir(experiment: str) -> Path:
     return MODELS_DIR / f"{MODEL_NAME}-{experiment}"
 
 
+def read_params(params_file: Path = PARAMS_FILE) -> dict[str, str]:
+    """``experiment`` and ``teacher`` of the pipeline: ``params.yaml`` where it exists, else the defaults."""
+    params = {"experiment": DEFAULT_EXPERIMENT, "teacher": DEFAULT_TEACHER}
+    if params_file.exists():
+        for line in params_file.read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() in params and not line.startswith("#"):
+                params[key.strip()] = value.split("#", 1)[0].strip()
+    return params
+
+
 def current_experiment(params_file: Path = PARAMS_FILE) -> str:
     """The Hydra experiment the DVC pipeline builds: ``experiment`` in ``params.yaml``."""
-    import yaml
+    return read_params(params_file)["experiment"]
 
-    return str(yaml.safe_load(params_file.read_text())["experiment"])
+
+def write_params(experiment: str, teacher: str, params_file: Path = PARAMS_FILE) -> bool:
+    """Point the pipeline at ``experiment`` taught by ``teacher`` (``params.yaml``, untracked);
+    returns whether the file changed (an unchanged file is not rewritten)."""
+    text = (
+        "# Written by `make experiment` (python3 project.py params EXPERIMENT TEACHER); not tracked.\n"
+        "# The Hydra experiment (training/conf/experiment) the DVC pipeline builds, and the one whose\n"
+        "# fine-tuned model teaches it (none: no teacher). Hyperparameters live in training/conf.\n"
+        f"experiment: {experiment}\nteacher: {teacher}\n"
+    )
+    if params_file.exists() and params_file.read_text() == text:
+        return False
+    params_file.write_text(text)
+    return True
 
 
 def pipeline_model_dir(params_file: Path = PARAMS_FILE) -> Path:
@@ -110,12 +138,24 @@ def make_variables() -> dict[str, str]:
         "GATEWAY_PORT": str(GATEWAY_PORT),
         "PROMETHEUS_PORT": str(PROMETHEUS_PORT),
         "SERVE_DIR": rel(SERVE_DIR),
+        "DEFAULT_EXPERIMENT": DEFAULT_EXPERIMENT,
+        "DEFAULT_TEACHER": DEFAULT_TEACHER,
     }
 
 
+def main(argv: list[str]) -> int:
+    """``make``: the contract as Makefile variables; ``params EXPERIMENT TEACHER``: write params.yaml."""
+    if argv == ["make"]:
+        print("# Written by `python3 project.py make` from project.py: edit that file, not this one.")
+        for name, value in make_variables().items():
+            print(f"{name} := {value}")
+        return 0
+    if len(argv) == 3 and argv[0] == "params":
+        write_params(argv[1], argv[2])
+        return 0
+    print("usage: python3 project.py make | python3 project.py params EXPERIMENT TEACHER", file=sys.stderr)
+    return 2
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["make"]:
-        sys.exit("usage: python3 project.py make  (prints the contract as Makefile variables)")
-    print("# Written by `python3 project.py make` from project.py: edit that file, not this one.")
-    for name, value in make_variables().items():
-        print(f"{name} := {value}")
+    sys.exit(main(sys.argv[1:]))

@@ -5,7 +5,7 @@ FROM ${BASE_IMAGE}
 WORKDIR /srv
 COPY requirements-serve.txt requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
-COPY project.py params.yaml ./
+COPY project.py ./
 COPY training/ training/
 # The CPU's capabilities decide the training precision and threads (training/runtime.py).
 COPY handler/emotion_cpu.py handler/emotion_cpuinfo.py handler/

@@ -216,3 +216,22 @@ def test_a_change_of_the_contract_is_one_line(tmp_path):
     assert "--archive model_store/mood.mar" in make.stdout, make.stdout + make.stderr
     generated = (tmp_path / "outputs" / "contract.mk").read_text().splitlines()
     assert {"GATEWAY_PORT := 18080", "ARCHIVE := model_store/mood.mar", "MODELS_DIR := weights"} <= set(generated)
+
+
+def test_the_pipeline_parameters_are_generated_and_untracked(tmp_path):
+    """``make experiment`` writes params.yaml through project.py (no tracked file is edited); an
+    absent file means the defaults, and an unchanged one is not rewritten."""
+    params = tmp_path / "params.yaml"
+    assert project.read_params(params) == {"experiment": project.DEFAULT_EXPERIMENT, "teacher": project.DEFAULT_TEACHER}
+    assert project.write_params("quick", "full", params)
+    before = params.stat().st_mtime_ns
+    assert not project.write_params("quick", "full", params) and params.stat().st_mtime_ns == before
+    assert project.read_params(params) == {"experiment": "quick", "teacher": "full"}
+    assert project.current_experiment(params) == "quick" and project.pipeline_model_dir(params).name == "emotion-quick"
+    ignored = subprocess.run(["git", "check-ignore", "-q", "params.yaml"], cwd=PROJECT_ROOT)
+    tracked = subprocess.run(
+        ["git", "ls-files", "--error-unmatch", "params.yaml"], cwd=PROJECT_ROOT, capture_output=True
+    )
+    assert ignored.returncode == 0 and tracked.returncode != 0
+    recipe = makefile_code().split("\nexperiment:", 1)[1].split("\n\n", 1)[0]
+    assert "project.py params $(EXPERIMENT) $(TEACHER)" in recipe and "sed" not in recipe

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from project import PROJECT_ROOT, current_experiment
+from project import PROJECT_ROOT, read_params
 from training.config import experiment_paths
 from training.distill import TeacherLogits
 
@@ -53,8 +53,7 @@ def test_stages_depend_on_every_code_folder_they_run():
 
 
 def test_lock_file_describes_the_experiment_params_yaml_names():
-    experiment = current_experiment()
-    teacher = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())["teacher"]
+    experiment, teacher = read_params()["experiment"], read_params()["teacher"]
     lock = yaml.safe_load((PROJECT_ROOT / "dvc.lock").read_text())["stages"]
     assert lock["train"]["cmd"] == f"python -m training.train experiment={experiment} distill.teacher={teacher}"
     assert lock["train"]["params"]["params.yaml"] == {"experiment": experiment, "teacher": teacher}
