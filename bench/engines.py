@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from loadtest.texts import read_labelled
 from project import PROJECT_ROOT, TRAIN_FILE, VAL_FILE, handler_module, pipeline_model_dir
+from training.data import read_labelled
 
 MODEL_CONFIG = PROJECT_ROOT / "handler" / "model-config.yaml"
 # Where `make venv` installs OpenVINO, apart from site-packages: TorchServe's BaseHandler imports

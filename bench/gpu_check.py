@@ -35,6 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from project import ARCHIVE, OUTPUTS_DIR, PROJECT_ROOT, VAL_FILE, handler_module
+from training.data import read_labelled
 
 PACK_DIR = OUTPUTS_DIR / "gpu-check"
 AGREEMENT_TARGET = 0.99
@@ -43,14 +44,9 @@ MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "specia
 
 
 def read_texts(path: Path) -> tuple[list[str], list[str]]:
-    """Texts and labels of a ``text;label`` file."""
-    texts, labels = [], []
-    for line in path.read_text(encoding="utf-8-sig").splitlines():
-        text, sep, label = line.rpartition(";")
-        if sep and text.strip():
-            texts.append(text.strip())
-            labels.append(label.strip())
-    return texts, labels
+    """Texts and labels of a ``text;label`` file (lines with an empty text left out)."""
+    pairs = [(text, label) for text, label in read_labelled(path) if text]
+    return [text for text, _ in pairs], [label for _, label in pairs]
 
 
 def pack(model_dir: Path, archive: Path, val_file: Path, out: Path, limit: int | None = None) -> Path:

@@ -28,8 +28,9 @@ import requests
 import yaml
 
 from bench.run import at_rate, drive, torchserve_setup_server, worker_rss_mb
-from loadtest.texts import read_labelled, write_texts
+from loadtest.texts import write_texts
 from project import PROJECT_ROOT, VAL_FILE, handler_module, pipeline_model_dir
+from training.data import read_labelled
 
 # Batching every setting runs with unless its row changes it.
 SWEEP_BATCHING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 16, "maxBatchDelay": 20}

@@ -1,6 +1,7 @@
 """The texts load tests and benchmarks send, and the latency percentiles they report.
 
-Split files hold one ``text;label`` per line, the label last (a text may contain ``;``).
+Split files hold one ``text;label`` per line, the label last (a text may contain ``;``); they are
+read by ``training.data`` (:func:`training.data.read_labelled`), the project's one split reader.
 """
 
 from __future__ import annotations
@@ -9,18 +10,7 @@ import math
 import random
 from pathlib import Path
 
-
-def read_labelled(path: Path | str) -> list[tuple[str, str]]:
-    """The ``(text, label)`` pairs of a split file, both stripped; lines without a ``;`` are skipped.
-
-    Read as ``training.data.load_split`` reads them: a byte order mark that starts the file is
-    dropped, and lines end at ``\n`` (and an ``\r`` before it) only, so a text may hold the other
-    characters ``str.splitlines`` or universal newlines break at (a lone ``\r``, U+2028, U+0085,
-    form feeds, ...).
-    """
-    content = Path(path).read_bytes().decode("utf-8-sig")
-    lines = (line.removesuffix("\r") for line in content.split("\n"))
-    return [(text.strip(), label.strip()) for text, sep, label in (line.rpartition(";") for line in lines) if sep]
+from training.data import read_labelled
 
 
 def read_texts(path: Path | str, limit: int | None = None, seed: int | None = None) -> list[str]:

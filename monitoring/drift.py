@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from loadtest.texts import read_labelled
 from monitoring.drift_stats import DRIFT_CONFIG, alerts_firing, load_drift_config, stream_statistics
 from monitoring.profile import load_profile, profile_path
 from project import (
@@ -36,6 +35,7 @@ from project import (
     handler_module,
     pipeline_model_dir,
 )
+from training.data import read_labelled
 
 monitor = handler_module("emotion_monitor")  # the module TorchServe's worker loads, not a second copy
 

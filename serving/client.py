@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,31 @@ PROBE_HEADER = "X-Emotion-Probe"
 APIS = ("inference", "management", "API")
 
 
-def read_keys(path: Path) -> dict[str, str]:
-    """The keys in a TorchServe ``key_file.json`` by API; empty while it is missing or half written."""
+def read_key_file(path: Path) -> dict[str, dict]:
+    """The entries of a TorchServe ``key_file.json`` by API (``{"key": ..., "expiration time": ...}``);
+    empty while it is missing or half written. The one reader of that file."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
-    return {name: entry["key"] for name, entry in data.items() if isinstance(entry, dict) and "key" in entry}
+    if not isinstance(data, dict):
+        return {}
+    return {name: entry for name, entry in data.items() if isinstance(entry, dict) and "key" in entry}
+
+
+def read_keys(path: Path) -> dict[str, str]:
+    """The keys in a TorchServe ``key_file.json`` by API; empty while it is missing or half written."""
+    return {name: entry["key"] for name, entry in read_key_file(path).items()}
+
+
+def key_expiry(path: Path, api: str = "inference") -> float | None:
+    """When ``api``'s key in a TorchServe ``key_file.json`` expires (Unix seconds); None when the
+    file, the key or a readable expiration time is missing."""
+    entry = read_key_file(path).get(api) or {}
+    try:
+        return datetime.fromisoformat(str(entry["expiration time"]).replace("Z", "+00:00")).timestamp()
+    except (KeyError, ValueError):
+        return None
 
 
 def auth_header(keys: dict[str, str], api: str) -> dict[str, str]:

@@ -24,17 +24,16 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 from project import MODEL_NAME, SERVE_DIR, SERVED_MODELS
 from serving import keys as gateway_keys
 from serving.access_log import AccessLog
+from serving.client import key_expiry
 from serving.gateway import RELOAD_TIMEOUT, Gateway, nginx_workers, wait_reloaded
 from serving.golden import GoldenRecord, served_record
 from serving.health import GOLDEN_MAX_AGE, UNREADY_EXIT, Liveness, Readiness
@@ -220,12 +219,10 @@ class Stack:
     def _torchserve_key_due(self) -> bool:
         """Whether TorchServe's inference key is near enough its expiry to be renewed."""
         key_file = self.torchserve.client.key_file
-        if key_file is None or not key_file.exists() or time.monotonic() < self._renew_retry_at:
+        if key_file is None or time.monotonic() < self._renew_retry_at:
             return False
-        try:
-            entry = json.loads(key_file.read_text())["inference"]
-            expires = datetime.fromisoformat(entry["expiration time"].replace("Z", "+00:00")).timestamp()
-        except (OSError, ValueError, KeyError, TypeError):
+        expires = key_expiry(key_file, "inference")
+        if expires is None:
             return False
         lifetime = 60 * float(self.torchserve.props.get("token_expiration_min", 60))
         if expires - time.time() < self.key_renewal * lifetime:

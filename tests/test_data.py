@@ -136,8 +136,8 @@ def test_prepared_data_does_not_depend_on_where_the_project_is(tmp_path, monkeyp
 )
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_split_files_read_back_as_written_whatever_the_texts_hold(tmp_path, pairs):
-    from loadtest.texts import read_labelled
     from monitoring.drift import read_texts
+    from training.data import read_labelled
 
     path = tmp_path / "split.txt"
     write_split(path, [Example(text, LABELS.index(label)) for text, label in pairs])
@@ -151,7 +151,7 @@ def test_split_files_read_back_as_written_whatever_the_texts_hold(tmp_path, pair
 
 
 def test_the_load_test_reader_reads_raw_split_files_as_the_data_stage_does(tmp_path):
-    from loadtest.texts import read_labelled
+    from training.data import read_labelled
 
     assert read_labelled(write(tmp_path, b"\xef\xbb\xbfa b ; joy \r\ni feel\rsad;sadness\n")) == [
         ("a b", "joy"),

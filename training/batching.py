@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -77,9 +77,3 @@ def bucketed_batches(
         usable = len(batches) - len(batches) % world_size
         batches = batches[rank:usable:world_size]
     return batches
-
-
-def iterate_batches(split: TokenizedSplit, batches: Sequence[Sequence[int]]) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield padded tensors for each batch of indices."""
-    for indices in batches:
-        yield split.collate(indices)

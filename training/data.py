@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,11 +68,29 @@ def parse_line(line: str, path: Path | str, line_no: int, labels: Sequence[str] 
     return Example(text=text, label=labels.index(label))
 
 
+def split_lines(path: Path | str) -> Iterator[tuple[int, str]]:
+    """The lines of a split file with their 1-based numbers, as every reader of the project reads
+    them: UTF-8, a byte order mark that starts the file dropped (Windows editors), lines ending at
+    ``\n`` only (with the ``\r`` of a CRLF ending dropped), so a text may hold the characters
+    ``str.splitlines`` breaks at (U+2028, U+0085, form feeds, ...).
+
+    Raises:
+        DataFormatError: A line is not valid UTF-8.
+    """
+    with Path(path).open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(path, line_no, f"not valid UTF-8 ({err.reason})") from None
+            yield line_no, line.removesuffix("\n").removesuffix("\r")
+
+
 def load_split(path: Path | str, labels: Sequence[str] = LABELS) -> list[Example]:
-    """Read and validate a split file.
+    """Read and validate a split file (training, evaluation, profiles).
 
     Args:
-        path: A UTF-8 file of ``text;label`` lines (a leading byte order mark is skipped).
+        path: A UTF-8 file of ``text;label`` lines (:func:`split_lines`).
         labels: Known label names in id order.
 
     Returns:
@@ -87,21 +105,24 @@ def load_split(path: Path | str, labels: Sequence[str] = LABELS) -> list[Example
     if not path.is_file():
         raise FileNotFoundError(f"split file not found: {path} (set data.source_dir to the folder holding it)")
     examples: list[Example] = []
-    with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            try:
-                # utf-8-sig: a byte order mark that starts the file (Windows editors) is no text.
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                raise DataFormatError(path, line_no, f"not valid UTF-8 ({err.reason})") from None
-            if "\r" in line:  # a line break of old Mac files, which would join several examples into one
-                raise DataFormatError(path, line_no, "carriage return inside the line (CR-only line endings?)")
-            if not line.strip():
-                raise DataFormatError(path, line_no, "blank line")
-            examples.append(parse_line(line, path, line_no, labels))
+    for line_no, line in split_lines(path):
+        if "\r" in line:  # a line break of old Mac files, which would join several examples into one
+            raise DataFormatError(path, line_no, "carriage return inside the line (CR-only line endings?)")
+        if not line.strip():
+            raise DataFormatError(path, line_no, "blank line")
+        examples.append(parse_line(line, path, line_no, labels))
     if not examples:
         raise DataFormatError(path, 0, "file holds no examples")
     return examples
+
+
+def read_labelled(path: Path | str) -> list[tuple[str, str]]:
+    """The ``(text, label)`` pairs of a split file, both stripped, without validation (load tests,
+    benchmarks, drift references): lines without a ``;`` are skipped, and labels are kept as
+    written. Lines as :func:`split_lines` reads them.
+    """
+    pairs = (line.rpartition(";") for _, line in split_lines(path))
+    return [(text.strip(), label.strip()) for text, sep, label in pairs if sep]
 
 
 def write_split(path: Path | str, examples: Iterable[Example], labels: Sequence[str] = LABELS) -> int:
