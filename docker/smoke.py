@@ -36,6 +36,7 @@ from pathlib import Path
 
 from project import GATEWAY_PORT
 from serving.process import ManagedProcess
+from serving.server import free_port
 
 LABELS = {"sadness", "joy", "love", "anger", "fear", "surprise"}
 CONTAINER_PORT = GATEWAY_PORT
@@ -44,13 +45,6 @@ CLONE_NEWNET = 0x40000000
 
 class SmokeError(RuntimeError):
     """A check failed; the message says which and what was seen."""
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http(method: str, url: str, body: bytes | None = None, key: str | None = None) -> tuple[int, bytes]:

@@ -4,16 +4,47 @@ handler, and scripted HTTP upstreams on loopback. (Fixtures stay in ``conftest.p
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from project import PROJECT_ROOT
 from serving.worker import run_batch, worker_context  # noqa: F401 (run_batch: used by the tests)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_DATA = FIXTURES / "emotion"
+
+
+def copy_workspace(root: Path) -> tuple[Path, dict[str, str]]:
+    """A fresh clone of the project, as near as this machine allows: ``root/repo`` holds the files
+    git would hand a clone (tracked, and new files not ignored), committed to a repository of its
+    own (DVC needs one), with the fixture splits where the data config looks for the shared data
+    (``root/shared/data/emotion``). Returns the folder and the environment to run its commands in:
+    this virtualenv first on PATH, ``EMOTION_DATA_DIR`` unset."""
+    shared = root / "shared" / "data" / "emotion"
+    shared.mkdir(parents=True)
+    for name in ("train.txt", "val.txt"):
+        shutil.copy(FIXTURE_DATA / name, shared / name)
+    repo = root / "repo"
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in listed:
+        if (PROJECT_ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / name, repo / name)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("EMOTION_DATA_DIR", None)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    for command in (["git", "init", "-q"], [*git, "add", "-A"], [*git, "commit", "-qm", "copy"]):
+        subprocess.run(command, cwd=repo, env=env, check=True, capture_output=True)
+    return repo, env
 
 
 def tiny_overrides(root: Path, *extra: str, steps: int = 6, lr: float = 3e-4) -> list[str]:

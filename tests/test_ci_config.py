@@ -43,13 +43,27 @@ def test_ci_workflow_runs_the_readme_test_command():
     assert job["timeout-minutes"] <= 90
 
 
-def test_cloudbuild_builds_and_pushes_the_gpu_image():
+def test_cloudbuild_builds_and_pushes_the_gpu_and_the_cpu_image():
     check_schema("vendor.cloudbuild", ROOT / "cloudbuild.yaml")
     build = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
-    (docker,) = [s for s in build["steps"] if s["name"].endswith("/docker")]
-    assert "--file=docker/serve.Dockerfile" in docker["args"] and "--build-arg=VARIANT=cuda" in docker["args"]
+    builds = {
+        next(a.rsplit("=", 1)[1] for a in s["args"] if a.startswith("--build-arg=VARIANT=")): s
+        for s in build["steps"]
+        if s["name"].endswith("/docker")
+    }
+    assert set(builds) == {"cuda", "cpu"}
+    pushed = set()
+    for variant, step in builds.items():
+        assert "--file=docker/serve.Dockerfile" in step["args"]
+        tags = [a.split("=", 1)[1] for a in step["args"] if a.startswith("--tag=")]
+        assert any(tag.endswith(f":latest-{variant}") for tag in tags) and any(t.endswith(":${_TAG}") for t in tags)
+        pushed |= set(tags)
+    assert set(build["images"]) == pushed
+    # The CPU pods' image is the one the cpu overlay names; the GPU's, the gpu overlay's.
+    cpu_name = next(t for t in pushed if t.endswith(":latest-cpu")).rsplit(":", 1)[0]
+    assert build["substitutions"]["_IMAGE_CPU"].endswith("/emotion-serve-cpu") and cpu_name == "${_IMAGE_CPU}"
+    docker = builds["cuda"]
     tags = [a.split("=", 1)[1] for a in docker["args"] if a.startswith("--tag=")]
-    assert tags and set(build["images"]) == set(tags)
     # tagged with the commit (a trigger's SHORT_SHA; a manual build passes _TAG), refused without one
     assert build["substitutions"]["_TAG"] == "${SHORT_SHA}"
     assert any(tag.endswith(":${_TAG}") for tag in tags)
@@ -62,7 +76,7 @@ def test_cloudbuild_builds_and_pushes_the_gpu_image():
     assert "core.no_scm true" in archive["args"][-1]  # DVC without .git in the build's source
     # The archive the image packs is fetched before the build (it is not in git).
     steps = [s["id"] for s in build["steps"]]
-    assert steps.index("archive") < steps.index(docker["id"])
+    assert all(steps.index("archive") < steps.index(step["id"]) for step in builds.values())
     trigger = subprocess.run(
         ["bash", "deploy/gcp/build-trigger.sh", "--dry-run", "--project", "p", "--repo-owner", "o", "--repo-name", "n"],
         cwd=ROOT, capture_output=True, text=True,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from project import GATEWAY_METRICS_PORT, PROJECT_ROOT
+from project import GATEWAY_METRICS_PORT, PROJECT_ROOT, SERVE_DIR
 from serving.server import TorchServe
 from serving.settings import RETRY_MARGIN
 
@@ -119,6 +119,25 @@ def test_keys_come_from_a_secret_and_the_pod_runs_unprivileged(rendered):
     assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] != 0
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert spec["automountServiceAccountToken"] is False
+
+
+def test_the_root_filesystem_is_read_only_and_every_written_folder_a_volume(rendered):
+    """The image cannot be changed from inside the pod; the folders the stack writes (its work
+    folder, the logs folder, the temp folder TorchServe unpacks archives in) are emptyDir volumes."""
+    _, _, kinds, _ = rendered
+    spec = pod_spec(kinds)
+    (container,) = spec["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    scratch = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+    mounts = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in scratch]
+    workdir = next(
+        line.split()[1] for line in (ROOT / "docker" / "serve.Dockerfile").read_text().splitlines()
+        if line.startswith("WORKDIR ")
+    )  # fmt: skip
+    written = [f"{workdir}/{SERVE_DIR.relative_to(PROJECT_ROOT).as_posix()}", f"{workdir}/logs", "/tmp"]
+    for folder in written:
+        assert any(folder == m or folder.startswith(m + "/") for m in mounts), f"{folder} is not on a volume"
+    assert all(v["emptyDir"].get("sizeLimit") for v in spec["volumes"] if "emptyDir" in v)
 
 
 def test_service_hpa_pdb_and_network_policy_select_the_deployments_pods(rendered):

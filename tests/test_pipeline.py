@@ -4,10 +4,7 @@ repro, no-op repro, partial re-runs, push and pull."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from project import PROJECT_ROOT, read_params
 from training.config import experiment_paths
 from training.distill import TeacherLogits
 
-from .helpers import FIXTURE_DATA
+from .helpers import copy_workspace
 
 
 def stage_paths(experiment: str, teacher: str = "none") -> dict[str, set[str]]:
@@ -70,28 +67,13 @@ def run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory):
-    """A git clone-like copy of the tracked files, with the fixture splits at ../shared/data/emotion."""
+    """A clone-like copy (``copy_workspace``) building the smoke experiment, without a lock file."""
     root = tmp_path_factory.mktemp("dvc")
-    shared = root / "shared" / "data" / "emotion"
-    shared.mkdir(parents=True)
-    for name in ("train.txt", "val.txt"):
-        shutil.copy(FIXTURE_DATA / name, shared / name)
-    repo = root / "repo"
-    tracked = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in tracked:
-        if (PROJECT_ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_ROOT / name, repo / name)
+    repo, env = copy_workspace(root)
     (repo / "params.yaml").write_text("experiment: smoke\nteacher: none\n")
     (repo / "dvc.lock").unlink(missing_ok=True)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", WANDB_MODE="disabled")
-    env.pop("EMOTION_DATA_DIR", None)
+    env["WANDB_MODE"] = "disabled"
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    run(["git", "init", "-q"], repo, env)
-    run([*git, "add", "-A"], repo, env)
-    run([*git, "commit", "-qm", "copy"], repo, env)
     remote = root / "remote"
     run(["dvc", "remote", "add", "--local", "-f", "-d", "testremote", str(remote)], repo, env)
     return repo, env, git, remote
