@@ -31,6 +31,9 @@ def test_a_label_absent_from_gold_and_predictions_does_not_lower_macro_f1():
     metrics = classification_metrics([0, 0, 1], [0, 1, 1], ["a", "b", "unseen"])
     assert metrics["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 2)
     assert metrics["macro_f1_labels"] == ["a", "b"]
+    # absent, not 0.0: nothing to compute its F1, precision or recall from
+    assert metrics["per_class_f1"]["unseen"] is None
+    assert metrics["per_class_precision"]["unseen"] is None and metrics["per_class_recall"]["unseen"] is None
 
 
 @settings(deadline=None)
@@ -55,7 +58,11 @@ def test_metrics_agree_with_scikit_learn(case):
         ("per_class_f1", f1_score),
     ):
         expected = score(gold, predicted, labels=every, average=None, zero_division=0)
-        assert [metrics[key][name] for name in names] == pytest.approx(list(expected))
+        defined = {"per_class_precision": predicted, "per_class_recall": gold, "per_class_f1": gold + predicted}[key]
+        for i, name in enumerate(names):
+            # None exactly where there is nothing to compute from (scikit-learn's zero_division 0)
+            assert (metrics[key][name] is None) == (i not in defined), (key, name)
+            assert (metrics[key][name] or 0.0) == pytest.approx(expected[i])
     assert sum(map(sum, metrics["confusion_matrix"])) == len(pairs) == metrics["support"]
 
 

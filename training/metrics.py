@@ -15,6 +15,10 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
     of, and counting it as 0 would lower the score of a split that lacks it. A label predicted but
     never gold counts, with F1 0. ``macro_f1_labels`` names the labels averaged over.
 
+    A per-class figure that has nothing to be computed from is ``None`` (JSON ``null``), never a
+    0.0 that reads as a class the model always gets wrong: precision of a label never predicted,
+    recall of a label never gold, F1 of a label absent from both.
+
     Args:
         y_true: Gold label ids.
         y_pred: Predicted label ids.
@@ -45,9 +49,11 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
         "accuracy": float(tp.sum() / true.size),
         "macro_f1": float(f1[present].mean()),
         "macro_f1_labels": [name for i, name in enumerate(labels) if present[i]],
-        "per_class_f1": {name: float(f1[i]) for i, name in enumerate(labels)},
-        "per_class_precision": {name: float(precision[i]) for i, name in enumerate(labels)},
-        "per_class_recall": {name: float(recall[i]) for i, name in enumerate(labels)},
+        "per_class_f1": {name: float(f1[i]) if present[i] else None for i, name in enumerate(labels)},
+        "per_class_precision": {
+            name: float(precision[i]) if predicted[i] > 0 else None for i, name in enumerate(labels)
+        },
+        "per_class_recall": {name: float(recall[i]) if actual[i] > 0 else None for i, name in enumerate(labels)},
         "confusion_matrix": confusion.tolist(),
         "labels": list(labels),
         "support": int(true.size),
