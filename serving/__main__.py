@@ -95,6 +95,8 @@ def run(settings: ServeSettings) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
+    if stack.key_watcher is not None:  # SIGHUP: read the gateway keys again now
+        signal.signal(signal.SIGHUP, lambda *_: stack.key_watcher.refresh())
     try:
         stack.start()
         log.info("gateway on %s:%d -> TorchServe %s", settings.host, settings.port, stack.torchserve.inference_url)

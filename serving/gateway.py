@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -249,6 +250,21 @@ class Gateway:
                 timeout = self.settings.longest_request() + 5
             self.process.stop(timeout, sig=signal.SIGQUIT)
             self.process = None
+
+    def requests_in_flight(self) -> int | None:
+        """Requests nginx is handling now (read, waiting for TorchServe, or being answered), from
+        its ``stub_status`` on the metrics port, without the status request itself; None when
+        nginx does not answer."""
+        try:
+            with socket.create_connection((LOOPBACK, self.settings.metrics_port), timeout=2) as conn:
+                conn.sendall(b"GET /stub_status HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                answer = b""
+                while chunk := conn.recv(4096):
+                    answer += chunk
+        except OSError:
+            return None
+        match = re.search(rb"Reading: (\d+) Writing: (\d+)", answer)
+        return int(match.group(1)) + int(match.group(2)) - 1 if match else None
 
     def log_lines(self) -> list[str]:
         """The access log's lines so far."""

@@ -15,6 +15,7 @@ import re
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,6 +84,51 @@ def valid_keys(path: Path, now: float | None = None) -> list[str]:
     """The keys of ``path`` that have not expired, newest first."""
     now = time.time() if now is None else now
     return [k.key for k in sorted(load(path), key=lambda k: k.created, reverse=True) if k.valid(now)]
+
+
+class KeyWatcher:
+    """The valid keys of one keys file, read again only when there is something new to read.
+
+    That is when the file changed (its modification time, size or inode: an atomic replace, as
+    :func:`save` does, and Kubernetes' swap of a mounted Secret both change them), when one of
+    its keys has expired since the last read, or after :meth:`refresh` (``python -m serving run``
+    calls it on SIGHUP). Between those, :meth:`valid` costs one ``stat``.
+
+    Args:
+        path: The keys file.
+        clock: Unix seconds (tests pass their own).
+    """
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self.reads = 0  # how often the file was read and parsed
+        self._stamp: tuple[int, int, int] | None = None
+        self._keys: list[GatewayKey] = []
+        self._next_expiry = float("inf")
+
+    def refresh(self) -> None:
+        """Read the file at the next :meth:`valid`, changed or not."""
+        self._stamp = None
+
+    def valid(self) -> list[str]:
+        """The keys valid now, newest first.
+
+        Raises:
+            OSError: The file cannot be read.
+            ValueError: It is not a keys file. The last good keys are kept for the next call.
+        """
+        now = self.clock()
+        info = os.stat(self.path)
+        stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
+        if stamp != self._stamp or now >= self._next_expiry:
+            keys = load(self.path)
+            self.reads += 1
+            self._keys, self._stamp = keys, stamp
+            self._next_expiry = min(
+                (k.expires for k in keys if k.expires is not None and k.expires > now), default=float("inf")
+            )
+        return [k.key for k in sorted(self._keys, key=lambda k: k.created, reverse=True) if k.valid(now)]
 
 
 def rotate(path: Path, grace_s: float) -> str:

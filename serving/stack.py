@@ -45,9 +45,13 @@ log = logging.getLogger("serving.stack")
 # Seconds between the supervisor's rounds of key reloads, access-log reading and metrics writing.
 HOUSEKEEPING_INTERVAL = 1.0
 
-# Seconds the prediction route stays closed before TorchServe's inference key is replaced, so that
-# requests that have just passed the route's check reach TorchServe while the old key still holds.
+# Seconds the prediction route stays closed at least before TorchServe's inference key is replaced,
+# so that requests that have just passed the route's check reach TorchServe while the old key holds.
 KEY_SWITCH_SETTLE = 0.1
+# Seconds the switch waits at most, with the route closed, for the requests in flight to be answered:
+# a request still in flight when the key changes would be retried (worker died, timeout) with the
+# old key, which TorchServe refuses. Past this the key is switched anyway (logged).
+KEY_SWITCH_DRAIN = 10.0
 # Seconds before a failed renewal of TorchServe's inference key is tried again.
 RENEWAL_RETRY = 60.0
 
@@ -100,6 +104,8 @@ class Stack:
         self.workdir = Path(workdir).resolve()
         self.model = model
         self.keys_file = keys_file
+        # Re-reads the gateway keys only when the file changed or a key expired (refresh: SIGHUP).
+        self.key_watcher = gateway_keys.KeyWatcher(keys_file) if keys_file is not None else None
         self.drain = drain
         self.tick = tick
         self.key_renewal = key_renewal
@@ -135,7 +141,7 @@ class Stack:
         if self.keys_file is None:
             return None
         try:
-            return gateway_keys.valid_keys(self.keys_file)
+            return self.key_watcher.valid()
         except (OSError, ValueError) as err:
             log.error("gateway keys not reloaded: %s", err)
             current = self.gateway.client_keys
@@ -230,6 +236,14 @@ class Stack:
             return True
         return False
 
+    def _wait_in_flight(self, timeout: float) -> None:
+        """Wait until the gateway handles no request (or for ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while (busy := self.gateway.requests_in_flight()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if busy:
+            log.warning("switching TorchServe's key with %d request(s) still in flight after %.0f s", busy, timeout)
+
     def _switch_torchserve_key(self, renew: bool) -> None:
         """Hand nginx TorchServe's current inference key (with ``renew``, first have TorchServe
         issue a new one through its token API) with the prediction route closed: TorchServe
@@ -240,6 +254,7 @@ class Stack:
             self._set_health()
             if renew:
                 time.sleep(KEY_SWITCH_SETTLE)
+                self._wait_in_flight(KEY_SWITCH_DRAIN)
                 try:
                     self.torchserve.client.rotate_key("inference")
                 except Exception:

@@ -64,3 +64,46 @@ def test_new_keys_are_long_enough_and_a_32_character_key_is_accepted(tmp_path):
     path = tmp_path / "keys.json"
     keys.save(path, [keys.GatewayKey("k" * keys.MIN_KEY_LENGTH, 0.0)])
     assert keys.valid_keys(path) == ["k" * keys.MIN_KEY_LENGTH]
+
+
+def test_the_watcher_reads_the_file_only_when_there_is_something_new(tmp_path):
+    path = tmp_path / "keys.json"
+    now = [1000.0]
+    first = keys.GatewayKey("a" * keys.MIN_KEY_LENGTH, 900.0)
+    keys.save(path, [first])
+    watcher = keys.KeyWatcher(path, clock=lambda: now[0])
+    assert watcher.valid() == [first.key]
+    for _ in range(5):
+        assert watcher.valid() == [first.key]
+    assert watcher.reads == 1  # unchanged: one stat per call, no read
+    # a rotation replaces the file: read again, both keys valid for the grace period
+    now[0] = 1010.0
+    new = keys.GatewayKey("b" * keys.MIN_KEY_LENGTH, 1010.0)
+    keys.save(path, [new, keys.GatewayKey(first.key, first.created, 1040.0)])
+    assert watcher.valid() == [new.key, first.key] and watcher.reads == 2
+    # the old key expires with no change to the file: dropped at its expiry, read once more
+    now[0] = 1039.0
+    assert watcher.valid() == [new.key, first.key] and watcher.reads == 2
+    now[0] = 1040.0
+    assert watcher.valid() == [new.key] and watcher.reads == 3
+    assert watcher.valid() == [new.key] and watcher.reads == 3
+    watcher.refresh()  # SIGHUP
+    assert watcher.valid() == [new.key] and watcher.reads == 4
+
+
+def test_the_watcher_refuses_a_broken_file_and_reads_it_again_once_mended(tmp_path):
+    path = tmp_path / "keys.json"
+    good = keys.GatewayKey("c" * keys.MIN_KEY_LENGTH, 1.0)
+    keys.save(path, [good])
+    watcher = keys.KeyWatcher(path)
+    assert watcher.valid() == [good.key]
+    path.write_text("{not json")
+    with pytest.raises(ValueError):
+        watcher.valid()
+    with pytest.raises(ValueError):  # still broken: still refused, never the broken keys
+        watcher.valid()
+    keys.save(path, [good])
+    assert watcher.valid() == [good.key]
+    path.unlink()
+    with pytest.raises(OSError):
+        watcher.valid()

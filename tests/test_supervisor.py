@@ -4,6 +4,7 @@ integration tests) TorchServe's inference API are stubbed; nginx is real where i
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -241,6 +242,76 @@ def test_no_request_meets_a_replaced_torchserve_key_during_renewal(tmp_path):
     print({answer: answers.count(answer) for answer in set(answers)})
     assert stack.gateway.upstream_key == "new-key"
     assert answers.count((200, "")) > 20
+    assert set(answers) <= {(200, ""), (503, "NotReady")}, {a: answers.count(a) for a in set(answers)}
+
+
+class SlowDyingUpstream(ScriptedHandler):
+    """Keys as ``OneKeyUpstream``, checked when a request arrives; every request takes a while, and
+    the first attempt of every other request ends as TorchServe's 507 "worker died", which the
+    gateway sends again (its body names the request)."""
+
+    key = "old-key"
+    seen: set[bytes] = set()
+    lock = threading.Lock()
+
+    def do_POST(self):
+        body = self.read_body()
+        if self.headers.get("Authorization") != f"Bearer {self.key}":
+            self.answer(400, b'{"code": 400, "message": "Token Authorization failed."}')
+            return
+        time.sleep(0.2)
+        with self.lock:
+            dies = body not in self.seen and int(body.split()[-1]) % 2 == 0
+            self.seen.add(body)
+        self.answer(507, b'{"code": 507, "message": "Worker died."}') if dies else self.answer(200, b"{}")
+
+
+@pytest.mark.integration
+def test_a_request_in_flight_at_a_renewal_is_not_retried_with_the_replaced_key(tmp_path):
+    """The renewal waits, with the route closed, until the gateway has answered what it took: a
+    request whose worker dies after the key changed would otherwise be sent again with the old key."""
+    SlowDyingUpstream.key, SlowDyingUpstream.seen = "old-key", set()
+    numbers = itertools.count()
+    with loopback_http_server(SlowDyingUpstream) as address:
+        stack = make_stack(tmp_path, upstream=address)
+        write_key_file(stack, "old-key", expires_in=60)
+        stack.gateway.upstream_key = "old-key"
+        stack.gateway.start()
+
+        def rotate_key(api):
+            SlowDyingUpstream.key = "new-key"
+            write_key_file(stack, "new-key", expires_in=365 * 86400)
+            return "new-key"
+
+        stack.torchserve.client.rotate_key = rotate_key
+        answers: list[tuple[int, str]] = []
+        stopping = threading.Event()
+
+        def client():
+            while not stopping.is_set():
+                body = f"request {next(numbers)}".encode()
+                answer = requests.post(
+                    f"{stack.url}/predictions/emotion", data=body, headers={"Connection": "close"}, timeout=30
+                )
+                answers.append((answer.status_code, answer.json().get("type", "") if answer.status_code >= 400 else ""))
+
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        try:
+            for thread in clients:
+                thread.start()
+            while len(answers) < 8:  # requests are in flight, some on their second attempt
+                time.sleep(0.05)
+            stack.supervise_once()  # renews the key
+            served = len(answers)
+            while len(answers) < served + 8:
+                time.sleep(0.05)
+        finally:
+            stopping.set()
+            for thread in clients:
+                thread.join(30)
+            stack.gateway.stop()
+    assert stack.gateway.upstream_key == "new-key"
+    assert (200, "") in answers
     assert set(answers) <= {(200, ""), (503, "NotReady")}, {a: answers.count(a) for a in set(answers)}
 
 
