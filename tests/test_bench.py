@@ -115,7 +115,7 @@ def test_benchmark_runs_every_setup_and_prints_the_checks(tiny_model_dir, tmp_pa
 
 
 def test_ratios_divide_d_by_each_row_and_by_the_faster_peer():
-    from bench.run import TARGETS, ratio_table
+    from bench.verdict import TARGETS, ratio_table
 
     results = {
         "a": {"requests_per_s": 100.0},
