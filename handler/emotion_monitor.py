@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -125,7 +125,7 @@ class DistributionSink(Protocol):
 
 
 class RequestLog:
-    """A size-bounded JSON-lines log that several worker processes append to safely.
+    """A size- and age-bounded JSON-lines log that several worker processes append to safely.
 
     Each write opens the file in append mode under an exclusive ``flock`` on a lock file beside
     it, rotates when the file has reached ``max_bytes`` (``requests.jsonl`` -> ``.1`` -> ... ->
@@ -133,18 +133,40 @@ class RequestLog:
     never writes into a file another worker has just rotated away, and the log never takes more
     than about ``(backups + 1) * max_bytes``.
 
+    With ``max_age_s``, no entry is kept longer than that (give or take ``check_every_s``): the
+    current file is rotated once its first entry is half that old, and a rotated file is removed
+    once its last entry is.
+
     Args:
         path: The log file.
         max_bytes: Size at which the file is rotated.
         backups: Rotated files kept.
+        max_age_s: Seconds an entry may be kept (None: no age limit).
+        check_every_s: Seconds between age checks (a check reads the first line and the rotated
+            files' times).
+        clock: Unix seconds (tests pass their own).
     """
 
-    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_bytes: int,
+        backups: int,
+        max_age_s: float | None = None,
+        check_every_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if max_bytes <= 0 or backups < 0:
             raise ValueError(f"request log needs max_bytes > 0 and backups >= 0, not {max_bytes}, {backups}")
+        if max_age_s is not None and max_age_s <= 0:
+            raise ValueError(f"request log max_age_s must be > 0 (or None), not {max_age_s}")
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.backups = backups
+        self.max_age_s = max_age_s
+        self.check_every_s = check_every_s
+        self.clock = clock
+        self._checked_at = float("-inf")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_path = self.path.with_name(self.path.name + ".lock")
 
@@ -156,6 +178,7 @@ class RequestLog:
         with open(self._lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
+                self._expire()
                 with contextlib.suppress(FileNotFoundError):
                     if self.path.stat().st_size + len(block) > self.max_bytes and self.path.stat().st_size > 0:
                         self._rotate()
@@ -165,6 +188,38 @@ class RequestLog:
                     out.write(block)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _expire(self) -> None:
+        """Under the lock: apply ``max_age_s`` (at most every ``check_every_s``)."""
+        now = self.clock()
+        if self.max_age_s is None or now - self._checked_at < self.check_every_s:
+            return
+        self._checked_at = now
+        half = self.max_age_s / 2
+        first = self._entry_time(self.path, last=False)
+        if first is not None and first < now - half:
+            self._rotate()
+        for rotated in self.path.parent.glob(self.path.name + ".*"):
+            if not rotated.suffix[1:].isdigit():
+                continue
+            newest = self._entry_time(rotated, last=True)
+            if (newest if newest is not None else rotated.stat().st_mtime) < now - half:
+                rotated.unlink(missing_ok=True)
+
+    @staticmethod
+    def _entry_time(path: Path, last: bool) -> float | None:
+        """The ``time`` of a log file's first (or last) entry; None: no file, or no readable time."""
+        try:
+            with path.open("rb") as log_file:
+                if last:
+                    log_file.seek(max(0, path.stat().st_size - 65536))
+                    lines = [line for line in log_file.read().splitlines() if line.strip()]
+                    line = lines[-1] if lines else b""
+                else:
+                    line = log_file.readline()
+            return float(json.loads(line)["time"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _rotate(self) -> None:
         if self.backups == 0:
@@ -238,8 +293,9 @@ class EmotionMonitor:
         request_log = None
         if settings.request_log:
             folder = Path(settings.request_log_dir) if settings.request_log_dir else default_log_dir(in_worker=True)
+            max_age_s = 86400 * settings.request_log_max_age_days if settings.request_log_max_age_days else None
             request_log = RequestLog(
-                folder / REQUEST_LOG_NAME, settings.request_log_max_bytes, settings.request_log_backups
+                folder / REQUEST_LOG_NAME, settings.request_log_max_bytes, settings.request_log_backups, max_age_s
             )
             log.info(
                 "request log: %s (texts %s)", request_log.path, "kept" if settings.request_log_texts else "not kept"

@@ -49,6 +49,7 @@ class HandlerSettings:
         request_log_backups: Rotated request logs kept; the log takes at most about
             ``(backups + 1) * max_bytes``.
         request_log_texts: Also log the raw texts (operator opt-in; off by default for privacy).
+        request_log_max_age_days: Days a request-log entry may be kept (0: no age limit).
     """
 
     backend: str = "torch"
@@ -66,6 +67,7 @@ class HandlerSettings:
     request_log_max_bytes: int = 20_000_000
     request_log_backups: int = 5
     request_log_texts: bool = False
+    request_log_max_age_days: float = 30
 
     @classmethod
     def from_yaml(cls, section: dict[str, Any] | None) -> HandlerSettings:
@@ -90,6 +92,8 @@ class HandlerSettings:
             raise ValueError(f"handler.pass_cost_tokens must be >= 0, not {settings.pass_cost_tokens}")
         if settings.request_log_max_bytes <= 0 or settings.request_log_backups < 0:
             raise ValueError("handler.request_log_max_bytes must be > 0 and request_log_backups >= 0")
+        if settings.request_log_max_age_days < 0:
+            raise ValueError(f"handler.request_log_max_age_days must be >= 0, not {settings.request_log_max_age_days}")
         for key, backend in BACKEND_ONLY.items():
             if getattr(settings, key) and settings.backend != backend:
                 raise ValueError(f"handler.{key} applies to the {backend} backend only")

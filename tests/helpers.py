@@ -93,13 +93,19 @@ class ScriptedHandler(BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def running_torchserve(
-    model_store: Path, workdir: Path, models: str = "emotion=emotion.mar", timeout: float = 180, ready: tuple = ()
+    model_store: Path,
+    workdir: Path,
+    models: str = "emotion=emotion.mar",
+    timeout: float = 180,
+    ready: tuple = (),
+    overrides: dict[str, str] | None = None,
 ) -> Iterator[Any]:
     """A real TorchServe on free loopback ports, started (``emotion`` and each model of ``ready``
-    with a READY worker); its log's tail printed when it cannot start; always stopped."""
+    with a READY worker; ``overrides`` replace config.properties values); its log's tail printed
+    when it cannot start; always stopped."""
     from serving.server import TorchServe
 
-    server = TorchServe(model_store, workdir, models)
+    server = TorchServe(model_store, workdir, models, overrides)
     try:
         server.start(timeout=timeout)
         for name in ready:

@@ -247,10 +247,20 @@ def test_startup_script_sets_up_driver_runtime_telemetry_tls_and_the_container()
     for step in ("nvidia-driver", "nvidia-ctk runtime configure --runtime=docker", "google-cloud-ops-agent", "nginx"):
         assert step in script
     (run_line,) = [line for line in script.replace("\\\n", " ").splitlines() if line.startswith("docker run")]
-    run = shlex.split(run_line)
-    assert "--gpus" in run and "--network" in run and flag(run, "--network") == "host"
-    assert "-p" not in run and "--publish" not in run  # only nginx listens beyond the loopback
-    assert run[-2:] == ["--host", "127.0.0.1"]  # the gateway behind nginx, on the VM's loopback
+    run = shlex.split(run_line.replace('"$NETWORK_GATEWAY"', "172.30.0.1"))
+    assert "--gpus" in run and flag(run, "--network") == "emotion"  # a bridge network, not the host's
+    # published on the VM's loopback only: only nginx listens beyond it
+    published = [run[i + 1] for i, a in enumerate(run) if a == "--publish"]
+    assert published and all(p.startswith("127.0.0.1:") for p in published)
+    assert {p.rsplit(":", 1)[1] for p in published} == {"8080", "8082", "8083"}
+    # hardened: read-only root (tmpfs where it writes), no capability, no privilege gain
+    assert "--read-only" in run and flag(run, "--cap-drop") == "ALL"
+    assert flag(run, "--security-opt") == "no-new-privileges" and "/tmp:rw,size=2g" in run
+    # the metadata server (the VM's token, the TLS bucket) is out of the container's reach
+    assert re.search(r"iptables -I DOCKER-USER -s \"\$NETWORK_SUBNET\" -d 169\.254\.169\.254 -j DROP", script)
+    assert script.index("DOCKER-USER") < script.index("docker run")
+    # nginx's requests arrive from the network's gateway (Docker's proxy): the one trusted proxy
+    assert "NETWORK_GATEWAY=172.30.0.1" in script and flag(run, "--trusted-proxy") == "172.30.0.1"
     assert "@IMAGE@" in script and "@REGISTRY@" in script and "@TLS_BUCKET@" in script
 
 

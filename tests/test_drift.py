@@ -487,3 +487,34 @@ def test_make_drift_reads_the_request_log_where_make_serve_writes_it(monkeypatch
     assert request_log_dir() == stack.torchserve.workdir / "logs"
     monkeypatch.setenv("LOG_LOCATION", str(tmp_path))
     assert request_log_dir() == tmp_path
+
+
+@given(st.lists(st.tuples(st.floats(0, 5000), st.integers(1, 5)), min_size=1, max_size=40))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_no_request_log_entry_outlives_the_age_limit(tmp_path_factory, writes):
+    """Whatever the pace of writes, after each one every entry kept is at most ``max_age_s`` old
+    (checked at every write here), and the newest entries are always kept."""
+    folder = tmp_path_factory.mktemp("aged")
+    now = [0.0]
+    log = RequestLog(folder / "requests.jsonl", 10_000, 3, max_age_s=3600, check_every_s=0, clock=lambda: now[0])
+    for advance, count in writes:
+        now[0] += advance
+        log.write([json.dumps({"time": now[0], "n": i}) for i in range(count)])
+        kept = [
+            json.loads(line)["time"]
+            for path in folder.glob("requests.jsonl*")
+            if not path.name.endswith(".lock")
+            for line in path.read_text().splitlines()
+        ]
+        assert min(kept) >= now[0] - 3600, (now[0], min(kept))
+        assert kept.count(now[0]) >= count  # this write's lines are there
+
+
+def test_the_handler_setting_gives_the_request_log_its_age_limit(tmp_path):
+    settings = HandlerSettings.from_yaml({"request_log_dir": str(tmp_path), "request_log_max_age_days": 7})
+    monitor = EmotionMonitor.from_settings(RecordingSink(), LABELS, settings)
+    assert monitor.request_log.max_age_s == 7 * 86400
+    unlimited = HandlerSettings.from_yaml({"request_log_dir": str(tmp_path), "request_log_max_age_days": 0})
+    assert EmotionMonitor.from_settings(RecordingSink(), LABELS, unlimited).request_log.max_age_s is None
+    with pytest.raises(ValueError, match="max_age_days"):
+        HandlerSettings.from_yaml({"request_log_max_age_days": -1})

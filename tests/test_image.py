@@ -97,7 +97,10 @@ def test_the_images_torchserve_config_agrees_with_the_repositorys():
     assert image["token_expiration_min"] == repository["token_expiration_min"] == "525600"
     log4j = "-Dlog4j.configurationFile="
     assert image["vmargs"].replace(f"{log4j}/srv/", log4j) == repository["vmargs"]
-    assert {k: v for k, v in image.items() if k in repository and k != "vmargs"} == {
+    # The image registers nothing after start (model API off); the repository's stack keeps it for
+    # operators on the machine (make batching registers versions).
+    assert image["enable_model_api"] == "false" and repository["enable_model_api"] == "true"
+    assert {k: v for k, v in image.items() if k in repository and k not in ("vmargs", "enable_model_api")} == {
         k: v for k, v in repository.items() if k in image and k != "vmargs"
     }
 
@@ -166,3 +169,20 @@ def test_image_smoke_serves_a_prediction_on_loopback_and_stops_cleanly(tiny_mode
         assert b"emotion-smoke" not in containers.stdout
         processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
         assert "emotion-smoke" not in processes and "serve-entrypoint" not in processes
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_images_torchserve_refuses_registration_but_scales(model_store, tmp_path):
+    """With the image's ``enable_model_api=false`` a holder of the management key cannot register
+    an archive (handler code), while scaling the served model still works."""
+    from serving.client import ManagementError
+    from tests.helpers import running_torchserve
+
+    image = read_properties(ROOT / "docker" / "config.properties")
+    overrides = {"enable_model_api": image["enable_model_api"]}
+    with running_torchserve(model_store, tmp_path / "ts", overrides=overrides, ready=("emotion",)) as server:
+        with pytest.raises(ManagementError):
+            server.client.register("emotion.mar", model_name="another")
+        server.client.scale("emotion", 2, synchronous=True)
+        assert server.client.ready_workers("emotion") == 2

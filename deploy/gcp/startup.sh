@@ -86,9 +86,20 @@ nginx -t
 systemctl enable nginx
 systemctl reload-or-restart nginx
 
-# 5. The service: host networking keeps TorchServe's listeners and the gateway on the VM's
-#    loopback (only nginx listens outside); logs go to Cloud Logging; the gateway keys live in
-#    the emotion-state volume and survive restarts.
+# 5. The service, on a bridge network of its own: the gateway (8080) and the metrics ports (8082
+#    TorchServe, 8083 the gateway) are published on the VM's loopback only (only nginx listens
+#    outside); the container cannot reach the metadata server, so a compromised worker gets no
+#    token for the bucket that holds tls.key (read above, at install, by the VM itself); its root
+#    file system is read-only (tmpfs for /tmp and the logs folder), with no capability and no
+#    privilege gain. Requests reach it from nginx through Docker's proxy, which is the network's
+#    gateway address: the one proxy whose X-Forwarded-For the gateway trusts. Logs go to Cloud
+#    Logging; the gateway keys live in the emotion-state volume and survive restarts.
+NETWORK_SUBNET=172.30.0.0/24
+NETWORK_GATEWAY=172.30.0.1
+docker network inspect emotion >/dev/null 2>&1 \
+  || docker network create --subnet "$NETWORK_SUBNET" --gateway "$NETWORK_GATEWAY" emotion
+iptables -C DOCKER-USER -s "$NETWORK_SUBNET" -d 169.254.169.254 -j DROP 2>/dev/null \
+  || iptables -I DOCKER-USER -s "$NETWORK_SUBNET" -d 169.254.169.254 -j DROP
 token | docker login --username oauth2accesstoken --password-stdin "https://${REGISTRY}"
 docker pull "$IMAGE"
 # The old container is stopped, not killed: SIGTERM drains it (readiness drops, in-flight requests
@@ -96,8 +107,12 @@ docker pull "$IMAGE"
 # 5 s = 95 s) and TorchServe's stop (30 s).
 docker stop --time 140 emotion 2>/dev/null || true
 docker rm emotion 2>/dev/null || true
-docker run -d --name emotion --restart unless-stopped --gpus all --network host --stop-timeout 140 \
-  --log-driver gcplogs -v emotion-state:/srv/outputs "$IMAGE" --trusted-proxy 127.0.0.1 --host 127.0.0.1
+docker run -d --name emotion --restart unless-stopped --gpus all --network emotion --stop-timeout 140 \
+  --publish 127.0.0.1:8080:8080 --publish 127.0.0.1:8082:8082 --publish 127.0.0.1:8083:8083 \
+  --read-only --tmpfs /tmp:rw,size=2g --tmpfs /srv/logs:rw,size=512m \
+  --cap-drop ALL --security-opt no-new-privileges --env TS_METRICS_ADDRESS=http://0.0.0.0:8082 \
+  --log-driver gcplogs -v emotion-state:/srv/outputs "$IMAGE" \
+  --trusted-proxy "$NETWORK_GATEWAY" --metrics-host 0.0.0.0 --host 0.0.0.0
 # Images no container uses any more (earlier releases), once a week old: each is several GB, and
 # the boot disk holds 50 GB.
 docker image prune --all --force --filter "until=168h" || true
