@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 MODEL_DIR = os.environ["BENCH_MODEL_DIR"]
 tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-model = AutoModelForSequenceClassification.from_pretrained(MODEL_DIR).eval()
+model = AutoModelForSequenceClassification.from_pretrained(MODEL_DIR, use_safetensors=True).eval()
 labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
 app = FastAPI()
 

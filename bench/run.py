@@ -114,7 +114,7 @@ def in_process(model_dir: Path, texts: list[str], batch: int, seconds: float, wa
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
     latencies, done, index = [], 0, 0
     start = time.perf_counter()
     measuring_from = start + warmup

@@ -38,7 +38,7 @@ class TorchBackend:
     def __init__(self, model_dir: Path, settings: HandlerSettings, device: torch.device) -> None:
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
         model.eval()
         if device.type == "cuda":
             model = model.half()

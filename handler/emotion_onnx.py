@@ -70,7 +70,7 @@ def export_onnx(model_dir: Path, out_dir: Path, precision: str = "fp32", fuse: b
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / onnx_file_name(precision)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
     if fuse and model.config.model_type not in FUSABLE_MODEL_TYPES:
         log.warning(
             "handler.fuse: ONNX Runtime's optimizer does not fuse %s models (only %s); exporting unfused",

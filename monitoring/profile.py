@@ -101,7 +101,7 @@ def build_profile(model_dir: Path, train_file: Path, val_file: Path, batch_size:
 
     model_dir = Path(model_dir)
     tokenizer = handler_module("emotion_engine").load_tokenizer(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     max_length = tokenizer.model_max_length
     train = load_split(train_file, labels)

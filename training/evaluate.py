@@ -68,7 +68,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no trained model in {model_dir}: run the train stage first")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     examples = load_split(cfg.data.val_file, labels)
     split = TokenizedSplit(examples, tokenizer, tokenizer.model_max_length)

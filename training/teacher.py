@@ -66,7 +66,7 @@ def compute_logits(model_dir: Path | str, examples: list[Example], batch_size: i
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
     split = TokenizedSplit(examples, tokenizer, tokenizer.model_max_length)
     logits = np.zeros((len(split), model.config.num_labels), dtype=np.float32)
     for indices, batch in batch_logits(model, split, batch_size, desc="teacher logits"):
