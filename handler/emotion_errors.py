@@ -66,10 +66,10 @@ ERRORS: dict[str, ErrorKind] = {
     "UnsupportedContentEncoding": _kind(415, "gateway", "a Content-Encoding other than identity"),
     "HeaderTooLarge": _kind(431, "gateway", "headers over the buffers"),
     "TooManyRequests": _kind(429, "gateway", "too many requests or connections from one client", retry=True),
-    "NotImplemented": _kind(501, "gateway", "an unknown Transfer-Encoding or method"),
+    "UnsupportedTransferEncoding": _kind(400, "gateway", "a Transfer-Encoding other than chunked, alone"),
     "NotReady": _kind(503, "gateway", "no READY worker, the model registered again, a key switch", retry=True),
     "Unavailable": _kind(503, "gateway", "TorchServe does not answer", retry=True),
-    "HTTPVersionNotSupported": _kind(505, "gateway", "another HTTP version than 1.0 or 1.1"),
+    "UnsupportedHTTPVersion": _kind(400, "gateway", "another HTTP version than 1.0 or 1.1"),
     # TorchServe's own, passed through with Retry-After.
     "ServiceUnavailableException": _kind(503, "torchserve", "TorchServe's queue is full (overload)", retry=True),
 }

@@ -91,9 +91,9 @@ class GatewaySettings:
     metrics_host: str = LOOPBACK
     tries: int = 3
     attempt_timeout: int | None = None
-    rate: int = 5000
-    burst: int = 5000
-    connections: int = 1024
+    rate: int = 1000
+    burst: int = 2000
+    connections: int = 64
     retry_after: int = 1
     model: str = MODEL_NAME
     trusted_proxies: tuple[str, ...] = ()
@@ -134,15 +134,19 @@ class ServeSettings:
     ts_free_ports: bool = field(default=False, metadata=_flag("TorchServe on free loopback ports"))
     keys_file: Path | None = field(default=None, metadata=_flag("gateway keys (default <workdir>/keys.json)"))
     no_keys: bool = field(default=False, metadata=_flag("no gateway key (behind another authenticator)"))
-    host: str = field(default=LOOPBACK, metadata=_flag("gateway address (0.0.0.0 in a container)"))
-    port: int = field(default=GATEWAY_PORT, metadata=_flag("gateway port"))
-    metrics_port: int = field(default=GATEWAY_METRICS_PORT, metadata=_flag("port of the gateway's metrics"))
-    metrics_host: str = field(default=LOOPBACK, metadata=_flag("address of the metrics port"))
-    tries: int = field(default=3, metadata=_flag("attempts per request"))
-    attempt_timeout: int | None = field(default=None, metadata=_flag("default: responseTimeout"))
-    rate: int = field(default=5000, metadata=_flag("requests/s per client address"))
-    burst: int = field(default=5000, metadata=_flag("requests above the rate one client may send at once"))
-    connections: int = field(default=1024, metadata=_flag("connections per client address"))
+    host: str = field(default=GatewaySettings.host, metadata=_flag("gateway address (0.0.0.0 in a container)"))
+    port: int = field(default=GatewaySettings.port, metadata=_flag("gateway port"))
+    metrics_port: int = field(default=GatewaySettings.metrics_port, metadata=_flag("port of the gateway's metrics"))
+    metrics_host: str = field(default=GatewaySettings.metrics_host, metadata=_flag("address of the metrics port"))
+    tries: int = field(default=GatewaySettings.tries, metadata=_flag("attempts per request"))
+    attempt_timeout: int | None = field(
+        default=GatewaySettings.attempt_timeout, metadata=_flag("default: responseTimeout")
+    )
+    rate: int = field(default=GatewaySettings.rate, metadata=_flag("requests/s per client address"))
+    burst: int = field(
+        default=GatewaySettings.burst, metadata=_flag("requests above the rate one client may send at once")
+    )
+    connections: int = field(default=GatewaySettings.connections, metadata=_flag("connections per client address"))
     trusted_proxy: tuple[str, ...] = field(
         default=(),
         metadata=_flag("a proxy in front (address or network; repeatable) whose X-Forwarded-For names the client"),
