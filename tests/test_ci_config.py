@@ -4,6 +4,7 @@ with pre-commit's own validator; each is also checked for what it must do."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -96,3 +97,9 @@ def test_pre_commit_config_is_valid_and_runs_ruff_at_the_projects_version():
     assert {h["id"] for h in ruff["hooks"]} == {"ruff", "ruff-format"}
     installed = subprocess.run([BIN / "ruff", "--version"], capture_output=True, text=True).stdout.split()[-1]
     assert ruff["rev"] == f"v{installed}"
+
+
+def test_cloud_build_pins_what_it_installs():
+    build = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    (archive,) = [s for s in build["steps"] if s["id"] == "archive"]
+    assert re.search(r'"dvc\[gs\]==\d+\.\d+\.\d+"', archive["args"][-1]), archive["args"][-1]

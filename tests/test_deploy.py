@@ -410,3 +410,16 @@ def test_tls_proxy_terminates_https_and_forwards_to_the_gateway(tmp_path):
         finally:
             nginx.terminate()
             nginx.wait(timeout=10)
+
+
+def test_the_vm_is_shielded_and_installs_only_signed_packages():
+    """vTPM and integrity monitoring on (Secure Boot off, for the DKMS-built driver: the reason is
+    in deploy.sh); the Ops Agent comes from Google's signed apt repository, not from a script run
+    as root."""
+    (vm,) = find(dry_run(), "instances", "create")
+    assert "--shielded-vtpm" in vm and "--shielded-integrity-monitoring" in vm
+    assert "Secure Boot\n  # refuses an unsigned kernel module" in (GCP / "deploy.sh").read_text()
+    script = (GCP / "startup.sh").read_text()
+    assert "add-google-cloud-ops-agent-repo.sh" not in script and "| bash" not in script.replace("\\\n", " ")
+    assert "signed-by=/usr/share/keyrings/google-cloud-ops-agent.gpg" in script
+    assert "apt-get install -y --no-install-recommends google-cloud-ops-agent" in script

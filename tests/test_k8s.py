@@ -121,6 +121,17 @@ def test_keys_come_from_a_secret_and_the_pod_runs_unprivileged(rendered):
     assert spec["automountServiceAccountToken"] is False
 
 
+def test_the_pods_reach_nothing_outside_but_dns(rendered):
+    _, _, kinds, _ = rendered
+    policy = kinds["NetworkPolicy"]["spec"]
+    assert "Egress" in policy["policyTypes"]
+    ports = [port for rule in policy["egress"] for port in rule["ports"]]
+    assert ports and {port["port"] for port in ports} == {53}
+    for rule in policy["egress"]:
+        (peer,) = rule["to"]
+        assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+
+
 def test_the_root_filesystem_is_read_only_and_every_written_folder_a_volume(rendered):
     """The image cannot be changed from inside the pod; the folders the stack writes (its work
     folder, the logs folder, the temp folder TorchServe unpacks archives in) are emptyDir volumes."""

@@ -179,11 +179,15 @@ if exists "${G[@]}" compute instances describe "$VM" --zone "$ZONE"; then
   run "${G[@]}" compute instances stop "$VM" --zone "$ZONE"
   run "${G[@]}" compute instances start "$VM" --zone "$ZONE"
 else
+  # Shielded VM: vTPM and integrity monitoring (measured boot, alerts on a changed boot chain).
+  # Secure Boot stays off: the startup script builds the NVIDIA driver with DKMS, and Secure Boot
+  # refuses an unsigned kernel module (turning it on needs a driver signed with an enrolled key).
   run "${G[@]}" compute instances create "$VM" --zone "$ZONE" --machine-type "$MACHINE_TYPE" \
     --accelerator "type=${GPU_TYPE},count=${GPU_COUNT}" --maintenance-policy TERMINATE \
     --network "$NETWORK" --subnet "$NETWORK" \
     --image-family "$BOOT_IMAGE_FAMILY" --image-project "$BOOT_IMAGE_PROJECT" \
-    --boot-disk-size "$BOOT_DISK_SIZE" --boot-disk-type pd-balanced --no-shielded-secure-boot \
+    --boot-disk-size "$BOOT_DISK_SIZE" --boot-disk-type pd-balanced \
+    --no-shielded-secure-boot --shielded-vtpm --shielded-integrity-monitoring \
     --tags "$TARGET_TAG" --service-account "$SA" --scopes storage-ro,monitoring-write,logging-write \
     --metadata enable-oslogin=TRUE \
     --metadata-from-file "startup-script=$metadata_dir/startup.sh,ops-agent-config=deploy/gcp/ops-agent.yaml,nginx-tls-config=deploy/gcp/nginx-tls.conf"

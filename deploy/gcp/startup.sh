@@ -60,9 +60,16 @@ fi
 
 # 3. Telemetry: the Ops Agent scrapes TorchServe's and the gateway's Prometheus endpoints on the
 #    VM's loopback (ops-agent.yaml, from the instance metadata) into Cloud Monitoring.
+#    No installer script runs as root: Google's apt repository is added with its signing key, so
+#    apt verifies the agent's package signature before installing it.
 if ! systemctl is-enabled --quiet google-cloud-ops-agent 2>/dev/null; then
-  curl -fsSLo /tmp/add-google-cloud-ops-agent-repo.sh https://dl.google.com/cloudagents/add-google-cloud-ops-agent-repo.sh
-  bash /tmp/add-google-cloud-ops-agent-repo.sh --also-install
+  curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg \
+    | gpg --batch --yes --dearmor -o /usr/share/keyrings/google-cloud-ops-agent.gpg
+  . /etc/os-release
+  echo "deb [signed-by=/usr/share/keyrings/google-cloud-ops-agent.gpg] https://packages.cloud.google.com/apt google-cloud-ops-agent-${VERSION_CODENAME}-all main" \
+    > /etc/apt/sources.list.d/google-cloud-ops-agent.list
+  apt-get update
+  apt-get install -y --no-install-recommends google-cloud-ops-agent
 fi
 metadata instance/attributes/ops-agent-config > /tmp/ops-agent.yaml
 if ! cmp -s /tmp/ops-agent.yaml /etc/google-cloud-ops-agent/config.yaml; then
