@@ -50,6 +50,10 @@ experiment: $(BIN)/.installed ## Write params.yaml (untracked) for $EXPERIMENT a
 		{ echo "no teacher experiment '$(TEACHER)': choose none or one of training/conf/experiment/*.yaml" >&2; exit 1; }
 	@$(PYTHON) project.py params $(EXPERIMENT) $(TEACHER)
 
+pull: $(BIN)/.installed ## Fetch this commit's data, models and archive from the DVC remote (params.yaml from dvc.lock first)
+	@$(PYTHON) project.py params --from-lock
+	$(DVC) pull
+
 # Each pipeline target runs its DVC stage and whatever it depends on; DVC skips what is up to date.
 data: experiment ## Validate the raw splits and write data/processed/ (DVC stage data)
 	$(DVC) repro data
@@ -189,4 +193,4 @@ report: $(BIN)/.installed system-deps ## Exam report: figures from the project's
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps experiment data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench engines batching overload gpu-pack gpu-check drift robustness lint format test test-fast report clean image-deps image image-smoke
+.PHONY: help venv system-deps experiment pull data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench engines batching overload gpu-pack gpu-check drift robustness lint format test test-fast report clean image-deps image image-smoke

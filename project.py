@@ -44,6 +44,7 @@ HANDLER_DIR = PROJECT_ROOT / "handler"
 # The DVC pipeline's parameters: which Hydra experiment it builds and which teaches it. The file is
 # generated and untracked (`make experiment`, :func:`write_params`); without it, the defaults.
 PARAMS_FILE = PROJECT_ROOT / "params.yaml"
+DVC_LOCK = PROJECT_ROOT / "dvc.lock"
 DEFAULT_EXPERIMENT = "default"  # the model `make serve` serves
 DEFAULT_TEACHER = "none"
 TORCHSERVE_CONFIG = PROJECT_ROOT / "config.properties"
@@ -67,14 +68,38 @@ def model_dir(experiment: str) -> Path:
     return MODELS_DIR / f"{MODEL_NAME}-{experiment}"
 
 
-def read_params(params_file: Path = PARAMS_FILE) -> dict[str, str]:
-    """``experiment`` and ``teacher`` of the pipeline: ``params.yaml`` where it exists, else the defaults."""
+def lock_params(lock_file: Path = DVC_LOCK) -> dict[str, str]:
+    """``experiment`` and ``teacher`` as the committed ``dvc.lock`` records them (its stages'
+    ``params.yaml`` entries): what the pipeline of this commit was built for. Empty without a lock."""
+    found: dict[str, str] = {}
+    if not lock_file.exists():
+        return found
+    inside = False
+    for line in lock_file.read_text().splitlines():
+        stripped = line.strip()
+        if stripped == "params.yaml:":
+            inside, depth = True, len(line) - len(line.lstrip())
+            continue
+        if inside:
+            if not stripped or len(line) - len(line.lstrip()) <= depth:
+                inside = False
+                continue
+            key, _, value = stripped.partition(":")
+            if key in ("experiment", "teacher"):
+                found.setdefault(key, value.strip())
+    return found
+
+
+def read_params(params_file: Path = PARAMS_FILE, lock_file: Path = DVC_LOCK) -> dict[str, str]:
+    """``experiment`` and ``teacher`` of the pipeline: ``params.yaml`` where it exists, else what
+    ``dvc.lock`` was built for (a fresh clone), else the defaults."""
     params = {"experiment": DEFAULT_EXPERIMENT, "teacher": DEFAULT_TEACHER}
-    if params_file.exists():
-        for line in params_file.read_text().splitlines():
-            key, sep, value = line.partition(":")
-            if sep and key.strip() in params and not line.startswith("#"):
-                params[key.strip()] = value.split("#", 1)[0].strip()
+    if not params_file.exists():
+        return params | lock_params(lock_file)
+    for line in params_file.read_text().splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in params and not line.startswith("#"):
+            params[key.strip()] = value.split("#", 1)[0].strip()
     return params
 
 
@@ -144,7 +169,8 @@ def make_variables() -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    """``make``: the contract as Makefile variables; ``params EXPERIMENT TEACHER``: write params.yaml."""
+    """``make``: the contract as Makefile variables; ``params EXPERIMENT TEACHER``: write params.yaml;
+    ``params --from-lock``: write it for the experiment ``dvc.lock`` was built for."""
     if argv == ["make"]:
         print("# Written by `python3 project.py make` from project.py: edit that file, not this one.")
         for name, value in make_variables().items():
@@ -153,7 +179,12 @@ def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "params":
         write_params(argv[1], argv[2])
         return 0
-    print("usage: python3 project.py make | python3 project.py params EXPERIMENT TEACHER", file=sys.stderr)
+    if argv == ["params", "--from-lock"]:  # a fresh clone: the experiment its dvc.lock was built for
+        params = {"experiment": DEFAULT_EXPERIMENT, "teacher": DEFAULT_TEACHER} | lock_params()
+        write_params(params["experiment"], params["teacher"])
+        return 0
+    usage = "python3 project.py make | params EXPERIMENT TEACHER | params --from-lock"
+    print(f"usage: {usage}", file=sys.stderr)
     return 2
 
 

@@ -235,3 +235,17 @@ def test_the_pipeline_parameters_are_generated_and_untracked(tmp_path):
     assert ignored.returncode == 0 and tracked.returncode != 0
     recipe = makefile_code().split("\nexperiment:", 1)[1].split("\n\n", 1)[0]
     assert "project.py params $(EXPERIMENT) $(TEACHER)" in recipe and "sed" not in recipe
+
+
+def test_without_params_yaml_the_pipeline_is_what_dvc_lock_was_built_for(tmp_path):
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(
+        "schema: '2.0'\nstages:\n  train:\n    cmd: python -m training.train\n    params:\n"
+        "      params.yaml:\n        experiment: full\n        teacher: mpnet\n"
+        "      training/conf/train/default.yaml:\n        experiment: not-this-one\n"
+    )
+    assert project.lock_params(lock) == {"experiment": "full", "teacher": "mpnet"}
+    assert project.read_params(tmp_path / "params.yaml", lock) == {"experiment": "full", "teacher": "mpnet"}
+    assert project.lock_params(tmp_path / "none.lock") == {}
+    # the committed lock names the served experiment
+    assert project.lock_params()["experiment"] == project.DEFAULT_EXPERIMENT

@@ -166,6 +166,10 @@ def test_push_then_pull_into_a_fresh_clone_restores_data_and_model(workspace):
     clone = repo.parent / "clone"  # beside the repo, so ../shared resolves the same way
     run(["git", "clone", "-q", str(repo), str(clone)], repo.parent, env)
     run(["dvc", "remote", "add", "--local", "-f", "-d", "testremote", str(remote)], clone, env)
+    # A clone has no params.yaml (generated, untracked): `make pull` writes it from dvc.lock first.
+    assert not (clone / "params.yaml").exists()
+    run(["python3", "project.py", "params", "--from-lock"], clone, env)
+    assert "experiment: smoke" in (clone / "params.yaml").read_text()
     run(["dvc", "pull"], clone, env)
     for path in ("data/processed/train.txt", "models/emotion-smoke/model.safetensors", "model_store/emotion.mar"):
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
