@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -45,6 +46,24 @@ def copy_workspace(root: Path) -> tuple[Path, dict[str, str]]:
     for command in (["git", "init", "-q"], [*git, "add", "-A"], [*git, "commit", "-qm", "copy"]):
         subprocess.run(command, cwd=repo, env=env, check=True, capture_output=True)
     return repo, env
+
+
+def wait_for(predicate, timeout: float = 60, step: float = 0.1) -> Any:
+    """The first truthy value of ``predicate()`` within ``timeout`` seconds, or None; a refused
+    connection counts as not yet. Tests wait for a state, never for a number of seconds."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except requests.ConnectionError:
+            value = None
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(step)
 
 
 def tiny_overrides(root: Path, *extra: str, steps: int = 6, lr: float = 3e-4) -> list[str]:

@@ -18,6 +18,7 @@ from monitoring.profile import load_profile
 from monitoring.prometheus_server import Prometheus
 from serving.server import TorchServe, free_port
 from tests.drift_fixtures import FIXTURES, profiled_store  # noqa: F401 (fixture)
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -63,16 +64,6 @@ def drift_alerts(prometheus: Prometheus, state: str | None = None) -> set[str]:
         for a in prometheus.alerts()
         if a["labels"].get("category") == "drift" and (state is None or a["state"] == state)
     }
-
-
-def wait_for(predicate, timeout: float, step: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 @pytest.fixture

@@ -100,8 +100,9 @@ def test_the_images_torchserve_config_agrees_with_the_repositorys():
     # The image registers nothing after start (model API off); the repository's stack keeps it for
     # operators on the machine (make batching registers versions).
     assert image["enable_model_api"] == "false" and repository["enable_model_api"] == "true"
-    assert {k: v for k, v in image.items() if k in repository and k not in ("vmargs", "enable_model_api")} == {
-        k: v for k, v in repository.items() if k in image and k != "vmargs"
+    apart = ("vmargs", "enable_model_api")
+    assert {k: v for k, v in image.items() if k in repository and k not in apart} == {
+        k: v for k, v in repository.items() if k in image and k not in apart
     }
 
 
@@ -177,12 +178,12 @@ def test_the_images_torchserve_refuses_registration_but_scales(model_store, tmp_
     """With the image's ``enable_model_api=false`` a holder of the management key cannot register
     an archive (handler code), while scaling the served model still works."""
     from serving.client import ManagementError
-    from tests.helpers import running_torchserve
+    from tests.helpers import running_torchserve, wait_for
 
     image = read_properties(ROOT / "docker" / "config.properties")
     overrides = {"enable_model_api": image["enable_model_api"]}
     with running_torchserve(model_store, tmp_path / "ts", overrides=overrides, ready=("emotion",)) as server:
         with pytest.raises(ManagementError):
             server.client.register("emotion.mar", model_name="another")
-        server.client.scale("emotion", 2, synchronous=True)
-        assert server.client.ready_workers("emotion") == 2
+        server.client.scale("emotion", 2)
+        assert wait_for(lambda: server.client.ready_workers("emotion") == 2, 180)

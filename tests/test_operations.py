@@ -13,6 +13,7 @@ from serving.client import ManagementError
 from serving.gateway import Gateway
 from serving.server import free_port
 from serving.settings import GatewaySettings
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -32,15 +33,6 @@ def assert_answers(server) -> None:
         f"{server.inference_url}/predictions/emotion", data=TEXTS[0], headers=server.headers("inference"), timeout=30
     )
     assert answer.status_code == 200, answer.text
-
-
-def wait_for(predicate, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return predicate()
 
 
 def load(server, concurrency: int = 4, base_url: str | None = None) -> ClosedLoop:

@@ -23,6 +23,7 @@ from serving import keys as gateway_keys
 from serving.server import free_port
 from serving.settings import GatewaySettings
 from serving.stack import Stack
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -68,19 +69,6 @@ def load(stack: Stack, concurrency: int = 6) -> ClosedLoop:
     return ClosedLoop(f"{stack.url}/predictions/emotion", stack.headers(), TEXTS, concurrency)
 
 
-def wait_for(predicate, timeout: float) -> float | None:
-    """Seconds until ``predicate()`` held, or None (a refused connection counts as not yet)."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            if predicate():
-                return time.monotonic() - start
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    return None
-
-
 def test_a_worker_killed_mid_load_costs_no_request_and_comes_back(stack):
     client = stack.torchserve.client
     workers = len(client.workers())
@@ -121,7 +109,7 @@ def test_overload_is_refused_fast_without_retries_and_recovers(model_store, tmp_
             if '" 503 upstream=' in line or '" 429 upstream=' in line
         ]
         print(f"{len(refusals)} refusals, {attempts / requests_seen:.2f} attempts per request")
-        assert set(result.statuses) <= {200, 503}, set(result.statuses)
+        assert set(result.statuses) <= {200, 429, 503}, set(result.statuses)  # 429: the per-client rate
         assert refusals, "no refusal: the load did not overload"
         # Refusals are cheap (no retry: about one attempt per request); how fast they are and the
         # goodput they leave are benchmark figures (`python -m bench.overload`), not a test's.
