@@ -57,11 +57,12 @@ def test_cloudbuild_builds_and_pushes_the_gpu_and_the_cpu_image():
     for variant, step in builds.items():
         assert "--file=docker/serve.Dockerfile" in step["args"]
         tags = [a.split("=", 1)[1] for a in step["args"] if a.startswith("--tag=")]
-        assert any(tag.endswith(f":latest-{variant}") for tag in tags) and any(t.endswith(":${_TAG}") for t in tags)
+        # the commit's tag only: no mutable tag (:latest-*) that a deployment could pick by mistake
+        assert len(tags) == 1 and tags[0].endswith(":${_TAG}"), tags
         pushed |= set(tags)
     assert set(build["images"]) == pushed
     # The CPU pods' image is the one the cpu overlay names; the GPU's, the gpu overlay's.
-    cpu_name = next(t for t in pushed if t.endswith(":latest-cpu")).rsplit(":", 1)[0]
+    cpu_name = next(a for a in builds["cpu"]["args"] if a.startswith("--tag=")).split("=", 1)[1].rsplit(":", 1)[0]
     assert build["substitutions"]["_IMAGE_CPU"].endswith("/emotion-serve-cpu") and cpu_name == "${_IMAGE_CPU}"
     docker = builds["cuda"]
     tags = [a.split("=", 1)[1] for a in docker["args"] if a.startswith("--tag=")]
