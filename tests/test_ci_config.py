@@ -54,7 +54,7 @@ def test_cloudbuild_builds_and_pushes_the_gpu_and_the_cpu_image():
     }
     assert set(builds) == {"cuda", "cpu"}
     pushed = set()
-    for variant, step in builds.items():
+    for step in builds.values():
         assert "--file=docker/serve.Dockerfile" in step["args"]
         tags = [a.split("=", 1)[1] for a in step["args"] if a.startswith("--tag=")]
         # the commit's tag only: no mutable tag (:latest-*) that a deployment could pick by mistake
@@ -104,3 +104,14 @@ def test_cloud_build_pins_what_it_installs():
     build = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
     (archive,) = [s for s in build["steps"] if s["id"] == "archive"]
     assert re.search(r'"dvc\[gs\]==\d+\.\d+\.\d+"', archive["args"][-1]), archive["args"][-1]
+
+
+def test_every_action_is_pinned_by_commit():
+    """A tag can be moved to other code; a commit cannot. The tag it was stands beside it."""
+    workflow = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
+    uses = re.findall(r"uses: (\S+)(.*)", workflow)
+    assert uses
+    for action, comment in uses:
+        ref = action.partition("@")[2]
+        assert re.fullmatch(r"[0-9a-f]{40}", ref), action
+        assert re.search(r"# v\d+\.\d+\.\d+", comment), action
