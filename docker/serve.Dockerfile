@@ -13,7 +13,9 @@ ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 
 # cpu: torch's CPU wheel, from docker/stage/wheels (filled by docker/image.sh from the host's
-# pip configuration) or else from TORCH_INDEX. cuda: PyPI's torch, which bundles the CUDA
+# pip configuration) or else from TORCH_INDEX, which is then the only index of that one install
+# (never an extra index beside PyPI for the other packages: no name can be taken from the wrong
+# index). cuda: PyPI's torch, which bundles the CUDA
 # runtime; the host needs only the NVIDIA driver and container toolkit. docker/stage is bind-mounted
 # for this step only: the wheels and, behind a TLS-inspecting proxy, the CA bundle pip must trust.
 ARG VARIANT=cpu
@@ -44,8 +46,9 @@ COPY requirements-serve.txt /tmp/requirements-serve.txt
 RUN --mount=type=bind,source=docker/stage,target=/tmp/stage \
     python3 -m venv "$VIRTUAL_ENV" \
  && if [ -f /tmp/stage/ca-bundle.crt ]; then export PIP_CERT=/tmp/stage/ca-bundle.crt; fi \
- && if [ "$VARIANT" = cpu ] && [ -n "$TORCH_INDEX" ]; then set -- --extra-index-url "$TORCH_INDEX"; else set --; fi \
- && pip install --find-links /tmp/stage/wheels "$@" -r /tmp/requirements-serve.txt "requests>=2.32" \
+ && if [ "$VARIANT" = cpu ] && [ -n "$TORCH_INDEX" ]; then \
+      pip install --index-url "$TORCH_INDEX" "$(grep -m1 '^torch==' /tmp/requirements-serve.txt)"; fi \
+ && pip install --find-links /tmp/stage/wheels -r /tmp/requirements-serve.txt "requests>=2.32" \
  && python -c "import torch; v = torch.__version__; assert ('+cpu' in v) == ('$VARIANT' == 'cpu'), v" \
  && rm /tmp/requirements-serve.txt
 

@@ -106,6 +106,15 @@ def test_the_images_torchserve_config_agrees_with_the_repositorys():
     }
 
 
+def test_the_torch_index_is_never_an_extra_index():
+    """Dependency confusion: with an extra index beside PyPI, pip takes a name from whichever has
+    the higher version. The CPU wheel's index serves torch alone, in an install of its own."""
+    text = SERVE.read_text()
+    assert "--extra-index-url" not in text
+    (line,) = [line for line in text.splitlines() if "--index-url" in line]
+    assert '--index-url "$TORCH_INDEX"' in line and "^torch==" in line
+
+
 def test_image_shape_non_root_healthcheck_layers_and_entrypoint():
     steps = instructions(SERVE)
     kinds = [kind for kind, _ in steps]
