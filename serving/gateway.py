@@ -70,6 +70,8 @@ def render(upstream: str, prefix: Path, settings: GatewaySettings) -> str:
         "RATE": str(settings.rate),
         "BURST": str(settings.burst),
         "CONNECTIONS": str(settings.connections),
+        "KEY_RATE": str(settings.key_rate),
+        "KEY_BURST": str(settings.key_burst),
         "RETRY_AFTER": str(settings.retry_after),
     }
     text = TEMPLATE.read_text()

@@ -77,6 +77,9 @@ class GatewaySettings:
         rate: Requests per second accepted from one client address (beyond ``burst``: 429).
         burst: Requests above ``rate`` one client may send at once.
         connections: Open connections allowed from one client address.
+        key_rate: Requests per second accepted with one gateway key, from all its addresses
+            together (beyond ``key_burst``: 429).
+        key_burst: Requests above ``key_rate`` one key may send at once.
         retry_after: Seconds in the ``Retry-After`` header of 429 and 503 answers.
         trusted_proxies: Addresses or networks of proxies in front (the VM's TLS nginx on
             127.0.0.1, a load balancer's range) whose ``X-Forwarded-For`` names the client: the
@@ -94,6 +97,8 @@ class GatewaySettings:
     rate: int = 1000
     burst: int = 2000
     connections: int = 64
+    key_rate: int = 2000
+    key_burst: int = 4000
     retry_after: int = 1
     model: str = MODEL_NAME
     trusted_proxies: tuple[str, ...] = ()
@@ -106,7 +111,17 @@ class GatewaySettings:
         return 3 * timeout + RETRY_MARGIN
 
     def __post_init__(self) -> None:
-        for name in ("port", "metrics_port", "tries", "rate", "burst", "connections", "retry_after"):
+        for name in (
+            "port",
+            "metrics_port",
+            "tries",
+            "rate",
+            "burst",
+            "connections",
+            "key_rate",
+            "key_burst",
+            "retry_after",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"gateway {name} must be >= 1, not {getattr(self, name)}")
         if self.attempt_timeout is not None and self.attempt_timeout < 1:
@@ -147,6 +162,10 @@ class ServeSettings:
         default=GatewaySettings.burst, metadata=_flag("requests above the rate one client may send at once")
     )
     connections: int = field(default=GatewaySettings.connections, metadata=_flag("connections per client address"))
+    key_rate: int = field(default=GatewaySettings.key_rate, metadata=_flag("requests/s per gateway key"))
+    key_burst: int = field(
+        default=GatewaySettings.key_burst, metadata=_flag("requests above key_rate one key may send at once")
+    )
     trusted_proxy: tuple[str, ...] = field(
         default=(),
         metadata=_flag("a proxy in front (address or network; repeatable) whose X-Forwarded-For names the client"),
@@ -213,6 +232,8 @@ class ServeSettings:
             rate=self.rate,
             burst=self.burst,
             connections=self.connections,
+            key_rate=self.key_rate,
+            key_burst=self.key_burst,
             trusted_proxies=tuple(self.trusted_proxy),
             model=model,
         )

@@ -321,6 +321,26 @@ def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit(upstream
         gateway.stop()
 
 
+def test_one_key_has_its_own_limit_whatever_addresses_it_comes_from(upstream, tmp_path):
+    """Clients behind a trusted proxy, each within its address's limit, share their key's."""
+    other = "another-gateway-key_" + "x" * 20
+    config = GatewaySettings(
+        port=free_port(), metrics_port=free_port(), attempt_timeout=1, key_rate=1, key_burst=1,
+        trusted_proxies=("127.0.0.1",),
+    )  # fmt: skip
+    gateway = Gateway(upstream, tmp_path / "gateway", config, client_keys=[KEY, other], upstream_key="k")
+    gateway.start()
+    gateway.set_health(up=True, ready=True)
+    try:
+        addresses = [f"198.51.100.{i}" for i in range(1, 6)]
+        statuses = [post(gateway, "echo", **{"X-Forwarded-For": a}).status_code for a in addresses]
+        assert statuses[0] == 200 and 429 in statuses  # one address each, one key for all
+        assert post(gateway, "echo", key=other, **{"X-Forwarded-For": "198.51.100.9"}).status_code == 200
+        assert "limit_req zone=per_key_rate burst=1 nodelay;" in gateway.config
+    finally:
+        gateway.stop()
+
+
 def test_a_trusted_proxy_must_be_an_address_or_network():
     assert GatewaySettings(trusted_proxies=("127.0.0.1", "10.0.0.0/8", "::1")).trusted_proxies
     with pytest.raises(ValueError, match="trusted proxy"):
