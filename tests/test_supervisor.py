@@ -199,17 +199,22 @@ def test_nginx_reload_is_seen_when_its_new_worker_has_taken_over(tmp_path):
         stack.gateway.stop()
 
 
-@pytest.mark.integration
-def test_no_request_meets_a_replaced_torchserve_key_during_renewal(tmp_path):
-    OneKeyUpstream.key = "old-key"
-    with loopback_http_server(OneKeyUpstream) as address:
+def renew_under_load(tmp_path, upstream: type, answered: int = 8) -> tuple[Stack, list[tuple[int, str]]]:
+    """A gateway in front of ``upstream`` (which accepts only its class's ``key``) under four
+    clients, one connection per request (nginx's reload closes idle kept-alive connections, a race
+    of any reload that is not what these tests are about); once ``answered`` answers are in,
+    TorchServe's key is renewed, then ``answered`` more are awaited. Returns the stack and every
+    answer as (status, error type)."""
+    numbers = itertools.count()
+    upstream.key = "old-key"
+    with loopback_http_server(upstream) as address:
         stack = make_stack(tmp_path, upstream=address)
         write_key_file(stack, "old-key", expires_in=60)
         stack.gateway.upstream_key = "old-key"
         stack.gateway.start()
 
         def rotate_key(api):
-            OneKeyUpstream.key = "new-key"  # TorchServe: the old key is invalid at once
+            upstream.key = "new-key"  # TorchServe: the old key is invalid at once
             write_key_file(stack, "new-key", expires_in=365 * 86400)
             return "new-key"
 
@@ -218,27 +223,34 @@ def test_no_request_meets_a_replaced_torchserve_key_during_renewal(tmp_path):
         stopping = threading.Event()
 
         def client():
-            # A connection per request: nginx's reload closes idle kept-alive connections, a race
-            # of any reload that is not what this test is about.
             while not stopping.is_set():
+                body = f"request {next(numbers)}".encode()  # names the request (SlowDyingUpstream)
                 answer = requests.post(
-                    f"{stack.url}/predictions/emotion", data=b"hi", headers={"Connection": "close"}, timeout=10
+                    f"{stack.url}/predictions/emotion", data=body, headers={"Connection": "close"}, timeout=30
                 )
-                kind = answer.json().get("type", "") if answer.status_code == 503 else ""
-                answers.append((answer.status_code, kind))
+                answers.append((answer.status_code, answer.json().get("type", "") if answer.status_code >= 400 else ""))
 
         clients = [threading.Thread(target=client) for _ in range(4)]
         try:
             for thread in clients:
                 thread.start()
-            time.sleep(0.5)
+            while len(answers) < answered:
+                time.sleep(0.05)
             stack.supervise_once()  # renews the key
-            time.sleep(0.5)
+            served = len(answers)
+            while len(answers) < served + answered:
+                time.sleep(0.05)
         finally:
             stopping.set()
             for thread in clients:
-                thread.join(10)
+                thread.join(30)
             stack.gateway.stop()
+    return stack, answers
+
+
+@pytest.mark.integration
+def test_no_request_meets_a_replaced_torchserve_key_during_renewal(tmp_path):
+    stack, answers = renew_under_load(tmp_path, OneKeyUpstream, answered=20)
     print({answer: answers.count(answer) for answer in set(answers)})
     assert stack.gateway.upstream_key == "new-key"
     assert answers.count((200, "")) > 20
@@ -270,46 +282,8 @@ class SlowDyingUpstream(ScriptedHandler):
 def test_a_request_in_flight_at_a_renewal_is_not_retried_with_the_replaced_key(tmp_path):
     """The renewal waits, with the route closed, until the gateway has answered what it took: a
     request whose worker dies after the key changed would otherwise be sent again with the old key."""
-    SlowDyingUpstream.key, SlowDyingUpstream.seen = "old-key", set()
-    numbers = itertools.count()
-    with loopback_http_server(SlowDyingUpstream) as address:
-        stack = make_stack(tmp_path, upstream=address)
-        write_key_file(stack, "old-key", expires_in=60)
-        stack.gateway.upstream_key = "old-key"
-        stack.gateway.start()
-
-        def rotate_key(api):
-            SlowDyingUpstream.key = "new-key"
-            write_key_file(stack, "new-key", expires_in=365 * 86400)
-            return "new-key"
-
-        stack.torchserve.client.rotate_key = rotate_key
-        answers: list[tuple[int, str]] = []
-        stopping = threading.Event()
-
-        def client():
-            while not stopping.is_set():
-                body = f"request {next(numbers)}".encode()
-                answer = requests.post(
-                    f"{stack.url}/predictions/emotion", data=body, headers={"Connection": "close"}, timeout=30
-                )
-                answers.append((answer.status_code, answer.json().get("type", "") if answer.status_code >= 400 else ""))
-
-        clients = [threading.Thread(target=client) for _ in range(4)]
-        try:
-            for thread in clients:
-                thread.start()
-            while len(answers) < 8:  # requests are in flight, some on their second attempt
-                time.sleep(0.05)
-            stack.supervise_once()  # renews the key
-            served = len(answers)
-            while len(answers) < served + 8:
-                time.sleep(0.05)
-        finally:
-            stopping.set()
-            for thread in clients:
-                thread.join(30)
-            stack.gateway.stop()
+    SlowDyingUpstream.seen = set()
+    stack, answers = renew_under_load(tmp_path, SlowDyingUpstream)
     assert stack.gateway.upstream_key == "new-key"
     assert (200, "") in answers
     assert set(answers) <= {(200, ""), (503, "NotReady")}, {a: answers.count(a) for a in set(answers)}
