@@ -59,6 +59,10 @@ class FastTokenizer:
     def convert_tokens_to_ids(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    def get_vocab(self) -> dict[str, int]:
+        """Every token of the vocabulary and its id."""
+        return self.backend.get_vocab()
+
 
 class TransformersTokenizer:
     """transformers' AutoTokenizer behind ``FastTokenizer``'s ``encode``, for a model directory

@@ -30,7 +30,7 @@ from emotion_cpuinfo import detect, worker_threads
 from emotion_engine import WARM_UP_TEXTS, EmotionEngine
 from emotion_inputs import InputError, extract_text, is_probe
 from emotion_metrics import EmotionMetrics
-from emotion_monitor import EmotionMonitor, make_records
+from emotion_monitor import EmotionMonitor, known_words, make_records
 from emotion_settings import HandlerSettings
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
@@ -75,6 +75,8 @@ class EmotionHandler(BaseHandler):
         self.labels = self.engine.labels
         self.engine.warm_up()
         self.known_good_ids = self.engine.token_ids([WARM_UP_TEXTS[0]])[0][0]
+        # The vocabulary's whole words, once: the unfamiliar-word share (typos) of the drift metrics.
+        self.known_words = known_words(self.engine.tokenizer.get_vocab())
         self.emotion_metrics = EmotionMetrics(context.metrics, context.model_name, self.labels)
         self.monitor = EmotionMonitor.from_settings(self.emotion_metrics, self.labels, self.settings)
         self.initialized = True
@@ -145,6 +147,7 @@ class EmotionHandler(BaseHandler):
             self.labels,
             self.engine.tokenizer.unk_token_id,
             [i in batch.truncated for i in answered],
+            self.known_words,
         )
         self.monitor.observe_batch(records)
         return batch

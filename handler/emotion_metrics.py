@@ -40,6 +40,8 @@ class EmotionMetrics:
         self._token_length = counter("EmotionTokenLength", "count", ["Bucket"])
         self._unknown_tokens = counter("EmotionUnknownTokens", "count", [])
         self._truncated = counter("EmotionTruncated", "count", [])
+        self._words = counter("EmotionWords", "count", [])
+        self._unfamiliar_words = counter("EmotionUnfamiliarWords", "count", [])
 
     def start_distributions(self) -> None:
         """Emit every bucket, label and drift counter once at zero, so that each series exists from
@@ -54,6 +56,8 @@ class EmotionMetrics:
             self._token_length.add_or_update(0, [self.model_name, name])
         self._unknown_tokens.add_or_update(0, [self.model_name])
         self._truncated.add_or_update(0, [self.model_name])
+        self._words.add_or_update(0, [self.model_name])
+        self._unfamiliar_words.add_or_update(0, [self.model_name])
 
     def predictions(self, labels: Counter[str]) -> None:
         """Count a batch's answered requests by top label (one metric line per label, not per request)."""
@@ -72,10 +76,17 @@ class EmotionMetrics:
         self._model_ms.add_or_update(model_ms, [self.model_name])
 
     def distributions(
-        self, confidence: Counter[str], token_length: Counter[str], unknown_tokens: int, truncated: int
+        self,
+        confidence: Counter[str],
+        token_length: Counter[str],
+        unknown_tokens: int,
+        truncated: int,
+        words: int = 0,
+        unfamiliar_words: int = 0,
     ) -> None:
         """Record one batch's drift statistics: requests per confidence and token-length bucket,
-        unknown tokens, and texts that filled the token window (one metric line per touched bucket)."""
+        unknown tokens, texts that filled the token window, and words and unfamiliar words (not
+        whole words of the vocabulary) in the texts (one metric line per touched bucket)."""
         for bucket, count in confidence.items():
             self._confidence.add_or_update(count, [self.model_name, bucket])
         for bucket, count in token_length.items():
@@ -84,3 +95,7 @@ class EmotionMetrics:
             self._unknown_tokens.add_or_update(unknown_tokens, [self.model_name])
         if truncated:
             self._truncated.add_or_update(truncated, [self.model_name])
+        if words:
+            self._words.add_or_update(words, [self.model_name])
+        if unfamiliar_words:
+            self._unfamiliar_words.add_or_update(unfamiliar_words, [self.model_name])

@@ -4,8 +4,8 @@ The handler calls :meth:`EmotionMonitor.observe_batch` once per batch with one
 :class:`RequestRecord` per answered request. The monitor
 
 * adds the batch to bucketed counters (prediction confidence, input token length), the
-  unknown-token and truncated-text counters (``EmotionMetrics.distributions``), one metric line per
-  touched bucket and batch, so the cost does not grow with the batch size;
+  unknown-token, unfamiliar-word and truncated-text counters (``EmotionMetrics.distributions``),
+  one metric line per touched bucket and batch, so the cost does not grow with the batch size;
 * appends one JSON line per request to the request log (:class:`RequestLog`), which ``make drift``
   reads.
 
@@ -22,9 +22,10 @@ import fcntl
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +41,32 @@ TOKEN_BOUNDS: tuple[float, ...] = (8, 12, 16, 20, 24, 32, 40, 48, 64, 128)
 # "Low confidence" in the alerts and reports: top probability at or below this (a bucket bound).
 LOW_CONFIDENCE = 0.5
 REQUEST_LOG_NAME = "requests.jsonl"
+# A word: a run of letters (any script); digits, punctuation and emoji are not words.
+WORD = re.compile(r"[^\W\d_]+")
+# Prefixes that mark a word-initial piece in SentencePiece and byte-level BPE vocabularies.
+_WORD_START = ("\u2581", "\u0120")
+
+
+def known_words(vocabulary: Iterable[str]) -> frozenset[str]:
+    """The whole words of a tokenizer's vocabulary, lower-cased: entries made of letters only,
+    without WordPiece's ``##`` continuation mark (a SentencePiece or byte-level word-start mark is
+    removed). A word outside this set is split into pieces; a typo usually makes one."""
+    words = set()
+    for token in vocabulary:
+        if token.startswith(_WORD_START):
+            token = token[1:]
+        if token.isalpha():
+            words.add(token.lower())
+    return frozenset(words)
+
+
+def word_counts(text: str, known: frozenset[str] | None) -> tuple[int, int]:
+    """Words in ``text`` and how many of them ``known`` lacks (``(0, 0)`` without a word set).
+    The cost is linear in the text's length: one regular-expression scan and a set look-up per word."""
+    if known is None:
+        return 0, 0
+    words = WORD.findall(text.lower())
+    return len(words), sum(1 for w in words if w not in known)
 
 
 def bucket_names(bounds: Sequence[float]) -> list[str]:
@@ -71,6 +98,9 @@ class RequestRecord:
         probabilities: Label probabilities, in the model's label order.
         label: The top label.
         text: The text itself; only kept in the log when the operator opted in.
+        words: Words in the text (:data:`WORD`; 0 when the vocabulary's words are not known).
+        unfamiliar_words: Words that are not whole words of the tokenizer's vocabulary
+            (:func:`known_words`): typos, rare words, other languages.
     """
 
     chars: int
@@ -80,6 +110,8 @@ class RequestRecord:
     probabilities: Sequence[float]
     label: str
     text: str | None = None
+    words: int = 0
+    unfamiliar_words: int = 0
 
     @property
     def confidence(self) -> float:
@@ -94,12 +126,15 @@ def make_records(
     labels: Sequence[str],
     unknown_token_id: int | None,
     truncated: Sequence[bool],
+    known: frozenset[str] | None = None,
 ) -> list[RequestRecord]:
     """Records for a batch from what the handler already has: texts, their (truncated) token ids,
-    probabilities, and whether each text was longer than the model's window, all in the same order."""
+    probabilities, and whether each text was longer than the model's window, all in the same order;
+    ``known``: the vocabulary's whole words (:func:`known_words`), for the unfamiliar-word counts."""
     records = []
     for text, ids, row, cut in zip(texts, token_ids, probabilities, truncated, strict=True):
         best = max(range(len(row)), key=row.__getitem__)
+        words, unfamiliar = word_counts(text, known)
         records.append(
             RequestRecord(
                 chars=len(text),
@@ -109,6 +144,8 @@ def make_records(
                 probabilities=row,
                 label=labels[best],
                 text=text,
+                words=words,
+                unfamiliar_words=unfamiliar,
             )
         )
     return records
@@ -120,7 +157,13 @@ class DistributionSink(Protocol):
     def start_distributions(self) -> None: ...
 
     def distributions(
-        self, confidence: Counter[str], token_length: Counter[str], unknown_tokens: int, truncated: int
+        self,
+        confidence: Counter[str],
+        token_length: Counter[str],
+        unknown_tokens: int,
+        truncated: int,
+        words: int = 0,
+        unfamiliar_words: int = 0,
     ) -> None: ...
 
 
@@ -254,6 +297,8 @@ def log_entry(record: RequestRecord, labels: Sequence[str], now: float, with_tex
         "chars": record.chars,
         "tokens": record.tokens,
         "unknown_share": round(record.unknown_tokens / record.tokens, 4) if record.tokens else 0.0,
+        "words": record.words,
+        "unfamiliar_share": round(record.unfamiliar_words / record.words, 4) if record.words else 0.0,
         "truncated": record.truncated,
         "label": record.label,
         "confidence": round(record.confidence, 5),
@@ -313,6 +358,8 @@ class EmotionMonitor:
             token_length,
             sum(r.unknown_tokens for r in records),
             sum(1 for r in records if r.truncated),
+            sum(r.words for r in records),
+            sum(r.unfamiliar_words for r in records),
         )
         if self.request_log is not None:
             now = time.time()

@@ -41,7 +41,7 @@ monitor = handler_module("emotion_monitor")  # the module TorchServe's worker lo
 
 log = logging.getLogger(__name__)
 
-NUMERIC = ("chars", "tokens", "unknown_share")
+NUMERIC = ("chars", "tokens", "unknown_share", "unfamiliar_share")
 # Confidence is compared on the handler's buckets, like the alerts: raw values would make the small,
 # systematic difference between the profile's fp32 answers and the served int8 answers look like drift.
 CATEGORICAL = ("confidence", "label", "truncated")
@@ -83,6 +83,7 @@ ENTRY_FIELDS: dict[str, tuple[type, ...]] = {
     "chars": (int,),
     "tokens": (int,),
     "unknown_share": (int, float),
+    "unfamiliar_share": (int, float),
     "confidence": (int, float),
     "label": (str,),
     "truncated": (bool,),

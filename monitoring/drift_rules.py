@@ -61,6 +61,7 @@ def render_reference(profile: dict[str, Any]) -> dict[str, Any]:
         constant("emotion:reference_label_share", share, {"Label": name})
     constant("emotion:reference_low_confidence_share", val["low_confidence_share"])
     constant("emotion:reference_unknown_token_share", val["unknown_token_share"])
+    constant("emotion:reference_unfamiliar_word_share", val.get("unfamiliar_word_share", 0.0))
     constant("emotion:reference_truncated_share", val["truncated_share"])
     return {"groups": [{"name": "emotion-drift-reference", "rules": rules}]}
 
@@ -94,6 +95,10 @@ def render_rules(config: dict[str, Any], window: str | None = None, for_: str | 
         {
             "record": f"emotion:unknown_token_share:{w}",
             "expr": f"sum(rate(EmotionUnknownTokens[{w}])) / sum(rate(EmotionInputTokens[{w}]))",
+        },
+        {
+            "record": f"emotion:unfamiliar_word_share:{w}",
+            "expr": f"sum(rate(EmotionUnfamiliarWords[{w}])) / sum(rate(EmotionWords[{w}]))",
         },
         {
             "record": f"emotion:truncated_share:{w}",
@@ -148,6 +153,13 @@ def render_rules(config: dict[str, Any], window: str | None = None, for_: str | 
             f"+ {prom['unknown_token_rise']}) {enough}",
             f"{{{{ $value | humanizePercentage }}}} of input tokens are unknown to the tokenizer "
             f"(reference + {prom['unknown_token_rise']} exceeded over {w})",
+        ),
+        alert(
+            "EmotionUnfamiliarWordsRise",
+            f"emotion:unfamiliar_word_share:{w} > on() (emotion:reference_unfamiliar_word_share "
+            f"+ {prom['unfamiliar_word_rise']}) {enough}",
+            f"{{{{ $value | humanizePercentage }}}} of input words are not whole words of the vocabulary: "
+            f"typos or another language (reference + {prom['unfamiliar_word_rise']} exceeded over {w})",
         ),
     ]
     return {

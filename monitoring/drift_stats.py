@@ -48,7 +48,8 @@ def stream_statistics(entries: Sequence[Mapping[str, Any]], profile: Mapping[str
 
     Returns:
         ``requests``, ``label_psi``, ``length_psi``, ``confidence_psi``, ``low_confidence_share``
-        (and its reference), ``unknown_token_share`` (and its reference), ``truncated_share``,
+        (and its reference), ``unknown_token_share`` (and its reference), ``unfamiliar_word_share``
+        (and its reference; entries of logs written before it existed count no words), ``truncated_share``,
         ``mean_tokens``.
     """
     val = profile["validation"]
@@ -59,6 +60,8 @@ def stream_statistics(entries: Sequence[Mapping[str, Any]], profile: Mapping[str
     # labels' rates): answers with a label the profile lacks lower the profile's labels' shares.
     label_counts = Counter(e["label"] for e in entries)
     unknown = sum(e["unknown_share"] * e["tokens"] for e in entries)
+    words = sum(e.get("words", 0) for e in entries)
+    unfamiliar = sum(e.get("unfamiliar_share", 0.0) * e.get("words", 0) for e in entries)
     low = profile["low_confidence"]
     return {
         "requests": len(entries),
@@ -71,6 +74,8 @@ def stream_statistics(entries: Sequence[Mapping[str, Any]], profile: Mapping[str
         "reference_low_confidence_share": val["low_confidence_share"],
         "unknown_token_share": unknown / max(sum(tokens), 1),
         "reference_unknown_token_share": val["unknown_token_share"],
+        "unfamiliar_word_share": unfamiliar / max(words, 1),
+        "reference_unfamiliar_word_share": val.get("unfamiliar_word_share", 0.0),
         "truncated_share": sum(bool(e["truncated"]) for e in entries) / max(len(entries), 1),
         "mean_tokens": sum(tokens) / max(len(entries), 1),
     }
@@ -90,4 +95,6 @@ def alerts_firing(stats: Mapping[str, float], config: Mapping[str, Any]) -> list
         firing.append("EmotionLowConfidenceRise")
     if stats["unknown_token_share"] > stats["reference_unknown_token_share"] + prom["unknown_token_rise"]:
         firing.append("EmotionUnknownTokensRise")
+    if stats["unfamiliar_word_share"] > stats["reference_unfamiliar_word_share"] + prom["unfamiliar_word_rise"]:
+        firing.append("EmotionUnfamiliarWordsRise")
     return firing

@@ -64,7 +64,8 @@ def input_statistics(tokenizer, texts: Sequence[str], max_length: int, labels: S
     (``tokenizer``: the handler's, from ``load_tokenizer``)."""
     token_ids, cut = tokenizer.encode(list(texts), max_length)
     uniform = [[1.0 / len(labels)] * len(labels)] * len(texts)  # probabilities are not needed here
-    records = monitor.make_records(texts, token_ids, uniform, labels, tokenizer.unk_token_id, cut)
+    known = monitor.known_words(tokenizer.get_vocab())
+    records = monitor.make_records(texts, token_ids, uniform, labels, tokenizer.unk_token_id, cut, known)
     tokens = [r.tokens for r in records]
     return {
         "examples": len(texts),
@@ -73,6 +74,7 @@ def input_statistics(tokenizer, texts: Sequence[str], max_length: int, labels: S
         "token_histogram": shares(monitor.histogram(tokens, monitor.TOKEN_BOUNDS)),
         "chars_quantiles": quantiles([r.chars for r in records]),
         "unknown_token_share": sum(r.unknown_tokens for r in records) / max(sum(tokens), 1),
+        "unfamiliar_word_share": sum(r.unfamiliar_words for r in records) / max(sum(r.words for r in records), 1),
         "truncated_share": sum(r.truncated for r in records) / max(len(records), 1),
     }
 
@@ -115,7 +117,8 @@ def build_profile(model_dir: Path, train_file: Path, val_file: Path, batch_size:
     token_ids, cut = tokenizer.encode(texts, max_length)
     log.info("scoring %d validation texts", len(texts))
     probabilities = predict_probabilities(model, token_ids, tokenizer.pad_token_id or 0, batch_size)
-    records = monitor.make_records(texts, token_ids, probabilities.tolist(), labels, tokenizer.unk_token_id, cut)
+    known = monitor.known_words(tokenizer.get_vocab())
+    records = monitor.make_records(texts, token_ids, probabilities.tolist(), labels, tokenizer.unk_token_id, cut, known)
     confidences = [r.confidence for r in records]
     val_stats = input_statistics(tokenizer, texts, max_length, labels)
     val_stats.update(

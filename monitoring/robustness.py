@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,67 +29,9 @@ from monitoring.profile import load_profile
 from project import ARCHIVE, OUTPUTS_DIR, VAL_FILE, handler_module
 from serving.worker import InProcessWorker
 from training.data import load_split
+from training.perturb import PERTURBATIONS, perturb
 
 monitor = handler_module("emotion_monitor")  # the module TorchServe's worker loads, not a second copy
-
-EMOJI = ("😂", "😭", "❤️", "🙄", "😡", "😱", "🔥", "🙏")
-NEGATABLE = re.compile(r"\b(feel|feeling|am|was|is|felt)\b")
-
-
-def typos(text: str, rng: random.Random) -> str:
-    """Swap two neighbouring inner letters in about a third of the words of four letters or more."""
-    words = text.split(" ")
-    for i, word in enumerate(words):
-        if len(word) >= 4 and rng.random() < 0.33:
-            k = rng.randrange(1, len(word) - 2)
-            words[i] = word[:k] + word[k + 1] + word[k] + word[k + 2 :]
-    return " ".join(words)
-
-
-def upper_case(text: str, rng: random.Random) -> str:
-    """All capitals, as in shouted messages."""
-    return text.upper()
-
-
-def emoji(text: str, rng: random.Random) -> str:
-    """Two emoji appended."""
-    return f"{text} {rng.choice(EMOJI)}{rng.choice(EMOJI)}"
-
-
-def repeated_punctuation(text: str, rng: random.Random) -> str:
-    """A run of three to six exclamation or question marks appended."""
-    return text + rng.choice("!?") * rng.randint(3, 6)
-
-
-def truncation(text: str, rng: random.Random) -> str:
-    """Only the first half of the words (at least one)."""
-    words = text.split()
-    return " ".join(words[: max(1, len(words) // 2)])
-
-
-def negation(text: str, rng: random.Random) -> str:
-    """``not`` after the first feel/am/was/is ("i feel happy" -> "i feel not happy"); texts without
-    such a verb get "i do not think that" in front."""
-    if NEGATABLE.search(text):
-        return NEGATABLE.sub(lambda m: m.group(0) + " not", text, count=1)
-    return "i do not think that " + text
-
-
-PERTURBATIONS: dict[str, Callable[[str, random.Random], str]] = {
-    "none": lambda text, rng: text,
-    "typos": typos,
-    "upper case": upper_case,
-    "emoji": emoji,
-    "repeated punctuation": repeated_punctuation,
-    "truncation (first half)": truncation,
-    "negation": negation,
-}
-
-
-def perturb(texts: Sequence[str], name: str, seed: int = 0) -> list[str]:
-    """``texts`` under the named perturbation, reproducibly."""
-    rng = random.Random(seed)
-    return [PERTURBATIONS[name](text, rng) for text in texts]
 
 
 def reference_from(entries: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
@@ -109,6 +50,8 @@ def reference_from(entries: Sequence[dict[str, Any]], labels: Sequence[str]) -> 
             },
             "low_confidence_share": sum(e["confidence"] <= monitor.LOW_CONFIDENCE for e in entries) / n,
             "unknown_token_share": sum(e["unknown_share"] * e["tokens"] for e in entries) / max(sum(tokens), 1),
+            "unfamiliar_word_share": sum(e["unfamiliar_share"] * e["words"] for e in entries)
+            / max(sum(e["words"] for e in entries), 1),
         },
     }
 
@@ -121,7 +64,14 @@ def noise(
     from the other; per window size, the 95th percentile and maximum of each statistic over
     ``draws`` splits."""
     rng = random.Random(0)
-    keys = ("label_psi", "length_psi", "confidence_psi", "low_confidence_rise", "unknown_token_rise")
+    keys = (
+        "label_psi",
+        "length_psi",
+        "confidence_psi",
+        "low_confidence_rise",
+        "unknown_token_rise",
+        "unfamiliar_word_rise",
+    )
     rows = []
     for size in sizes:
         values: dict[str, list[float]] = {k: [] for k in keys}
@@ -132,6 +82,7 @@ def noise(
             stats = stream_statistics(rng.sample(other, min(size, len(other))), reference)
             stats["low_confidence_rise"] = stats["low_confidence_share"] - stats["reference_low_confidence_share"]
             stats["unknown_token_rise"] = stats["unknown_token_share"] - stats["reference_unknown_token_share"]
+            stats["unfamiliar_word_rise"] = stats["unfamiliar_word_share"] - stats["reference_unfamiliar_word_share"]
             for k in keys:
                 values[k].append(stats[k])
         row: dict[str, Any] = {"window": min(size, len(entries) - len(entries) // 2), "draws": draws}
@@ -186,13 +137,20 @@ def noise_table(rows: Sequence[dict[str, Any]]) -> str:
     """The README table of the statistics on undrifted streams."""
     lines = [
         "| window | label PSI p95 / max | length PSI p95 / max | confidence PSI p95 / max "
-        "| low-confidence rise p95 / max | unknown-token rise p95 / max |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| low-confidence rise p95 / max | unknown-token rise p95 / max | unfamiliar-word rise p95 / max |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         cells = [
             f"{r[k + '_p95']:.3f} / {r[k + '_max']:.3f}"
-            for k in ("label_psi", "length_psi", "confidence_psi", "low_confidence_rise", "unknown_token_rise")
+            for k in (
+                "label_psi",
+                "length_psi",
+                "confidence_psi",
+                "low_confidence_rise",
+                "unknown_token_rise",
+                "unfamiliar_word_rise",
+            )
         ]
         lines.append(f"| {r['window']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -202,8 +160,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The README table."""
     lines = [
         "| perturbation | accuracy | change (points) | label PSI | length PSI | confidence PSI "
-        "| low-confidence share | unknown-token share | drift alerts |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| low-confidence share | unknown-token share | unfamiliar-word share | drift alerts |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     with_reports = all("make_drift_exit" in r for r in rows)
     if with_reports:
@@ -213,7 +171,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         line = (
             f"| {r['perturbation']} | {100 * r['accuracy']:.2f}% | {r['accuracy_change_points']:+.2f} "
             f"| {r['label_psi']:.3f} | {r['length_psi']:.3f} | {r['confidence_psi']:.3f} "
-            f"| {r['low_confidence_share']:.3f} | {r['unknown_token_share']:.4f} | {', '.join(r['alerts']) or '-'} |"
+            f"| {r['low_confidence_share']:.3f} | {r['unknown_token_share']:.4f} | {r['unfamiliar_word_share']:.3f} "
+            f"| {', '.join(r['alerts']) or '-'} |"
         )
         if with_reports:
             line += f" {r['make_drift_exit']} ({', '.join(r['drifted_columns']) or '-'}) |"

@@ -24,7 +24,9 @@ from emotion_monitor import (
     bucket_names,
     bucket_of,
     histogram,
+    known_words,
     make_records,
+    word_counts,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -48,8 +50,8 @@ class RecordingSink:
     def start_distributions(self) -> None:
         self.started += 1
 
-    def distributions(self, confidence, token_length, unknown_tokens, truncated) -> None:
-        self.calls.append((confidence, token_length, unknown_tokens, truncated))
+    def distributions(self, confidence, token_length, unknown_tokens, truncated, words=0, unfamiliar_words=0) -> None:
+        self.calls.append((confidence, token_length, unknown_tokens, truncated, words, unfamiliar_words))
 
 
 def record(tokens: int = 10, confidence: float = 0.9, unknown: int = 0, truncated: bool = False, text: str = "hi"):
@@ -84,12 +86,50 @@ def test_make_records_counts_unknown_tokens_and_keeps_the_truncated_flags():
     assert records[0].chars == 3 and records[0].confidence == 0.9
 
 
+def test_known_words_are_the_vocabularys_whole_words_lower_cased():
+    vocabulary = ["[CLS]", "[UNK]", "happy", "##py", "Joy", "\u2581sad", "\u0120fear", "42", "don't", "hap"]
+    assert known_words(vocabulary) == {"happy", "joy", "sad", "fear", "hap"}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    words=st.lists(st.sampled_from(["happy", "Sad", "hpapy", "saad", "ich", "très"]), max_size=20),
+    filler=st.sampled_from([" ", " 42 ", ", ", "! 😱 ", " - "]),
+)
+def test_unfamiliar_words_are_the_words_outside_the_vocabulary_whatever_surrounds_them(words, filler):
+    known = frozenset({"happy", "sad", "ich"})
+    total, unfamiliar = word_counts(filler.join(words), known)
+    assert total == len(words)
+    assert unfamiliar == sum(w.lower() not in known for w in words)
+    assert word_counts(filler.join(words), None) == (0, 0)  # no vocabulary: the signal is off
+
+
+def test_records_and_log_entries_carry_the_unfamiliar_word_share(tmp_path):
+    known = frozenset({"i", "feel", "so", "happy"})
+    records = make_records(
+        ["i feel so hpapy", "i feel so happy", "😱"],
+        [[1, 2], [1, 2], [1, 2]],
+        [[0.2, 0.8]] * 3,
+        ["no", "yes"],
+        None,
+        [False] * 3,
+        known,
+    )
+    assert [(r.words, r.unfamiliar_words) for r in records] == [(4, 1), (4, 0), (0, 0)]
+    sink = RecordingSink()
+    monitor = EmotionMonitor(sink, ["no", "yes"], RequestLog(tmp_path / "requests.jsonl", 10_000, 2))
+    monitor.observe_batch(records)
+    assert sink.calls[0][4:] == (8, 1)
+    entries = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    assert [(e["words"], e["unfamiliar_share"]) for e in entries] == [(4, 0.25), (4, 0.0), (0, 0.0)]
+
+
 def test_monitor_counts_a_batch_and_logs_without_texts_by_default(tmp_path):
     sink = RecordingSink()
     monitor = EmotionMonitor(sink, LABELS, RequestLog(tmp_path / "requests.jsonl", 10_000, 2))
     assert sink.started == 1  # every bucket series is created at zero when the worker starts
     monitor.observe_batch([record(10, 0.95, text="secret"), record(70, 0.3, unknown=2, truncated=True)])
-    confidence, length, unknown, truncated = sink.calls[0]
+    confidence, length, unknown, truncated, _, _ = sink.calls[0]
     assert confidence == Counter({"0.95": 1, "0.4": 1})
     assert length == Counter({"12": 1, "128": 1})
     assert (unknown, truncated) == (2, 1)
@@ -201,6 +241,7 @@ def fake_profile() -> dict:
             "confidence_histogram": confidence,
             "low_confidence_share": 0.0,
             "unknown_token_share": 0.0,
+            "unfamiliar_word_share": 0.03,
             "truncated_share": 0.0,
         },
     }
@@ -216,13 +257,21 @@ def test_stream_statistics_see_what_the_alerts_watch():
     stats = stream_statistics(like, profile)
     assert stats["label_psi"] < 0.01 and stats["length_psi"] < 0.01
     assert alerts_firing(stats, config) == []
-    shifted = [dict(e, tokens=100, confidence=0.3, label="joy", unknown_share=0.1) for e in like]
+    shifted = [
+        dict(e, tokens=100, confidence=0.3, label="joy", unknown_share=0.1, words=10, unfamiliar_share=0.3)
+        for e in like
+    ]
     assert set(alerts_firing(stream_statistics(shifted, profile), config)) == {
         "EmotionLabelShift",
         "EmotionInputLengthShift",
         "EmotionLowConfidenceRise",
         "EmotionUnknownTokensRise",
+        "EmotionUnfamiliarWordsRise",
     }
+    typo_heavy = [dict(e, words=10, unfamiliar_share=0.3) for e in like]
+    assert alerts_firing(stream_statistics(typo_heavy, profile), config) == ["EmotionUnfamiliarWordsRise"]
+    few_typos = [dict(e, words=10, unfamiliar_share=0.02) for e in like]
+    assert alerts_firing(stream_statistics(few_typos, profile), config) == []
     assert alerts_firing(stream_statistics(shifted[:10], profile), config) == []  # too few requests
 
 
@@ -244,6 +293,8 @@ def log_line(i: int = 0, label: str = "joy", **changes) -> dict:
         "chars": 10 + i,
         "tokens": 5 + i % 20,
         "unknown_share": 0.0,
+        "words": 3,
+        "unfamiliar_share": 0.0,
         "truncated": False,
         "label": label,
         "confidence": 0.9,
@@ -253,7 +304,8 @@ def log_line(i: int = 0, label: str = "joy", **changes) -> dict:
     return {k: v for k, v in entry.items() if v is not None}
 
 
-LOG_FIELDS = ("chars", "tokens", "unknown_share", "truncated", "label", "confidence")  # what `make drift` reads
+# What `make drift` reads.
+LOG_FIELDS = ("chars", "tokens", "unknown_share", "unfamiliar_share", "truncated", "label", "confidence")
 VALID_LINES = [json.dumps(log_line(i)) for i in range(100)]
 JUNK_LINES = st.one_of(
     st.sampled_from(["[1, 2]", "null", '"text"', "42", "{", "", "{}"]),
@@ -385,6 +437,8 @@ def test_handler_exports_drift_metrics_and_logs_requests(tiny_model_dir, tmp_pat
     assert [e["label"] for e in entries] == [results[0][1]["label"], results[2][1]["label"]]
     assert entries[0]["probabilities"] == pytest.approx(results[0][1]["probabilities"], abs=1e-5)
     assert entries[1]["unknown_share"] > 0 and "text" not in entries[0]
+    assert [e["words"] for e in entries] == [3, 3]  # the emoji is no word
+    assert any(line.startswith("[METRICS]EmotionWords.Count:6|") for line in lines)
 
 
 def test_the_readiness_probe_is_answered_but_not_counted_as_traffic(tiny_model_dir, tmp_path, caplog):
@@ -444,7 +498,7 @@ def test_robustness_runs_the_archive_handler_under_each_perturbation(profiled_st
 
 
 def test_perturbations_are_reproducible_and_do_what_they_say():
-    from monitoring.robustness import perturb
+    from training.perturb import perturb
 
     texts = ["i feel rather miserable this morning", "so glad"]
     assert perturb(texts, "typos", seed=1) == perturb(texts, "typos", seed=1)
@@ -455,6 +509,8 @@ def test_perturbations_are_reproducible_and_do_what_they_say():
     assert all(p.startswith(t) and p[len(t) :].strip("!?") == "" for p, t in zip(shouted, texts, strict=True))
     typo = perturb(texts, "typos", seed=3)[0]
     assert sorted(typo) == sorted(texts[0]) and len(typo.split()) == len(texts[0].split())
+    with pytest.raises(KeyError, match="choose one of"):
+        perturb(texts, "typo")
 
 
 def test_drift_config_thresholds_are_consistent():

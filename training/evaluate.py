@@ -1,7 +1,8 @@
 """Batched prediction and the pipeline's evaluate stage.
 
 ``python -m training.evaluate`` loads the saved model directory, predicts the
-validation split and writes ``metrics/eval.json`` plus the confusion-matrix plot.
+validation split and writes ``metrics/eval.json`` plus the confusion-matrix plot; ``robustness``
+in it holds accuracy and macro-F1 under each seeded perturbation of :mod:`training.perturb`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import hydra
@@ -19,8 +20,9 @@ from tqdm import tqdm
 
 from training.batching import TokenizedSplit, bucketed_batches
 from training.config import CONFIG_DIR
-from training.data import load_split
+from training.data import Example, load_split
 from training.metrics import classification_metrics
+from training.perturb import ROBUSTNESS, metric_key, perturb
 from training.plots import plot_confusion_matrix
 from training.runtime import resolve_precision
 
@@ -56,6 +58,23 @@ def predict(model, split: TokenizedSplit, batch_size: int, precision: str = "fp3
     return predictions
 
 
+def robustness(model, examples: Sequence[Example], tokenizer, batch_size: int, precision: str = "fp32") -> dict:
+    """Accuracy and macro-F1 on ``examples`` under each perturbation of
+    :data:`training.perturb.ROBUSTNESS` (seeded), keyed as the DVC metrics name them."""
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    gold = [e.label for e in examples]
+    out = {}
+    for name in ROBUSTNESS:
+        texts = perturb([e.text for e in examples], name)
+        split = TokenizedSplit(
+            [Example(t, e.label) for t, e in zip(texts, examples, strict=True)], tokenizer, tokenizer.model_max_length
+        )
+        predictions = predict(model, split, batch_size, resolve_precision(precision), progress=False)
+        scores = classification_metrics(gold, predictions, labels)
+        out[metric_key(name)] = {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+    return out
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate the model directory on the validation split and write metrics and plot.
 
@@ -76,11 +95,14 @@ def evaluate(cfg: DictConfig) -> dict:
     predictions = predict(model, split, cfg.train.eval_batch_size, resolve_precision(cfg.train.precision))
     metrics = classification_metrics(split.labels, predictions, labels)
     metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
+    metrics["robustness"] = robustness(model, examples, tokenizer, cfg.train.eval_batch_size, cfg.train.precision)
     metrics_dir = Path(cfg.paths.metrics_dir)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     (metrics_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_confusion_matrix(metrics["confusion_matrix"], labels, metrics_dir / "plots" / "confusion_matrix.png")
     log.info("validation accuracy %.4f, macro-F1 %.4f", metrics["accuracy"], metrics["macro_f1"])
+    for name, row in metrics["robustness"].items():
+        log.info("  %-22s accuracy %.4f, macro-F1 %.4f", name, row["accuracy"], row["macro_f1"])
     return metrics
 
 

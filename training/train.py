@@ -9,6 +9,7 @@ DDP on the gloo backend; only rank 0 writes files and logs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from training.augment import Noise, NoisySplit, training_split
 from training.batching import TokenizedSplit, bucketed_batches
 from training.config import CONFIG_DIR
 from training.data import LABELS, Example, class_counts, load_split
@@ -71,6 +73,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"train.lr must be a number > 0, not {lr!r}")
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise ValueError(f"train.max_length must be a whole number >= 2 (the special tokens), not {length!r}")
+    Noise.from_config(cfg.get("augment"))  # raises on a rate outside [0, 1] or an unknown typo kind
 
 
 def check_max_length(max_length: int, model) -> None:
@@ -262,7 +265,7 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
     val_examples = subset(load_split(cfg.data.val_file), cfg.data.max_val_examples, cfg.seed)
     tokenizer, model = build_model(cfg)
     check_max_length(tcfg.max_length, model)
-    train_split = TokenizedSplit(train_examples, tokenizer, tcfg.max_length)
+    train_split = training_split(train_examples, tokenizer, tcfg.max_length, cfg.get("augment"), cfg.seed)
     val_split = TokenizedSplit(val_examples, tokenizer, tcfg.max_length)
     lengths = train_split.lengths()
     if runtime.is_main:
@@ -308,12 +311,16 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
     fit = Fit(model, wrapped, optimizer, scheduler, total_steps, precision, runtime.is_main, distiller=distiller)
     if distiller is not None and runtime.is_main:
         log.info("distilling from teacher %s: %s", cfg.distill.teacher, distiller.describe())
+    if isinstance(train_split, NoisySplit) and runtime.is_main:
+        log.info("training texts augmented on the fly: %s", train_split.noise)
 
     started = time.perf_counter()
     metrics: dict = {}
     with profiler_context(cfg, runtime) as prof:
         for epoch in range(1, tcfg.epochs + 1):
             epoch_start = time.perf_counter()
+            if isinstance(train_split, NoisySplit):
+                train_split.set_epoch(epoch)
             loss = train_epoch(fit, train_split, epoch_batches(epoch), epoch, cfg, tracker, prof)
             epoch_seconds = time.perf_counter() - epoch_start
             if runtime.is_main:
@@ -339,6 +346,8 @@ def _fit(cfg: DictConfig, runtime: Runtime, tracker: Tracker) -> dict:
     )
     if distiller is not None:
         metrics["distill"] = {"teacher": str(cfg.distill.teacher), **distiller.describe()}
+    if isinstance(train_split, NoisySplit):
+        metrics["augment"] = dataclasses.asdict(train_split.noise)
     made_by = provenance(cfg)
     save_outputs(cfg, model, tokenizer, fit.history, metrics, made_by)
     report_run(cfg, tracker, metrics, made_by, train_seconds)
