@@ -9,9 +9,10 @@ import numpy as np
 from emotion_inputs import InputError
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Probabilities over the last axis of ``logits``, shifted by each row's maximum so that no
-    exponential overflows."""
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities over the last axis of ``logits / temperature`` (temperature scaling, fitted by
+    ``training.calibrate``), shifted by each row's maximum so that no exponential overflows."""
+    logits = logits / temperature if temperature != 1.0 else logits
     exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return exp / exp.sum(axis=-1, keepdims=True)
 
@@ -29,6 +30,7 @@ class Batch:
     probabilities: dict[int, list[float]] = field(default_factory=dict)
     truncated: set[int] = field(default_factory=set)  # texts longer than the model's token window
     probes: set[int] = field(default_factory=set)  # readiness probes: answered, not counted as traffic
+    abstain_below: dict[int, float] = field(default_factory=dict)  # request index -> its threshold
 
 
 def plan_passes(lengths: list[int], pass_cost_tokens: int) -> list[list[int]]:

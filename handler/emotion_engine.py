@@ -9,6 +9,7 @@ serves the same model with the same engine, tokenizer and passes; only the serve
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from emotion_backends import Backend, load_backend
 from emotion_batch import plan_passes, softmax
 from emotion_settings import HandlerSettings
 
+# The temperature fitted on the validation split (training.calibrate), packed by serving.archive.
+CALIBRATION_FILE = "calibration.json"
 # A single text and a padded pair: the shapes a dynamic torch.compile specialises on.
 WARM_UP_TEXTS = ("i feel fine", "i could not sleep because i was worried about what would happen tomorrow")
 
@@ -106,6 +109,25 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def read_temperature(path: Path) -> float:
+    """The softmax temperature in a calibration file (``CALIBRATION_FILE`` in an archive); 1 (the
+    logits as the model gives them) when there is no such file.
+
+    Raises:
+        ValueError: The file is there but holds no positive finite ``temperature``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 1.0
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("temperature")
+    except (ValueError, AttributeError):
+        value = None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{path}: temperature must be a positive finite number, got {value!r}")
+    return float(value)
+
+
 class EmotionEngine:
     """Tokenizer and backend loaded from a model directory (an unpacked archive or a training output).
 
@@ -113,10 +135,19 @@ class EmotionEngine:
         model: The backend (``emotion_backends``): int64 ids and mask in, float32 logits out.
         labels: Label names in the model's output order (``id2label``).
         max_length: Truncation length in tokens.
+        temperature: The logits are divided by it before the softmax (``calibration.json`` in the
+            model directory, else the ``temperature`` argument, else 1).
     """
 
-    def __init__(self, model_dir: Path, settings: HandlerSettings, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        settings: HandlerSettings,
+        device: torch.device | None = None,
+        temperature: float | None = None,
+    ) -> None:
         self.settings = settings
+        self.temperature = read_temperature(Path(model_dir) / CALIBRATION_FILE) if temperature is None else temperature
         self.tokenizer = load_tokenizer(model_dir)
         self.max_length = settings.max_length or self.tokenizer.model_max_length
         self.pad_token_id = self.tokenizer.pad_token_id or 0
@@ -141,7 +172,7 @@ class EmotionEngine:
         start = time.perf_counter()
         logits = self.model(input_ids, attention_mask)
         model_ms = 1000 * (time.perf_counter() - start)
-        return softmax(logits), model_ms
+        return softmax(logits, self.temperature), model_ms
 
     def pad(self, token_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """The model's int64 ``input_ids`` and ``attention_mask`` for sequences padded to the longest."""
@@ -159,23 +190,29 @@ class EmotionEngine:
         for texts in (WARM_UP_TEXTS[:1], WARM_UP_TEXTS):
             self.forward(self.token_ids(list(texts))[0])
 
-    def predict(self, texts: list[str]) -> list[dict]:
+    def predict(self, texts: list[str], abstain_below: float | None = None) -> list[dict]:
         """Answers for valid texts, in order, as the handler gives them (label, score,
-        probabilities, truncated). No per-text fault isolation: that is the handler's job."""
+        probabilities, truncated, abstained), abstaining below ``abstain_below`` (default the
+        settings'). No per-text fault isolation: that is the handler's job."""
+        threshold = self.settings.abstain_below if abstain_below is None else abstain_below
         token_ids, truncated = self.token_ids(texts)
         probabilities: list[list[float]] = [[]] * len(texts)
         for rows in self.passes([len(ids) for ids in token_ids]):
             result, _ = self.forward([token_ids[i] for i in rows])
             for i, row in zip(rows, result.tolist(), strict=True):
                 probabilities[i] = row
-        return [self.answer(row, cut) for row, cut in zip(probabilities, truncated, strict=True)]
+        return [self.answer(row, cut, threshold) for row, cut in zip(probabilities, truncated, strict=True)]
 
-    def answer(self, probabilities: list[float], truncated: bool) -> dict:
-        """The response body for one text's probabilities."""
+    def answer(self, probabilities: list[float], truncated: bool, abstain_below: float = 0.0) -> dict:
+        """The response body for one text's probabilities: its top label and score, or, when the
+        score is below ``abstain_below``, ``"label": null`` and ``"abstained": true`` (the score
+        and every probability are still there)."""
         best = max(range(len(probabilities)), key=probabilities.__getitem__)
+        abstained = probabilities[best] < abstain_below
         return {
-            "label": self.labels[best],
+            "label": None if abstained else self.labels[best],
             "score": probabilities[best],
             "probabilities": dict(zip(self.labels, probabilities, strict=True)),
             "truncated": truncated,
+            "abstained": abstained,
         }

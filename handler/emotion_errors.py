@@ -48,6 +48,7 @@ ERRORS: dict[str, ErrorKind] = {
     "InvalidInput": _kind(400, "handler", "JSON that is not an object"),
     "UnreadableInput": _kind(400, "handler", "a request the handler cannot read at all"),
     "UntokenizableText": _kind(400, "handler", "a text the tokenizer cannot take"),
+    "InvalidAbstainThreshold": _kind(400, "handler", "an X-Emotion-Abstain-Below that is no number in [0, 1]"),
     "UnsupportedEndpoint": _kind(400, "handler", "an explanation request (TorchServe direct)"),
     "UnprocessableText": _kind(422, "handler", "a text the model fails on, alone"),
     "TextTooLong": _kind(413, "handler", "a text over max_text_chars (the gateway answers it first)"),

@@ -12,7 +12,12 @@ handler into another mode (``handle`` is this class's own).
 Response for each good request (``truncated``: the text was longer than the model's window and
 only its beginning was classified)::
 
-    {"label": "joy", "score": 0.97, "probabilities": {"sadness": 0.01, ..., "surprise": 0.0}, "truncated": false}
+    {"label": "joy", "score": 0.97, "probabilities": {"sadness": 0.01, ..., "surprise": 0.0},
+     "truncated": false, "abstained": false}
+
+The probabilities are temperature-scaled when the archive packs a ``calibration.json``
+(``training.calibrate``). Below the deployment's ``abstain_below``, or the request's
+``X-Emotion-Abstain-Below`` header, the answer is ``"label": null, "abstained": true``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 from emotion_batch import Batch
 from emotion_cpuinfo import detect, worker_threads
 from emotion_engine import WARM_UP_TEXTS, EmotionEngine
-from emotion_inputs import InputError, extract_text, is_probe
+from emotion_inputs import InputError, abstain_threshold, extract_text, is_probe
 from emotion_metrics import EmotionMetrics
 from emotion_monitor import EmotionMonitor, known_words, make_records
 from emotion_settings import HandlerSettings
@@ -81,10 +86,12 @@ class EmotionHandler(BaseHandler):
         self.monitor = EmotionMonitor.from_settings(self.emotion_metrics, self.labels, self.settings)
         self.initialized = True
         log.info(
-            "emotion handler ready: labels %s, max_length %d, %d thread(s)",
+            "emotion handler ready: labels %s, max_length %d, %d thread(s), temperature %.3f, abstain below %g",
             self.labels,
             self.engine.max_length,
             torch.get_num_threads(),
+            self.engine.temperature,
+            self.settings.abstain_below,
         )
 
     def handle(self, data: list[dict[str, Any]], context) -> list[str]:
@@ -107,7 +114,9 @@ class EmotionHandler(BaseHandler):
             try:
                 headers = self._headers(idx)
                 if is_probe(headers):
-                    batch.probes.add(idx)
+                    batch.probes.add(idx)  # the probe's answer is judged by its label: it never abstains
+                else:
+                    batch.abstain_below[idx] = abstain_threshold(headers, self.settings.abstain_below)
                 batch.texts[idx] = extract_text(request, headers, self.settings.max_text_chars)
             except InputError as err:
                 batch.errors[idx] = err
@@ -155,7 +164,7 @@ class EmotionHandler(BaseHandler):
     def postprocess(self, batch: Batch) -> list[str]:
         """One JSON body per request, in request order, with per-request status codes."""
         responses = []
-        labels, rejected = Counter(), Counter()
+        labels, rejected, abstained = Counter(), Counter(), 0
         for idx in range(batch.size):
             if idx in batch.errors:
                 error = batch.errors[idx]
@@ -163,12 +172,18 @@ class EmotionHandler(BaseHandler):
                 rejected[error.kind] += 1
                 body = error.to_response()
             else:
-                body = self.engine.answer(batch.probabilities[idx], idx in batch.truncated)
-                if idx not in batch.probes:
+                body = self.engine.answer(
+                    batch.probabilities[idx], idx in batch.truncated, batch.abstain_below.get(idx, 0.0)
+                )
+                if idx in batch.probes:
+                    pass
+                elif body["abstained"]:
+                    abstained += 1
+                else:
                     labels[body["label"]] += 1
             self.context.set_response_content_type(idx, "application/json")
             responses.append(json.dumps(body))
-        self.emotion_metrics.predictions(labels)
+        self.emotion_metrics.predictions(labels, abstained)
         self.emotion_metrics.rejected(rejected)
         return responses
 

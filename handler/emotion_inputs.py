@@ -101,6 +101,32 @@ class MediaType:
 PROBE_HEADER = "x-emotion-probe"
 
 
+# A client's own abstain threshold for one request (``abstain_threshold``), over the deployment's.
+ABSTAIN_HEADER = "x-emotion-abstain-below"
+
+
+def abstain_threshold(headers: Mapping[str, Any] | None, default: float) -> float:
+    """The confidence below which this request's answer abstains: the client's
+    ``X-Emotion-Abstain-Below`` header (a decimal number from 0 to 1; 0 never abstains), else
+    ``default`` (the deployment's ``abstain_below``).
+
+    Raises:
+        InputError: The header is present but no number in [0, 1].
+    """
+    value = header_map(headers).get(ABSTAIN_HEADER)
+    if value is None:
+        return default
+    try:
+        threshold = float(value.strip())
+    except ValueError:
+        threshold = math.nan
+    if not 0.0 <= threshold <= 1.0:  # NaN fails both comparisons
+        raise InputError(
+            "InvalidAbstainThreshold", f"X-Emotion-Abstain-Below must be a number from 0 to 1, not {value[:40]!r}"
+        )
+    return threshold
+
+
 def is_probe(headers: Mapping[str, Any] | None) -> bool:
     """Whether the request is the gateway's readiness probe (``PROBE_HEADER`` present)."""
     return PROBE_HEADER in header_map(headers)

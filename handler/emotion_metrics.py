@@ -42,6 +42,7 @@ class EmotionMetrics:
         self._truncated = counter("EmotionTruncated", "count", [])
         self._words = counter("EmotionWords", "count", [])
         self._unfamiliar_words = counter("EmotionUnfamiliarWords", "count", [])
+        self._abstained = counter("EmotionAbstained", "count", [])
 
     def start_distributions(self) -> None:
         """Emit every bucket, label and drift counter once at zero, so that each series exists from
@@ -58,11 +59,15 @@ class EmotionMetrics:
         self._truncated.add_or_update(0, [self.model_name])
         self._words.add_or_update(0, [self.model_name])
         self._unfamiliar_words.add_or_update(0, [self.model_name])
+        self._abstained.add_or_update(0, [self.model_name])
 
-    def predictions(self, labels: Counter[str]) -> None:
-        """Count a batch's answered requests by top label (one metric line per label, not per request)."""
+    def predictions(self, labels: Counter[str], abstained: int = 0) -> None:
+        """Count a batch's answered requests by label (one metric line per label, not per request),
+        and those that abstained (no label)."""
         for label, count in labels.items():
             self._predictions.add_or_update(count, [self.model_name, label])
+        if abstained:
+            self._abstained.add_or_update(abstained, [self.model_name])
 
     def rejected(self, reasons: Counter[str]) -> None:
         """Count a batch's requests refused with a 4xx, by error type."""

@@ -50,6 +50,10 @@ class HandlerSettings:
             ``(backups + 1) * max_bytes``.
         request_log_texts: Also log the raw texts (operator opt-in; off by default for privacy).
         request_log_max_age_days: Days a request-log entry may be kept (0: no age limit).
+        abstain_below: Answer ``"label": null, "abstained": true`` (with every probability) when
+            the top probability is below this; 0 never abstains. A request's
+            ``X-Emotion-Abstain-Below`` header overrides it (``emotion_inputs.abstain_threshold``);
+            ``metrics/<experiment>/risk_coverage.csv`` gives the coverage and accuracy of each value.
     """
 
     backend: str = "torch"
@@ -68,6 +72,7 @@ class HandlerSettings:
     request_log_backups: int = 5
     request_log_texts: bool = False
     request_log_max_age_days: float = 30
+    abstain_below: float = 0.0
 
     @classmethod
     def from_yaml(cls, section: dict[str, Any] | None) -> HandlerSettings:
@@ -94,6 +99,9 @@ class HandlerSettings:
             raise ValueError("handler.request_log_max_bytes must be > 0 and request_log_backups >= 0")
         if settings.request_log_max_age_days < 0:
             raise ValueError(f"handler.request_log_max_age_days must be >= 0, not {settings.request_log_max_age_days}")
+        threshold = settings.abstain_below
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"handler.abstain_below must be a number from 0 to 1, not {settings.abstain_below!r}")
         for key, backend in BACKEND_ONLY.items():
             if getattr(settings, key) and settings.backend != backend:
                 raise ValueError(f"handler.{key} applies to the {backend} backend only")

@@ -83,11 +83,14 @@ ENTRY_FIELDS: dict[str, tuple[type, ...]] = {
     "chars": (int,),
     "tokens": (int,),
     "unknown_share": (int, float),
-    "unfamiliar_share": (int, float),
     "confidence": (int, float),
     "label": (str,),
     "truncated": (bool,),
 }
+# Fields a handler older than the column did not log: an entry without one is still usable (one
+# holding it with another type is not); the column is compared when the reference and every entry
+# of the window hold it, and left out of the comparison (with a warning) otherwise.
+OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"unfamiliar_share": (int, float)}
 
 
 def usable_entry(entry: Any, fields: Mapping[str, tuple[type, ...]] | None = ENTRY_FIELDS) -> bool:
@@ -96,10 +99,13 @@ def usable_entry(entry: Any, fields: Mapping[str, tuple[type, ...]] | None = ENT
     if not isinstance(entry, dict):
         return False
     for name, types in (fields or {}).items():
-        value = entry.get(name)
-        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+        if not _typed(entry.get(name), types):
             return False
-    return True
+    return fields is None or all(_typed(entry[n], t) for n, t in OPTIONAL_FIELDS.items() if n in entry)
+
+
+def _typed(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))
 
 
 def read_requests(
@@ -169,13 +175,21 @@ def evidently_report(
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
-    columns = [*NUMERIC, *CATEGORICAL]
+    missing = [
+        c
+        for c, types in OPTIONAL_FIELDS.items()
+        if c not in reference_rows or not all(_typed(e.get(c), types) for e in entries)
+    ]
+    if missing:
+        log.warning("not compared (absent from the reference profile or from some logged requests): %s", missing)
+    numeric = [c for c in NUMERIC if c not in missing]
+    columns = [*numeric, *CATEGORICAL]
     reference = pd.DataFrame({c: reference_rows[c] for c in columns})
     current = pd.DataFrame({c: [e[c] for e in entries] for c in columns})
     for frame in (reference, current):
         frame["truncated"] = frame["truncated"].astype(str)
         frame["confidence"] = [monitor.bucket_of(c, monitor.CONFIDENCE_BOUNDS) for c in frame["confidence"]]
-    definition = DataDefinition(numerical_columns=list(NUMERIC), categorical_columns=list(CATEGORICAL))
+    definition = DataDefinition(numerical_columns=numeric, categorical_columns=list(CATEGORICAL))
     threshold = settings["psi_threshold"]
     preset = DataDriftPreset(num_method="psi", cat_method="psi", num_threshold=threshold, cat_threshold=threshold)
     snapshot = Report([preset]).run(

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from project import TRAIN_FILE, VAL_FILE, handler_module, pipeline_model_dir
-from serving.archive import ARCHIVE_PROFILE_NAME, PROFILE_SUFFIX
+from serving.archive import ARCHIVE_PROFILE_NAME, CALIBRATION_SUFFIX, PROFILE_SUFFIX, beside
 from training.data import load_split
 
 monitor = handler_module("emotion_monitor")  # the module TorchServe's worker loads, not a second copy
@@ -45,7 +45,7 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 def profile_path(model_dir: Path) -> Path:
     """Where the profile of ``model_dir`` lives: beside it, ``<model_dir>.profile.json``."""
     model_dir = Path(model_dir)
-    return model_dir.with_name(model_dir.name + PROFILE_SUFFIX)
+    return beside(model_dir, PROFILE_SUFFIX)
 
 
 def shares(counts: dict[str, int]) -> dict[str, float]:
@@ -80,8 +80,11 @@ def input_statistics(tokenizer, texts: Sequence[str], max_length: int, labels: S
 
 
 @torch.inference_mode()
-def predict_probabilities(model, token_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> np.ndarray:
-    """Softmax probabilities for each token sequence, run in batches of similar length."""
+def predict_probabilities(
+    model, token_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int, temperature: float = 1.0
+) -> np.ndarray:
+    """Softmax probabilities of ``logits / temperature`` for each token sequence, run in batches
+    of similar length."""
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
     out = np.zeros((len(token_ids), model.config.num_labels), dtype=np.float64)
     for start in range(0, len(order), batch_size):
@@ -93,15 +96,18 @@ def predict_probabilities(model, token_ids: Sequence[Sequence[int]], pad_id: int
             ids[r, : len(token_ids[i])] = torch.tensor(token_ids[i])
             mask[r, : len(token_ids[i])] = 1
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        out[rows] = torch.softmax(logits, dim=-1).numpy()
+        out[rows] = torch.softmax(logits / temperature, dim=-1).numpy()
     return out
 
 
 def build_profile(model_dir: Path, train_file: Path, val_file: Path, batch_size: int = 64) -> dict:
-    """The reference profile of the model in ``model_dir`` on the given training and validation splits."""
+    """The reference profile of the model in ``model_dir`` on the given training and validation
+    splits, with the probabilities as the archive serves them: at the temperature written beside
+    the model directory (``training.calibrate``), if any."""
     from transformers import AutoModelForSequenceClassification
 
     model_dir = Path(model_dir)
+    temperature = handler_module("emotion_engine").read_temperature(beside(model_dir, CALIBRATION_SUFFIX))
     tokenizer = handler_module("emotion_engine").load_tokenizer(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -116,7 +122,7 @@ def build_profile(model_dir: Path, train_file: Path, val_file: Path, batch_size:
     texts = [e.text for e in val]
     token_ids, cut = tokenizer.encode(texts, max_length)
     log.info("scoring %d validation texts", len(texts))
-    probabilities = predict_probabilities(model, token_ids, tokenizer.pad_token_id or 0, batch_size)
+    probabilities = predict_probabilities(model, token_ids, tokenizer.pad_token_id or 0, batch_size, temperature)
     known = monitor.known_words(tokenizer.get_vocab())
     records = monitor.make_records(texts, token_ids, probabilities.tolist(), labels, tokenizer.unk_token_id, cut, known)
     confidences = [r.confidence for r in records]
@@ -131,12 +137,13 @@ def build_profile(model_dir: Path, train_file: Path, val_file: Path, batch_size:
     )
     # The request log's fields for each validation text (no time, no text): Evidently's reference.
     rows = [monitor.log_entry(r, labels, 0.0, with_text=False) for r in records]
-    columns = ("chars", "tokens", "unknown_share", "truncated", "label", "confidence")
+    columns = ("chars", "tokens", "unknown_share", "unfamiliar_share", "truncated", "label", "confidence")
     return {
         "model_dir": str(model_dir),
         "labels": labels,
         "max_length": max_length,
         "low_confidence": monitor.LOW_CONFIDENCE,
+        "temperature": temperature,
         "buckets": {
             "confidence": {
                 "bounds": list(monitor.CONFIDENCE_BOUNDS),

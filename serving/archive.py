@@ -6,7 +6,9 @@ torch-model-archiver, plus what the configured backend's export step builds (the
 ONNX graph for the ``onnx`` backend). ``--without-weights`` leaves the PyTorch weights out for a
 backend whose CPU worker never reads them (the CPU serving image). Nothing the archive needs is
 fetched at serve time. The reference profile written beside the model directory
-(``<model-dir>.profile.json``, ``monitoring.profile``) is packed as ``reference_profile.json``.
+(``<model-dir>.profile.json``, ``monitoring.profile``) is packed as ``reference_profile.json``, and
+the softmax temperature (``<model-dir>.calibration.json``, ``training.calibrate``) as
+``calibration.json``, which the handler applies.
 The archived engine's answers to the golden texts are packed as ``golden.json``
 (``serving.golden``), which the gateway's readiness check compares served answers with.
 The pipeline's archive stage (``dvc.yaml``) passes the experiment's model directory.
@@ -36,6 +38,8 @@ HANDLER_FILE = HANDLER_DIR / "emotion_handler.py"
 # The drift tools' reference (monitoring/profile.py writes it beside the model directory).
 PROFILE_SUFFIX = ".profile.json"
 ARCHIVE_PROFILE_NAME = "reference_profile.json"
+# The temperature training/calibrate.py fits, beside the model directory too.
+CALIBRATION_SUFFIX = ".calibration.json"
 WEIGHTS = "model.safetensors"
 # Files of a Hugging Face model directory the handler needs besides the weights.
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -112,11 +116,23 @@ def build_archive(
             extra += backends.BACKENDS[settings.backend].export(model_dir, Path(tmp) / "export", settings)
         except backends.ExportError as err:
             raise ArchiveError(str(err)) from err
+        calibration = beside(model_dir, CALIBRATION_SUFFIX)
+        if calibration.is_file():
+            engine = handler_module("emotion_engine")
+            try:
+                temperature = engine.read_temperature(calibration)
+            except ValueError as err:
+                raise ArchiveError(str(err)) from err
+            extra.append(Path(shutil.copy(calibration, Path(tmp) / engine.CALIBRATION_FILE)))
+            log.info("packing the temperature %.4f of %s", temperature, calibration)
+        else:
+            log.warning("no calibration %s: the archive serves uncalibrated probabilities", calibration)
         try:
+            # After the calibration: the record holds the answers as served, temperature applied.
             extra.append(write_golden_record(model_dir, extra, settings, Path(tmp)))
         except GoldenError as err:
             raise ArchiveError(f"{model_dir}: {err}") from err
-        profile = model_dir.with_name(model_dir.name + PROFILE_SUFFIX)
+        profile = beside(model_dir, PROFILE_SUFFIX)
         if profile.is_file():
             extra.append(Path(shutil.copy(profile, Path(tmp) / ARCHIVE_PROFILE_NAME)))
         else:
@@ -150,6 +166,12 @@ def build_archive(
     return target
 
 
+def beside(model_dir: Path, suffix: str) -> Path:
+    """A file the pipeline writes next to the model directory: ``<model-dir><suffix>``."""
+    model_dir = Path(model_dir)
+    return model_dir.with_name(model_dir.name + suffix)
+
+
 def write_golden_record(model_dir: Path, files: list[Path], settings, tmp: Path) -> Path:
     """``golden.json``: the archived engine (``files`` staged as the unpacked archive) on the golden
     texts, with its noise against the model's fp32 PyTorch forward pass (``serving.golden``)."""
@@ -161,7 +183,8 @@ def write_golden_record(model_dir: Path, files: list[Path], settings, tmp: Path)
     # torch.compile changes no answer beyond the tolerance and would take minutes here.
     archived = engine_module.EmotionEngine(stage, dataclasses.replace(settings, compile=False))
     fp32 = dataclasses.replace(settings, backend="torch", precision="fp32", compile=False, spin_wait=False, fuse=False)
-    reference = engine_module.EmotionEngine(model_dir, fp32)
+    # The same temperature: the noise compares the logits both engines feed the softmax.
+    reference = engine_module.EmotionEngine(model_dir, fp32, temperature=archived.temperature)
     record = build_record(archived, reference, f"{settings.backend} {settings.precision}", cpu.line())
     log.info(
         "golden record: %d texts, %d decisive, noise %.4f, tolerance %.4f (%s)",

@@ -166,9 +166,11 @@ def tolerance_for(noise: float) -> float:
 
 
 def logits(engine: Any, text: str) -> list[float]:
-    """The engine's logits for ``text`` alone (its backend's forward pass, as the handler runs it)."""
+    """The engine's logits for ``text`` alone (its backend's forward pass, as the handler runs it),
+    divided by its temperature, as its softmax sees them."""
     ids, mask = engine.pad(engine.token_ids([text])[0])
-    return [float(x) for x in engine.model(ids, mask)[0]]
+    temperature = getattr(engine, "temperature", 1.0)
+    return [float(x) / temperature for x in engine.model(ids, mask)[0]]
 
 
 def build_record(engine: Any, reference: Any, engine_name: str, cpu: str = "") -> GoldenRecord:

@@ -304,15 +304,18 @@ def log_line(i: int = 0, label: str = "joy", **changes) -> dict:
     return {k: v for k, v in entry.items() if v is not None}
 
 
-# What `make drift` reads.
-LOG_FIELDS = ("chars", "tokens", "unknown_share", "unfamiliar_share", "truncated", "label", "confidence")
-VALID_LINES = [json.dumps(log_line(i)) for i in range(100)]
+# What `make drift` reads (an older handler's lines lack the unfamiliar-word share, and still count).
+LOG_FIELDS = ("chars", "tokens", "unknown_share", "truncated", "label", "confidence")
+VALID_LINES = [json.dumps(log_line(i, unfamiliar_share=None if i % 3 else 0.0)) for i in range(100)]
 JUNK_LINES = st.one_of(
     st.sampled_from(["[1, 2]", "null", '"text"', "42", "{", "", "{}"]),
     st.sampled_from(LOG_FIELDS).map(lambda name: json.dumps(log_line(**{name: None}))),
-    st.sampled_from([("tokens", "12"), ("label", 3), ("truncated", 0), ("confidence", None), ("chars", True)]).map(
-        lambda change: json.dumps(log_line(**dict([change])))
-    ),
+    st.sampled_from(
+        [
+            *(("tokens", "12"), ("label", 3), ("truncated", 0), ("confidence", None), ("chars", True)),
+            *(("unfamiliar_share", "0.1"), ("unfamiliar_share", False)),
+        ]
+    ).map(lambda change: json.dumps(log_line(**dict([change])))),
 )
 
 
@@ -355,6 +358,25 @@ def test_a_window_below_min_requests_is_still_too_few_to_tell(tmp_path):
         code, summary = drift.run_drift(tmp_path, fake_profile(), tmp_path / "out", window, None, config)
         assert code == drift.EXIT_TOO_FEW
         assert summary["needed"] == config["drift_report"]["min_requests"]
+
+
+@pytest.mark.parametrize(("in_reference", "in_log"), [(True, True), (False, True), (True, False), (False, False)])
+def test_a_profile_or_log_older_than_the_unfamiliar_word_column_is_compared_on_the_others(
+    tmp_path, in_reference, in_log
+):
+    config = load_drift_config()
+    config["drift_report"]["min_requests"] = 5
+    rows = [log_line(i, label=LABELS[i % 6]) for i in range(60)]
+    profile = fake_profile() | {"records": {f: [r[f] for r in rows] for f in (*LOG_FIELDS, "unfamiliar_share")}}
+    if not in_reference:
+        del profile["records"]["unfamiliar_share"]
+    (tmp_path / "logs").mkdir()
+    lines = [json.dumps(r if in_log else {k: v for k, v in r.items() if k != "unfamiliar_share"}) for r in rows]
+    (tmp_path / "logs" / "requests.jsonl").write_text("".join(line + "\n" for line in lines))
+    code, summary = drift.run_drift(tmp_path / "logs", profile, tmp_path / "out", 100, None, config)
+    assert summary["requests"] == 60 and code == drift.EXIT_OK
+    assert {"chars", "tokens", "unknown_share", "label", "confidence"} <= set(summary["columns"])
+    assert ("unfamiliar_share" in summary["columns"]) == (in_reference and in_log)
 
 
 def test_drift_names_a_profile_of_another_label_set(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -37,13 +38,17 @@ def test_stage_outputs_are_where_training_writes_them(experiment):
     assert model_dir in paths["train"] and model_dir in paths["evaluate"] and model_dir in paths["archive"]
     assert f"{metrics_dir}/train.json" in paths["train"]
     assert f"{metrics_dir}/eval.json" in paths["evaluate"]
+    # The temperature: fitted beside the model folder, read by the profile and packed by the archive.
+    calibration = f"{model_dir}.calibration.json"
+    assert calibration in paths["calibrate"] and calibration in paths["profile"] and calibration in paths["archive"]
+    assert f"{metrics_dir}/calibration.json" in paths["calibrate"]
     archive_cmd = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["archive"]["cmd"]
     assert f"--model-dir {model_dir} " in archive_cmd.replace("${experiment}", experiment)
 
 
 def test_stages_depend_on_every_code_folder_they_run():
     paths = stage_paths("default")
-    for stage in ("train", "evaluate"):
+    for stage in ("train", "calibrate", "evaluate"):
         assert {"training", "project.py"} <= paths[stage], stage
     assert {"project.py", "training/prepare.py", "training/data.py", "training/config.py"} <= paths["data"]
     assert {"handler", "serving/archive.py", "project.py"} <= paths["archive"]
@@ -86,10 +91,14 @@ def test_repro_builds_the_archive_then_is_a_no_op(workspace):
     run(["dvc", "repro"], repo, env)
     assert (repo / "model_store" / "emotion.mar").stat().st_size > 1_000_000
     assert (repo / "metrics" / "smoke" / "eval.json").is_file()
+    with zipfile.ZipFile(repo / "model_store" / "emotion.mar") as archive:  # the fitted temperature, packed
+        packed = json.loads(archive.read("calibration.json"))
+    assert packed == json.loads((repo / "models" / "emotion-smoke.calibration.json").read_text())
+    assert json.loads((repo / "metrics" / "smoke" / "calibration.json").read_text())["temperature"] > 0
     assert (repo / "models" / "emotion-smoke" / "model.safetensors").is_file()
     again = run(["dvc", "repro"], repo, env)
     assert "Data and pipelines are up to date" in again
-    for stage in ("data", "teacher", "teacher_logits", "train", "evaluate", "archive"):
+    for stage in ("data", "teacher", "teacher_logits", "train", "calibrate", "profile", "evaluate", "archive"):
         assert f"Stage '{stage}' didn't change, skipping" in again
 
 
