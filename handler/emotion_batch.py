@@ -31,6 +31,7 @@ class Batch:
     truncated: set[int] = field(default_factory=set)  # texts longer than the model's token window
     probes: set[int] = field(default_factory=set)  # readiness probes: answered, not counted as traffic
     abstain_below: dict[int, float] = field(default_factory=dict)  # request index -> its threshold
+    request_ids: dict[int, str] = field(default_factory=dict)  # request index -> its id
 
 
 def plan_passes(lengths: list[int], pass_cost_tokens: int) -> list[list[int]]:

@@ -13,7 +13,10 @@ Response for each good request (``truncated``: the text was longer than the mode
 only its beginning was classified)::
 
     {"label": "joy", "score": 0.97, "probabilities": {"sadness": 0.01, ..., "surprise": 0.0},
-     "truncated": false, "abstained": false}
+     "truncated": false, "abstained": false, "request_id": "6f1c..."}
+
+Every answer, errors too, carries its ``request_id``: the request's ``X-Request-ID`` when valid
+(the gateway sends one with every request), else TorchServe's own id; the request log has it too.
 
 The probabilities are temperature-scaled when the archive packs a ``calibration.json``
 (``training.calibrate``). Below the deployment's ``abstain_below``, or the request's
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -33,7 +37,7 @@ import torch
 from emotion_batch import Batch
 from emotion_cpuinfo import detect, worker_threads
 from emotion_engine import WARM_UP_TEXTS, EmotionEngine
-from emotion_inputs import InputError, abstain_threshold, extract_text, is_probe
+from emotion_inputs import InputError, abstain_threshold, extract_text, is_probe, request_id
 from emotion_metrics import EmotionMetrics
 from emotion_monitor import EmotionMonitor, known_words, make_records
 from emotion_settings import HandlerSettings
@@ -111,8 +115,9 @@ class EmotionHandler(BaseHandler):
         """Read one text per request; unreadable requests are set aside with their error."""
         batch = Batch(size=len(data))
         for idx, request in enumerate(data):
+            headers = self._headers(idx)
+            batch.request_ids[idx] = request_id(headers, self._torchserve_id(idx))
             try:
-                headers = self._headers(idx)
                 if is_probe(headers):
                     batch.probes.add(idx)  # the probe's answer is judged by its label: it never abstains
                 else:
@@ -157,6 +162,7 @@ class EmotionHandler(BaseHandler):
             self.engine.tokenizer.unk_token_id,
             [i in batch.truncated for i in answered],
             self.known_words,
+            [batch.request_ids.get(i) for i in answered],
         )
         self.monitor.observe_batch(records)
         return batch
@@ -181,6 +187,7 @@ class EmotionHandler(BaseHandler):
                     abstained += 1
                 else:
                     labels[body["label"]] += 1
+            body["request_id"] = batch.request_ids.get(idx)
             self.context.set_response_content_type(idx, "application/json")
             responses.append(json.dumps(body))
         self.emotion_metrics.predictions(labels, abstained)
@@ -243,6 +250,14 @@ class EmotionHandler(BaseHandler):
             log.exception("the model failed on a known-good text too")
             return False
         return True
+
+    def _torchserve_id(self, idx: int) -> str:
+        """TorchServe's own id of request ``idx`` (a UUID), or a fresh one."""
+        try:
+            value = self.context.get_request_id(idx)
+        except (AttributeError, IndexError, KeyError, TypeError):
+            value = None
+        return value if isinstance(value, str) and value else uuid.uuid4().hex
 
     def _headers(self, idx: int) -> dict[str, Any]:
         """The request's headers as TorchServe recorded them (request- and parameter-level)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,6 +100,18 @@ class MediaType:
 # Set by the gateway's readiness check (serving/health.py) on its golden request, and stripped
 # by the gateway from every client request: a probe is answered but not counted as traffic.
 PROBE_HEADER = "x-emotion-probe"
+
+
+# The id of one request and its answer: the client's own when valid, else the gateway's (nginx
+# sends every request with one), else TorchServe's. It comes back in the body and the request log.
+REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def request_id(headers: Mapping[str, Any] | None, fallback: str) -> str:
+    """The request's ``X-Request-ID`` when it is one (at most 64 of ``[A-Za-z0-9._-]``), else ``fallback``."""
+    value = header_map(headers).get(REQUEST_ID_HEADER)
+    return value if value is not None and REQUEST_ID.fullmatch(value) else fallback
 
 
 # A client's own abstain threshold for one request (``abstain_threshold``), over the deployment's.

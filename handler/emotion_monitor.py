@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -101,6 +102,7 @@ class RequestRecord:
         words: Words in the text (:data:`WORD`; 0 when the vocabulary's words are not known).
         unfamiliar_words: Words that are not whole words of the tokenizer's vocabulary
             (:func:`known_words`): typos, rare words, other languages.
+        request_id: The id its answer carries (``emotion_inputs.request_id``).
     """
 
     chars: int
@@ -112,6 +114,7 @@ class RequestRecord:
     text: str | None = None
     words: int = 0
     unfamiliar_words: int = 0
+    request_id: str | None = None
 
     @property
     def confidence(self) -> float:
@@ -127,12 +130,15 @@ def make_records(
     unknown_token_id: int | None,
     truncated: Sequence[bool],
     known: frozenset[str] | None = None,
+    request_ids: Sequence[str | None] | None = None,
 ) -> list[RequestRecord]:
     """Records for a batch from what the handler already has: texts, their (truncated) token ids,
     probabilities, and whether each text was longer than the model's window, all in the same order;
-    ``known``: the vocabulary's whole words (:func:`known_words`), for the unfamiliar-word counts."""
+    ``known``: the vocabulary's whole words (:func:`known_words`), for the unfamiliar-word counts;
+    ``request_ids``: the id of each answer."""
     records = []
-    for text, ids, row, cut in zip(texts, token_ids, probabilities, truncated, strict=True):
+    ids_of = request_ids if request_ids is not None else [None] * len(texts)
+    for text, ids, row, cut, rid in zip(texts, token_ids, probabilities, truncated, ids_of, strict=True):
         best = max(range(len(row)), key=row.__getitem__)
         words, unfamiliar = word_counts(text, known)
         records.append(
@@ -146,6 +152,7 @@ def make_records(
                 text=text,
                 words=words,
                 unfamiliar_words=unfamiliar,
+                request_id=rid,
             )
         )
     return records
@@ -290,10 +297,12 @@ def default_log_dir(in_worker: bool = False) -> Path:
     return Path("logs")
 
 
-def log_entry(record: RequestRecord, labels: Sequence[str], now: float, with_text: bool) -> dict[str, Any]:
-    """The request log's JSON object for one request."""
+def log_entry(record: RequestRecord, labels: Sequence[str], now: float, with_text: bool | str) -> dict[str, Any]:
+    """The request log's JSON object for one request; ``with_text``: True keeps the text,
+    ``"hash"`` its SHA-256 (``text_sha256``: repeated texts can be told apart, not read), False nothing."""
     entry: dict[str, Any] = {
         "time": round(now, 3),
+        **({"request_id": record.request_id} if record.request_id is not None else {}),
         "chars": record.chars,
         "tokens": record.tokens,
         "unknown_share": round(record.unknown_tokens / record.tokens, 4) if record.tokens else 0.0,
@@ -304,7 +313,9 @@ def log_entry(record: RequestRecord, labels: Sequence[str], now: float, with_tex
         "confidence": round(record.confidence, 5),
         "probabilities": {name: round(p, 5) for name, p in zip(labels, record.probabilities, strict=True)},
     }
-    if with_text and record.text is not None:
+    if with_text == "hash" and record.text is not None:
+        entry["text_sha256"] = hashlib.sha256(record.text.encode("utf-8", "surrogatepass")).hexdigest()
+    elif with_text is True and record.text is not None:
         entry["text"] = record.text
     return entry
 
@@ -316,7 +327,8 @@ class EmotionMonitor:
         sink: Receives the batch's bucket counts (the handler's ``EmotionMetrics``).
         labels: Label names in the model's order.
         request_log: Where to log requests; None disables the log.
-        log_texts: Keep the raw texts in the log (operator opt-in; off by default for privacy).
+        log_texts: Keep the raw texts in the log (True, operator opt-in; off by default for
+            privacy), only their SHA-256 (``"hash"``), or nothing (False).
     """
 
     def __init__(
@@ -324,7 +336,7 @@ class EmotionMonitor:
         sink: DistributionSink,
         labels: Sequence[str],
         request_log: RequestLog | None = None,
-        log_texts: bool = False,
+        log_texts: bool | str = False,
     ) -> None:
         self.sink = sink
         self.labels = list(labels)
@@ -343,7 +355,9 @@ class EmotionMonitor:
                 folder / REQUEST_LOG_NAME, settings.request_log_max_bytes, settings.request_log_backups, max_age_s
             )
             log.info(
-                "request log: %s (texts %s)", request_log.path, "kept" if settings.request_log_texts else "not kept"
+                "request log: %s (texts %s)",
+                request_log.path,
+                {True: "kept", "hash": "hashed"}.get(settings.request_log_texts, "not kept"),
             )
         return cls(sink, labels, request_log, settings.request_log_texts)
 

@@ -48,7 +48,8 @@ class HandlerSettings:
         request_log_max_bytes: Size at which the request log is rotated.
         request_log_backups: Rotated request logs kept; the log takes at most about
             ``(backups + 1) * max_bytes``.
-        request_log_texts: Also log the raw texts (operator opt-in; off by default for privacy).
+        request_log_texts: ``true``: also log the raw texts (operator opt-in; off by default for
+            privacy); ``hash``: only each text's SHA-256 (``text_sha256``); ``false``: neither.
         request_log_max_age_days: Days a request-log entry may be kept (0: no age limit).
         abstain_below: Answer ``"label": null, "abstained": true`` (with every probability) when
             the top probability is below this; 0 never abstains. A request's
@@ -70,7 +71,7 @@ class HandlerSettings:
     request_log_dir: str | None = None
     request_log_max_bytes: int = 20_000_000
     request_log_backups: int = 5
-    request_log_texts: bool = False
+    request_log_texts: bool | str = False
     request_log_max_age_days: float = 30
     abstain_below: float = 0.0
 
@@ -97,6 +98,10 @@ class HandlerSettings:
             raise ValueError(f"handler.pass_cost_tokens must be >= 0, not {settings.pass_cost_tokens}")
         if settings.request_log_max_bytes <= 0 or settings.request_log_backups < 0:
             raise ValueError("handler.request_log_max_bytes must be > 0 and request_log_backups >= 0")
+        if not isinstance(settings.request_log_texts, bool) and settings.request_log_texts != "hash":
+            raise ValueError(
+                f"handler.request_log_texts must be true, false or hash, not {settings.request_log_texts!r}"
+            )
         if settings.request_log_max_age_days < 0:
             raise ValueError(f"handler.request_log_max_age_days must be >= 0, not {settings.request_log_max_age_days}")
         threshold = settings.abstain_below

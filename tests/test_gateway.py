@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from serving.access_log import AccessLog
 from serving.client import PROBE_HEADER
@@ -65,6 +67,7 @@ class ScriptedUpstream(ScriptedHandler):
         self.send_header("X-Seen-Authorization", self.headers.get("Authorization", ""))
         self.send_header("X-Seen-Content-Type", self.headers.get("Content-Type", ""))
         self.send_header("X-Seen-Probe", self.headers.get(PROBE_HEADER, "absent"))
+        self.send_header("X-Seen-Request-ID", self.headers.get("X-Request-ID", "absent"))
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
@@ -96,6 +99,45 @@ def gateway(upstream, tmp_path):
 def post(gateway: Gateway, model: str, body=b"i feel fine", key: str | None = KEY, timeout: float = 10, **headers):
     auth = {"Authorization": f"Bearer {key}"} if key else {}
     return requests.post(f"{gateway.url}/predictions/{model}", data=body, headers={**auth, **headers}, timeout=timeout)
+
+
+VALID_IDS = st.text(alphabet="abcXYZ019._-", min_size=1, max_size=64)
+INVALID_IDS = st.one_of(
+    st.text(alphabet="abc019-", min_size=65, max_size=80),  # too long
+    st.text(alphabet='ab c/:;"{}', min_size=1, max_size=20).filter(lambda t: not re.fullmatch(r"[a-c]+", t)),
+)
+
+
+@given(
+    sent=st.one_of(VALID_IDS, INVALID_IDS, st.none()),
+    # answered upstream (200, the handler's 400, a queue-full 503) or by the gateway (401)
+    route=st.sampled_from([("emotion", KEY), ("bad", KEY), ("busy", KEY), ("emotion", None)]),
+)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_every_answer_carries_one_request_id_in_header_body_upstream_and_access_log(gateway, sent, route):
+    model, key = route
+    headers = {} if sent is None else {"X-Request-ID": sent}
+
+    def logged(rid: str) -> int:
+        return sum(line.endswith(f" request_id={rid}") for line in gateway.log_lines())
+
+    before = logged(sent) if sent else 0
+    answer = post(gateway, model, key=key, **headers)
+    rid = answer.headers["X-Request-ID"]
+    if sent is not None and re.fullmatch(r"[A-Za-z0-9._-]{1,64}", sent):
+        assert rid == sent
+    else:
+        assert re.fullmatch(r"[0-9a-f]{32}", rid), rid  # nginx's own
+        before = 0
+    if key is None:  # the gateway answered: its JSON has the id, and no upstream saw the request
+        assert answer.status_code == 401 and answer.json()["request_id"] == rid
+        assert "X-Seen-Request-ID" not in answer.headers
+    else:  # the upstream (the handler) got the same id
+        assert answer.headers["X-Seen-Request-ID"] == rid
+    deadline = time.monotonic() + 5  # nginx logs a request after its answer
+    while logged(rid) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert logged(rid) == before + 1
 
 
 @pytest.mark.parametrize("model", ["fail-once", "died-once", "hang-once"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from emotion_handler import EmotionHandler
@@ -227,3 +229,44 @@ def test_worker_threads_never_exceed_the_cpu_limit_unless_configured(configured,
 def test_negative_threads_are_refused():
     with pytest.raises(ValueError, match="threads"):
         HandlerSettings.from_yaml({"threads": -1})
+
+
+def test_every_answer_and_request_log_line_carries_its_request_id(tiny_model_dir, tmp_path):
+    context = make_context(tiny_model_dir, {"request_log_dir": str(tmp_path)})
+    handler = EmotionHandler()
+    handler.initialize(context)
+    sent = ["client-1", "not a valid id!", "x" * 65, "err.2", None]
+    payloads = ["i feel so delighted today", "i am furious", "i am scared", "", "so lonely"]
+    requests = [
+        (text, "text/plain", {} if rid is None else {"X-Request-ID": rid})
+        for text, rid in zip(payloads, sent, strict=True)
+    ]
+    results = run_batch(handler, context, requests)
+    assert [status for status, _ in results] == [200, 200, 200, 400, 200]
+    # A valid id is echoed; otherwise TorchServe's own id of the request (req-<index> here).
+    expected = ["client-1", "req-1", "req-2", "err.2", "req-4"]
+    assert [body["request_id"] for _, body in results] == expected
+    logged = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    assert [entry["request_id"] for entry in logged] == ["client-1", "req-1", "req-2", "req-4"]  # answered only
+
+
+@pytest.mark.parametrize(("keep", "field"), [(True, "text"), ("hash", "text_sha256"), (False, None)])
+def test_the_request_log_keeps_the_text_its_hash_or_nothing(tiny_model_dir, tmp_path, keep, field):
+    import hashlib
+
+    context = make_context(tiny_model_dir, {"request_log_dir": str(tmp_path), "request_log_texts": keep})
+    handler = EmotionHandler()
+    handler.initialize(context)
+    run_batch(handler, context, [("i feel so delighted today", "text/plain")])
+    (entry,) = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    kept = {
+        "text": "i feel so delighted today",
+        "text_sha256": hashlib.sha256(b"i feel so delighted today").hexdigest(),
+    }
+    assert {k: entry[k] for k in kept if k in entry} == ({field: kept[field]} if field else {})
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0, "text", None])
+def test_request_log_texts_is_true_false_or_hash(value):
+    with pytest.raises(ValueError, match="request_log_texts"):
+        HandlerSettings.from_yaml({"request_log_texts": value})

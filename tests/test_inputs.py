@@ -285,3 +285,13 @@ def test_nan_or_an_infinity_anywhere_in_a_json_body_is_refused(extra, bad, conte
     with pytest.raises(InputError) as info:
         extract_text(as_torchserve(body, content_type), headers_for(content_type), LIMIT)
     assert (info.value.status, info.value.kind) == (400, "MalformedJSON")
+
+
+@given(value=st.one_of(st.text(max_size=80), st.text(alphabet="aZ09._-", min_size=1, max_size=70)))
+def test_a_request_id_is_echoed_only_when_it_is_one(value):
+    from emotion_inputs import request_id
+
+    valid = 1 <= len(value) <= 64 and all(c.isascii() and (c.isalnum() or c in "._-") for c in value)
+    for name in ("X-Request-ID", "x-request-id", "X-REQUEST-ID"):
+        assert request_id({name: value}, "fallback") == (value if valid else "fallback")
+    assert request_id({}, "fallback") == "fallback" and request_id(None, "fallback") == "fallback"
