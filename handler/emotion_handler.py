@@ -88,6 +88,9 @@ class EmotionHandler(BaseHandler):
         self.known_words = known_words(self.engine.tokenizer.get_vocab())
         self.emotion_metrics = EmotionMetrics(context.metrics, context.model_name, self.labels)
         self.monitor = EmotionMonitor.from_settings(self.emotion_metrics, self.labels, self.settings)
+        manifest = getattr(context, "manifest", None) or {}
+        version = (manifest.get("model") or {}).get("modelVersion") if isinstance(manifest, dict) else None
+        self.monitor.model_version = str(version) if version is not None else None
         self.initialized = True
         log.info(
             "emotion handler ready: labels %s, max_length %d, %d thread(s), temperature %.3f, abstain below %g",

@@ -282,6 +282,17 @@ class RequestLog:
         self.path.replace(self.path.with_name(f"{self.path.name}.1"))
 
 
+def request_log_files(log_dir: Path) -> list[Path]:
+    """The request log in ``log_dir`` and its rotated files, oldest first."""
+    current = Path(log_dir) / REQUEST_LOG_NAME
+    rotated = sorted(
+        (p for p in current.parent.glob(REQUEST_LOG_NAME + ".*") if p.suffix[1:].isdigit()),
+        key=lambda p: int(p.suffix[1:]),
+        reverse=True,
+    )
+    return [*rotated, current] if current.exists() else rotated
+
+
 def default_log_dir(in_worker: bool = False) -> Path:
     """TorchServe's log folder: ``$LOG_LOCATION`` when set (TorchServe uses it too), else ``logs``.
 
@@ -297,12 +308,16 @@ def default_log_dir(in_worker: bool = False) -> Path:
     return Path("logs")
 
 
-def log_entry(record: RequestRecord, labels: Sequence[str], now: float, with_text: bool | str) -> dict[str, Any]:
+def log_entry(
+    record: RequestRecord, labels: Sequence[str], now: float, with_text: bool | str, model_version: str | None = None
+) -> dict[str, Any]:
     """The request log's JSON object for one request; ``with_text``: True keeps the text,
-    ``"hash"`` its SHA-256 (``text_sha256``: repeated texts can be told apart, not read), False nothing."""
+    ``"hash"`` its SHA-256 (``text_sha256``: repeated texts can be told apart, not read), False
+    nothing; ``model_version``: the archive's version that answered."""
     entry: dict[str, Any] = {
         "time": round(now, 3),
         **({"request_id": record.request_id} if record.request_id is not None else {}),
+        **({"model_version": model_version} if model_version is not None else {}),
         "chars": record.chars,
         "tokens": record.tokens,
         "unknown_share": round(record.unknown_tokens / record.tokens, 4) if record.tokens else 0.0,
@@ -342,6 +357,7 @@ class EmotionMonitor:
         self.labels = list(labels)
         self.request_log = request_log
         self.log_texts = log_texts
+        self.model_version: str | None = None  # the archive's version, logged with each answer
         sink.start_distributions()
 
     @classmethod
@@ -377,7 +393,7 @@ class EmotionMonitor:
         )
         if self.request_log is not None:
             now = time.time()
-            lines = [json.dumps(log_entry(r, self.labels, now, self.log_texts)) for r in records]
+            lines = [json.dumps(log_entry(r, self.labels, now, self.log_texts, self.model_version)) for r in records]
             try:
                 self.request_log.write(lines)
             except OSError:

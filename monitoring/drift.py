@@ -67,15 +67,7 @@ def check_labels(entries: list[dict[str, Any]], profile: dict[str, Any]) -> None
         )
 
 
-def log_files(log_dir: Path) -> list[Path]:
-    """The request log and its rotated files, oldest first."""
-    current = Path(log_dir) / monitor.REQUEST_LOG_NAME
-    rotated = sorted(
-        (p for p in current.parent.glob(monitor.REQUEST_LOG_NAME + ".*") if p.suffix[1:].isdigit()),
-        key=lambda p: int(p.suffix[1:]),
-        reverse=True,
-    )
-    return [*rotated, current] if current.exists() else rotated
+log_files = monitor.request_log_files
 
 
 # The fields of a request-log entry the comparison reads, and the types each must have.

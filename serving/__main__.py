@@ -91,6 +91,9 @@ def run(settings: ServeSettings) -> int:
         drain=settings.drain,
         golden_max_age=settings.golden_max_age,
         unready_exit=settings.unready_exit,
+        feedback_db=settings.feedback_db,
+        feedback_retention_days=settings.feedback_retention_days,
+        quality_window=settings.quality_window,
     )
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

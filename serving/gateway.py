@@ -73,11 +73,40 @@ def render(upstream: str, prefix: Path, settings: GatewaySettings) -> str:
         "KEY_RATE": str(settings.key_rate),
         "KEY_BURST": str(settings.key_burst),
         "RETRY_AFTER": str(settings.retry_after),
+        "FEEDBACK_RATE": str(settings.feedback_rate),
+        "FEEDBACK_BURST": str(settings.feedback_burst),
+        "FEEDBACK": feedback_route(settings.feedback_port),
     }
     text = TEMPLATE.read_text()
     for name, value in values.items():
         text = text.replace(f"@@{name}@@", value)
     return text
+
+
+def feedback_route(port: int | None) -> str:
+    """The body of the ``/feedback`` location: to the feedback service on ``port`` (the stack's
+    supervisor, ``serving.feedback``), or a 404 where none runs."""
+    if port is None:
+        return (
+            '            return 404 \'{"code": 404, "type": "NotFound", "message": "no feedback service '
+            'runs behind this gateway", "request_id": "$emotion_request_id"}\\n\';'
+        )
+    lines = [
+        f"proxy_pass http://{LOOPBACK}:{port};",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        'proxy_set_header Authorization "";  # the client key stops here',
+        "proxy_set_header X-Request-ID $emotion_request_id;",
+        "proxy_hide_header X-Request-ID;",
+        "proxy_connect_timeout 2s;",
+        "proxy_read_timeout 30s;",
+        # Only these are the gateway's to answer: the service's own 4xx pass as they are.
+        "proxy_intercept_errors on;",
+        "error_page 502 504 = @feedback_unavailable;",
+        "error_page 413 = @too_large;",
+        "error_page 429 = @too_many;",
+    ]
+    return "\n".join("            " + line for line in lines)
 
 
 def write_private(path: Path, text: str) -> None:

@@ -33,6 +33,7 @@ from project import (
     SERVE_DIR,
     SERVED_MODELS,
 )
+from serving.feedback import QUALITY_WINDOW, RETENTION_DAYS
 from serving.health import GOLDEN_MAX_AGE, UNREADY_EXIT
 
 MODEL_CONFIG = HANDLER_DIR / "model-config.yaml"
@@ -86,6 +87,11 @@ class GatewaySettings:
             per-client limits then count each client, not the proxy. Empty: the peer address.
         model: The served model: on its route (``/predictions/<model>``) TorchServe's 404
             means the model is being unregistered or registered again, a 503 ``NotReady``.
+        feedback_port: Loopback port of the feedback service (``serving.feedback``) behind
+            ``POST /feedback``; None: ``/feedback`` answers 404.
+        feedback_rate: Feedback requests per second accepted from one client address (a zone
+            of their own, apart from the predictions' limits).
+        feedback_burst: Feedback requests above ``feedback_rate`` one client may send at once.
     """
 
     host: str = LOOPBACK
@@ -102,6 +108,9 @@ class GatewaySettings:
     retry_after: int = 1
     model: str = MODEL_NAME
     trusted_proxies: tuple[str, ...] = ()
+    feedback_port: int | None = None
+    feedback_rate: int = 100
+    feedback_burst: int = 200
 
     def longest_request(self) -> int:
         """Seconds the gateway may keep one request: attempts start for up to the attempt
@@ -121,6 +130,8 @@ class GatewaySettings:
             "key_rate",
             "key_burst",
             "retry_after",
+            "feedback_rate",
+            "feedback_burst",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"gateway {name} must be >= 1, not {getattr(self, name)}")
@@ -182,6 +193,21 @@ class ServeSettings:
         default=UNREADY_EXIT,
         metadata=_flag("run: exit 1 after this many seconds not ready, once it was ready (0: never)"),
     )
+    feedback_db: Path | None = field(
+        default=None, metadata=_flag("POST /feedback: its SQLite store (default <workdir>/feedback.sqlite)")
+    )
+    feedback_rate: int = field(
+        default=GatewaySettings.feedback_rate, metadata=_flag("POST /feedback: requests/s per client address")
+    )
+    feedback_burst: int = field(
+        default=GatewaySettings.feedback_burst, metadata=_flag("POST /feedback: requests above its rate at once")
+    )
+    feedback_retention_days: float = field(
+        default=RETENTION_DAYS, metadata=_flag("POST /feedback: days an answer may get its label (410 after)")
+    )
+    quality_window: int = field(
+        default=QUALITY_WINDOW, metadata=_flag("live quality metrics: labelled answers per model version they cover")
+    )
     drain: float = field(default=2.0, metadata=_flag("seconds between not-ready and stopping"))
     timeout: float = field(default=240, metadata=_flag("start, stop: seconds to wait"))
     grace: float = field(default=3600, metadata=_flag("rotate-key: seconds the old keys stay valid"))
@@ -219,6 +245,8 @@ class ServeSettings:
         for name in ("golden_max_age", "unready_exit", "drain", "timeout", "grace"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.feedback_retention_days <= 0 or self.quality_window < 1:
+            raise ValueError("feedback_retention_days must be > 0 and quality_window >= 1")
 
     def gateway(self, model: str = MODEL_NAME) -> GatewaySettings:
         """The gateway's settings (validated there)."""
@@ -236,6 +264,8 @@ class ServeSettings:
             key_burst=self.key_burst,
             trusted_proxies=tuple(self.trusted_proxy),
             model=model,
+            feedback_rate=self.feedback_rate,
+            feedback_burst=self.feedback_burst,
         )
 
 

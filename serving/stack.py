@@ -14,6 +14,8 @@
   seconds ends ``run`` with exit code 1 (``serving.health.Liveness``), so that its container is
   restarted;
 * the access log is counted into the gateway's metrics and rotated by size;
+* ``POST /feedback`` (``serving.feedback``): labels for served answers, joined to them in SQLite,
+  and the live quality they give on the gateway's metrics;
 * on SIGTERM, readiness drops first, requests keep being served for ``drain`` seconds (load
   balancers stop sending) and every answer closes its connection (clients on kept-alive
   connections reconnect, to another replica), then nginx finishes what is in flight, then
@@ -31,13 +33,14 @@ import time
 from pathlib import Path
 
 from project import MODEL_NAME, SERVE_DIR, SERVED_MODELS
+from serving import feedback as feedback_service
 from serving import keys as gateway_keys
 from serving.access_log import AccessLog
 from serving.client import key_expiry
 from serving.gateway import RELOAD_TIMEOUT, Gateway, nginx_workers, wait_reloaded
 from serving.golden import GoldenRecord, served_record
 from serving.health import GOLDEN_MAX_AGE, UNREADY_EXIT, Liveness, Readiness
-from serving.server import TorchServe
+from serving.server import TorchServe, free_port
 from serving.settings import GatewaySettings
 
 log = logging.getLogger("serving.stack")
@@ -82,6 +85,10 @@ class Stack:
             (``serving.health.GOLDEN_MAX_AGE``).
         unready_exit: Seconds of not being ready, after having been ready, before
             :meth:`liveness_failure` asks for a restart (``serving.health.UNREADY_EXIT``; 0: never).
+        feedback_db: The feedback store (``serving.feedback``; default ``<workdir>/feedback.sqlite``).
+        feedback_retention_days: Days an answer may get its label.
+        quality_window: Labelled answers per model version the live quality metrics cover.
+        feedback: Serve ``POST /feedback`` (needs the golden record, for the label names).
     """
 
     def __init__(
@@ -100,6 +107,10 @@ class Stack:
         key_renewal: float = 0.1,
         golden_max_age: float = GOLDEN_MAX_AGE,
         unready_exit: float = UNREADY_EXIT,
+        feedback_db: Path | None = None,
+        feedback_retention_days: float = feedback_service.RETENTION_DAYS,
+        quality_window: int = feedback_service.QUALITY_WINDOW,
+        feedback: bool = True,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.model = model
@@ -111,13 +122,20 @@ class Stack:
         self.key_renewal = key_renewal
         self.torchserve = TorchServe(model_store, self.workdir / "torchserve", models, ts_overrides, free_ports)
         upstream = self.torchserve.inference_url.split("//", 1)[-1]
-        # The gateway maps TorchServe's 404 on this model's route to a retryable 503 NotReady.
-        gateway = dataclasses.replace(gateway or GatewaySettings(), model=model)
-        self.gateway = Gateway(upstream, self.workdir / "gateway", gateway)
         if golden is None:
             golden, source = served_record(model_store, models, model)
             if golden is None:
                 log.error("readiness: no golden record (%s): the service will not report ready", source)
+        # The label names of POST /feedback: the served archive's (its golden record's).
+        self.feedback_labels = list(golden.probabilities[0]) if golden is not None and feedback else None
+        self.feedback_db = Path(feedback_db) if feedback_db else self.workdir / "feedback.sqlite"
+        self.feedback_retention_days = feedback_retention_days
+        self.quality_window = quality_window
+        self.feedback: feedback_service.FeedbackServer | None = None
+        self._feedback_port = free_port() if self.feedback_labels else None
+        # The gateway maps TorchServe's 404 on this model's route to a retryable 503 NotReady.
+        gateway = dataclasses.replace(gateway or GatewaySettings(), model=model, feedback_port=self._feedback_port)
+        self.gateway = Gateway(upstream, self.workdir / "gateway", gateway)
         self.readiness = Readiness(self.torchserve.client, model, golden, golden_max_age=golden_max_age)
         self.liveness = Liveness(unready_exit)
         self.access_log = AccessLog(self.gateway.access_log)
@@ -161,6 +179,15 @@ class Stack:
         # leave the gateway without keys).
         self.gateway.client_keys = self.client_keys()
         self.torchserve.start(timeout=timeout, wait_model=None)
+        if self._feedback_port is not None:
+            store = feedback_service.FeedbackStore(
+                self.feedback_db,
+                self.feedback_labels,
+                self.torchserve.workdir / "logs",
+                self.feedback_retention_days,
+                self.quality_window,
+            )
+            self.feedback = feedback_service.FeedbackServer(store, self._feedback_port).start()
         self.gateway.upstream_key = self.torchserve.keys.get("inference")
         self.gateway.start()
         self._stop.clear()
@@ -195,6 +222,11 @@ class Stack:
         if self.access_log.rotate_if_needed():
             self.gateway.reopen_logs()
         metrics = self.access_log.metrics(state.ready, state.up, state.ready_workers)
+        if self.feedback is not None:
+            # The answers served since the last round, before the request log rotates them away,
+            # and the live quality, on the gateway's metrics endpoint.
+            self.feedback.store.ingest()
+            metrics += self.feedback.store.metrics()
         tmp = self.gateway.workdir / "metrics.prom.tmp"
         tmp.write_text(metrics)
         os.replace(tmp, self.gateway.workdir / "metrics.prom")
@@ -289,6 +321,9 @@ class Stack:
             self._thread.join(timeout=10)
             self._thread = None
         self.gateway.stop()
+        if self.feedback is not None:
+            self.feedback.stop()
+            self.feedback = None
         self.torchserve.stop()
         self.access_log.close()
 

@@ -104,7 +104,9 @@ def post(gateway: Gateway, model: str, body=b"i feel fine", key: str | None = KE
 VALID_IDS = st.text(alphabet="abcXYZ019._-", min_size=1, max_size=64)
 INVALID_IDS = st.one_of(
     st.text(alphabet="abc019-", min_size=65, max_size=80),  # too long
-    st.text(alphabet='ab c/:;"{}', min_size=1, max_size=20).filter(lambda t: not re.fullmatch(r"[a-c]+", t)),
+    st.text(alphabet='ab c/:;"{}', min_size=1, max_size=20).filter(
+        lambda t: t == t.strip() and not re.fullmatch(r"[a-c]+", t)
+    ),
 )
 
 
@@ -581,3 +583,37 @@ def test_a_compressed_body_is_refused_before_torchserve(gateway, encoding):
     assert answer.status_code == 415 and answer.json()["type"] == "UnsupportedContentEncoding"
     assert ScriptedUpstream.paths == []
     assert post(gateway, "echo", **{"Content-Encoding": "identity"}).status_code == 200
+
+
+def test_feedback_is_keyed_limited_on_its_own_and_reaches_the_feedback_service(upstream, tmp_path):
+    from serving.feedback import FeedbackServer, FeedbackStore
+
+    (tmp_path / "logs").mkdir()
+    service = FeedbackServer(FeedbackStore(tmp_path / "feedback.sqlite", ["joy", "fear"], tmp_path / "logs")).start()
+    gateway = start_gateway(
+        upstream, tmp_path / "gateway", feedback_port=service.port, feedback_rate=1, feedback_burst=2
+    )
+    url = f"{gateway.url}/feedback"
+    item = {"request_id": "never-served", "label": "joy"}
+    try:
+        refused = requests.post(url, json=item, timeout=10)
+        assert refused.status_code == 401 and refused.json()["request_id"] == refused.headers["X-Request-ID"]
+        assert requests.get(url, headers={"Authorization": f"Bearer {KEY}"}, timeout=10).status_code == 405
+        auth = {"Authorization": f"Bearer {KEY}", "X-Request-ID": "fb-1"}
+        answer = requests.post(url, json=item, headers=auth, timeout=10)
+        assert answer.status_code == 404 and answer.json()["result"] == "unknown"  # the service's own answer
+        assert answer.headers["X-Request-ID"] == "fb-1"
+        flood = [requests.post(url, json=item, headers=auth, timeout=10).status_code for _ in range(10)]
+        assert 429 in flood  # past its own rate and burst
+        assert post(gateway, "emotion").status_code == 200  # predictions have their own limits
+        service.stop()
+        time.sleep(3)  # the rate's bucket empties (1 per second)
+        gone = requests.post(url, json=item, headers=auth, timeout=10)
+        assert gone.status_code == 503 and gone.json()["type"] == "Unavailable"
+    finally:
+        gateway.stop()
+
+
+def test_without_a_feedback_service_the_route_is_a_404(gateway):
+    answer = requests.post(f"{gateway.url}/feedback", json={}, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert answer.status_code == 404 and answer.json()["type"] == "NotFound"

@@ -234,3 +234,31 @@ def test_a_one_minute_soak_loses_nothing_and_holds_its_memory(stack):
     assert next(t for name, t in verdict.items() if name.startswith("RSS growth"))["passed"], report["rows"]
     # Latency over time is judged by the 10-minute `make soak` (README), not by a test.
     assert all(0 < row["p50_ms"] <= row["p95_ms"] for row in report["rows"])
+
+
+def test_feedback_closes_the_loop_from_an_answer_to_the_live_quality_metrics(stack):
+    answers = [predict(stack, text, headers={"X-Request-ID": f"loop-{i}"}) for i, text in enumerate(TEXTS)]
+    assert [a.status_code for a in answers] == [200] * len(TEXTS)
+    bodies = [a.json() for a in answers]
+    assert [b["request_id"] for b in bodies] == [a.headers["X-Request-ID"] for a in answers]
+    # True labels: the served one for the first three texts, another for the last.
+    truths = [b["label"] for b in bodies[:-1]] + [
+        next(k for k in bodies[-1]["probabilities"] if k != bodies[-1]["label"])
+    ]
+    items = [{"request_id": b["request_id"], "label": y} for b, y in zip(bodies, truths, strict=True)]
+    feedback = requests.post(f"{stack.url}/feedback", json=items, headers=stack.headers(), timeout=30)
+    assert feedback.status_code == 200, feedback.text
+    assert [r["result"] for r in feedback.json()["results"]] == ["accepted"] * len(TEXTS)
+
+    def labelled() -> str:
+        text = requests.get(stack.gateway.metrics_url, timeout=10).text
+        return text if f'emotion_quality_labelled{{version="1.0"}} {len(TEXTS)}' in text else ""
+
+    metrics = wait_for(labelled, 10)
+    assert metrics, "the live quality never reached the gateway's metrics"
+    assert 'emotion_quality_accuracy{version="1.0"} 0.75' in metrics
+    other = next(k for k in bodies[0]["probabilities"] if k != truths[0])
+    again = requests.post(
+        f"{stack.url}/feedback", json=items[0] | {"label": other}, headers=stack.headers(), timeout=30
+    )
+    assert again.status_code == 409 and again.json()["result"] == "conflict"  # the first label is kept

@@ -24,7 +24,6 @@ Vector or matrix scaling would need more validation texts than the 2,000 given t
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import logging
 from collections.abc import Sequence
@@ -35,11 +34,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from monitoring.quality import brier_score, expected_calibration_error, reliability_bins
 from training.config import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
-ECE_BINS = 10
 THRESHOLDS = (*(round(0.05 * k, 2) for k in range(20)), 0.96, 0.97, 0.98, 0.99)
 
 
@@ -75,34 +74,6 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     scaled = np.asarray(logits, dtype=np.float64) / temperature
     exp = np.exp(scaled - scaled.max(axis=1, keepdims=True))
     return exp / exp.sum(axis=1, keepdims=True)
-
-
-def reliability_bins(probabilities: np.ndarray, labels: Sequence[int], bins: int = ECE_BINS) -> list[tuple]:
-    """For each non-empty one of ``bins`` equal-width confidence bins (a bin holds ``(lo, hi]``):
-    the share of answers in it, their mean confidence (top probability) and their accuracy."""
-    probabilities = np.asarray(probabilities)
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == np.asarray(labels)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    rows = []
-    for lo, hi in itertools.pairwise(edges):
-        inside = (confidence > lo) & (confidence <= hi)
-        if inside.any():
-            rows.append((float(inside.mean()), float(confidence[inside].mean()), float(correct[inside].mean())))
-    return rows
-
-
-def expected_calibration_error(probabilities: np.ndarray, labels: Sequence[int], bins: int = ECE_BINS) -> float:
-    """ECE: the mean gap between confidence and accuracy over the reliability bins, weighted by the
-    share of answers in each."""
-    return float(sum(share * abs(conf - acc) for share, conf, acc in reliability_bins(probabilities, labels, bins)))
-
-
-def brier_score(probabilities: np.ndarray, labels: Sequence[int]) -> float:
-    """Multi-class Brier score: mean over texts of the squared distance to the one-hot label (0 to 2)."""
-    probabilities = np.asarray(probabilities)
-    onehot = np.eye(probabilities.shape[1])[np.asarray(labels)]
-    return float(((probabilities - onehot) ** 2).sum(axis=1).mean())
 
 
 def scores(probabilities: np.ndarray, labels: Sequence[int]) -> dict[str, float]:
