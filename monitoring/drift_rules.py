@@ -63,6 +63,8 @@ def render_reference(profile: dict[str, Any]) -> dict[str, Any]:
     constant("emotion:reference_unknown_token_share", val["unknown_token_share"])
     constant("emotion:reference_unfamiliar_word_share", val.get("unfamiliar_word_share", 0.0))
     constant("emotion:reference_truncated_share", val["truncated_share"])
+    if "accuracy" in val:  # the release's held-out accuracy: the live accuracy alert's baseline
+        constant("emotion:reference_accuracy", val["accuracy"])
     return {"groups": [{"name": "emotion-drift-reference", "rules": rules}]}
 
 
