@@ -147,6 +147,9 @@ batching: $(ARCHIVE) ## Measure batchSize x maxBatchDelay x workers (loadtest/re
 drift: $(BIN)/.installed ## Last DRIFT_WINDOW (monitoring/drift.yaml) logged requests of `make serve` vs the reference (outputs/drift/)
 	$(BIN)/python -m monitoring.drift $(if $(DRIFT_WINDOW),--window $(DRIFT_WINDOW)) --model-dir $(MODEL_DIR)
 
+quality: $(BIN)/.installed ## Validation split through `make serve`, labels through /feedback: live vs offline accuracy (LIMIT=N)
+	$(BIN)/python -m monitoring.live_quality $(if $(LIMIT),--limit $(LIMIT))
+
 robustness: $(ARCHIVE) ## Served model's accuracy under typos, emoji, casing, ... (outputs/robustness/)
 	$(BIN)/python -m monitoring.robustness --archive $(ARCHIVE)
 
@@ -193,4 +196,4 @@ report: $(BIN)/.installed system-deps ## Exam report: figures from the project's
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps experiment pull data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench engines batching overload gpu-pack gpu-check drift robustness lint format test test-fast report clean image-deps image image-smoke
+.PHONY: help venv system-deps experiment pull data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench engines batching overload gpu-pack gpu-check drift quality robustness lint format test test-fast report clean image-deps image image-smoke

@@ -58,7 +58,8 @@ WORKDIR /srv
 # the gateway reads its timeouts from handler/model-config.yaml.
 COPY docker/config.properties project.py ./
 COPY handler/model-config.yaml handler/model-config.yaml
-COPY monitoring/metrics.yaml monitoring/metrics.yaml
+# The feedback service scores live quality with monitoring/quality.py (NumPy only).
+COPY monitoring/__init__.py monitoring/quality.py monitoring/metrics.yaml monitoring/
 COPY serving/ serving/
 COPY --chmod=755 docker/serve-entrypoint.sh serve-entrypoint.sh
 # Model layer last: a new model rebuilds only this layer.

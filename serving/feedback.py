@@ -329,6 +329,10 @@ class FeedbackStore:
         return "\n".join(lines) + "\n"
 
 
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
 class FeedbackServer:
     """``POST /feedback`` into a :class:`FeedbackStore`, on a loopback port, in threads of the
     calling process (the stack's supervisor)."""
@@ -376,8 +380,8 @@ class FeedbackServer:
         if raw is None:
             return error(413, "BodyTooLarge", f"send at most {MAX_BODY_BYTES} bytes with a Content-Length")
         try:
-            payload = json.loads(raw)
-        except ValueError:
+            payload = json.loads(raw, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError):  # not UTF-8 or not JSON; NaN/Infinity; nested too deep
             return error(400, "MalformedJSON", 'send {"request_id": ..., "label": ...} or a list of them')
         if isinstance(payload, list):
             if not payload or len(payload) > MAX_ITEMS:

@@ -227,3 +227,39 @@ def test_the_service_answers_an_item_with_its_status_and_a_list_with_each_outcom
         answer = requests.post(server, data=body, headers={"Content-Type": "application/json"}, timeout=10)
         assert answer.status_code == status and answer.json()["code"] == status
     assert requests.post(server.replace("/feedback", "/other"), json={}, timeout=10).status_code == 404
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | st.sampled_from(LABELS),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["request_id", "label", "x"]), inner),
+    max_leaves=12,
+)
+BODIES = st.one_of(
+    st.binary(max_size=64),
+    JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+    st.lists(st.fixed_dictionaries({"request_id": JSON_VALUES, "label": JSON_VALUES}), max_size=5).map(
+        lambda v: json.dumps(v).encode()
+    ),
+    st.integers(1, 200_000).map(lambda depth: b"[" * depth + b"]" * depth),
+    st.sampled_from([b"NaN", b'{"request_id": "r0", "label": NaN}', b"\xff\xfe{}", b'{"request_id": "r0"}']),
+)
+
+
+@given(body=BODIES)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_body_gets_a_json_answer_and_only_valid_items_are_stored(tmp_path_factory, body):
+    tmp = tmp_path_factory.mktemp("body")
+    clock = Clock()
+    store = make_store(tmp, clock, [answer_line("r0", clock.now, one_hot(0))])
+    service = FeedbackServer(store)
+    try:
+        status, answer = service.handle_post(body, "req-1")
+        assert status in (200, 400, 404, 409, 410, 413), (status, answer)
+        json.dumps(answer, allow_nan=False)  # a JSON answer the gateway can pass on
+        if status >= 400 and "results" not in answer:
+            assert answer.get("message") and answer.get("request_id") in ("req-1", "r0", None)
+        stored = store.window_quality().get("1.0", {"labelled": 0})["labelled"]
+        results = answer.get("results", [answer])
+        assert stored == sum(r.get("result") == "accepted" for r in results)
+    finally:
+        store.close()

@@ -61,6 +61,22 @@ def test_the_training_image_holds_every_module_training_imports(tmp_path):
     assert result.stdout.strip() in ("bf16", "fp32")
 
 
+def test_the_serving_image_holds_every_module_the_service_imports(tmp_path):
+    # The serving image's /srv: only what serve.Dockerfile copies, no archive. The supervisor, the
+    # gateway and the feedback service must all import from it (`python -m serving --help` imports
+    # the whole CLI; the stack imports every module it starts).
+    for source in copied(SERVE):
+        if "${" in source or not (ROOT / source).exists():
+            continue
+        target = tmp_path / source
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (ROOT / source).is_dir() else shutil.copy)(ROOT / source, target)
+    code = "import runpy, sys; sys.argv = ['serving', '--help']; runpy.run_module('serving', run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage" in result.stdout
+
+
 def ignored(path: str, patterns: list[str]) -> bool:
     """Docker's rule: the last .dockerignore pattern matching the path or a parent folder decides."""
     parts = path.split("/")

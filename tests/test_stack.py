@@ -262,3 +262,26 @@ def test_feedback_closes_the_loop_from_an_answer_to_the_live_quality_metrics(sta
         f"{stack.url}/feedback", json=items[0] | {"label": other}, headers=stack.headers(), timeout=30
     )
     assert again.status_code == 409 and again.json()["result"] == "conflict"  # the first label is kept
+
+
+def test_make_quality_agrees_with_the_offline_evaluation_and_says_when_it_cannot(
+    stack, model_store, tmp_path, capsys, monkeypatch
+):
+    from monitoring import live_quality
+
+    labels = ["sadness", "joy", "love", "anger", "fear", "surprise"]
+    rows = [f"{text} number {i};{labels[(i * 7) % 6]}" for i, text in enumerate(TEXTS * 8)]
+    labelled = tmp_path / "labelled.txt"
+    labelled.write_text("\n".join(rows) + "\n")
+    monkeypatch.setenv("EMOTION_INFERENCE_KEY", stack.headers()["Authorization"].split()[-1])
+    argv = ["--file", str(labelled), "--url", stack.url, "--metrics-url", stack.gateway.metrics_url]
+    argv += ["--archive", str(model_store / "emotion.mar"), "--concurrency", "2"]
+    assert live_quality.main(argv) == live_quality.EXIT_AGREE
+    out = capsys.readouterr().out
+    assert f"{'labelled in window':22} {len(rows):>16}" in out and "agree" in out
+    # A second replay shares the window with the first one's labels: nothing to compare.
+    assert live_quality.main([*argv, "--limit", "8"]) == live_quality.EXIT_DISAGREE
+    assert "cannot compare" in capsys.readouterr().err
+    # Nothing listening: the exit code that says so.
+    unused = ["--metrics-url", f"http://127.0.0.1:{free_port()}/metrics", "--file", str(labelled)]
+    assert live_quality.main(unused) == live_quality.EXIT_NO_SERVICE
