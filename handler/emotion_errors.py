@@ -20,7 +20,9 @@ class ErrorKind:
     Attributes:
         status: The HTTP status.
         source: Who answers it: ``handler`` (the model's worker), ``gateway`` (nginx, before
-            TorchServe), or ``torchserve`` (TorchServe's front end, passed through).
+            TorchServe), ``feedback`` (the feedback service behind ``POST /feedback``; it also
+            answers ``MalformedJSON`` and ``BodyTooLarge``), or ``torchserve`` (TorchServe's front
+            end, passed through).
         retry: Whether the same request may succeed later (the answer carries ``Retry-After``).
         when: When it is answered, for the docs.
     """
@@ -71,6 +73,9 @@ ERRORS: dict[str, ErrorKind] = {
     "NotReady": _kind(503, "gateway", "no READY worker, the model registered again, a key switch", retry=True),
     "Unavailable": _kind(503, "gateway", "TorchServe does not answer", retry=True),
     "UnsupportedHTTPVersion": _kind(400, "gateway", "another HTTP version than 1.0 or 1.1"),
+    # The feedback service (POST /feedback, serving/feedback.py); each item of a valid body gets
+    # its own outcome (accepted, duplicate, invalid, unknown, conflict, expired) instead.
+    "InvalidFeedback": _kind(400, "feedback", "a feedback body that is not one item or a list of 1 to 1,000"),
     # TorchServe's own, passed through with Retry-After.
     "ServiceUnavailableException": _kind(503, "torchserve", "TorchServe's queue is full (overload)", retry=True),
 }

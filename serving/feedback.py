@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -60,9 +61,11 @@ MAX_ITEMS = 1000
 MAX_BODY_BYTES = 1 << 20
 RETENTION_DAYS = 7.0
 QUALITY_WINDOW = 1000
+FEEDBACK_NICENESS = 19  # the feedback service's threads run at the lowest CPU priority
 # Label delay buckets, seconds: a minute to a week.
 DELAY_BUCKETS = (60, 300, 900, 3600, 4 * 3600, 86400, 3 * 86400, 7 * 86400)
 REQUEST_ID = handler_module("emotion_inputs").REQUEST_ID
+ERRORS = handler_module("emotion_errors")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
@@ -344,7 +347,7 @@ class FeedbackServer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 if self.path != "/feedback":
-                    return self._send(404, {"code": 404, "type": "NotFound", "message": "POST /feedback"})
+                    return self._send(404, ERRORS.error_body("NotFound", "POST /feedback"))
                 status, body = outer.handle_post(self._body(), self.headers.get("X-Request-ID"))
                 self._send(status, body)
 
@@ -374,18 +377,19 @@ class FeedbackServer:
     def handle_post(self, raw: bytes | None, request_id: str | None) -> tuple[int, dict]:
         """The status and JSON body for one ``POST /feedback`` body."""
 
-        def error(status: int, kind: str, message: str) -> tuple[int, dict]:
-            return status, {"code": status, "type": kind, "message": message, "request_id": request_id}
+        def error(kind: str, message: str) -> tuple[int, dict]:
+            body = ERRORS.error_body(kind, message) | {"request_id": request_id}
+            return body["code"], body
 
         if raw is None:
-            return error(413, "BodyTooLarge", f"send at most {MAX_BODY_BYTES} bytes with a Content-Length")
+            return error("BodyTooLarge", f"send at most {MAX_BODY_BYTES} bytes with a Content-Length")
         try:
             payload = json.loads(raw, parse_constant=_refuse_constant)
         except (ValueError, RecursionError):  # not UTF-8 or not JSON; NaN/Infinity; nested too deep
-            return error(400, "MalformedJSON", 'send {"request_id": ..., "label": ...} or a list of them')
+            return error("MalformedJSON", 'send {"request_id": ..., "label": ...} or a list of them')
         if isinstance(payload, list):
             if not payload or len(payload) > MAX_ITEMS:
-                return error(400, "InvalidFeedback", f"send 1 to {MAX_ITEMS} items in a list")
+                return error("InvalidFeedback", f"send 1 to {MAX_ITEMS} items in a list, not {len(payload)}")
             outcomes = self.store.submit(payload)
             counts: dict[str, int] = {}
             for o in outcomes:
@@ -394,8 +398,19 @@ class FeedbackServer:
         (outcome,) = self.store.submit([payload])
         return outcome.status, outcome.to_json()
 
+    def _serve(self) -> None:
+        # Feedback is background work: its threads (this one and the request threads it starts,
+        # which inherit its nice value) yield the CPU to the model's workers and the gateway, so a
+        # flood of labels cannot slow predictions on a busy machine. Linux sets nice per thread.
+        if sys.platform == "linux":
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FEEDBACK_NICENESS)
+            except OSError as err:
+                log.warning("feedback service at normal CPU priority: %s", err)
+        self.httpd.serve_forever()
+
     def start(self) -> FeedbackServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="feedback", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="feedback", daemon=True)
         self._thread.start()
         log.info("feedback service on %s:%d, store %s", LOOPBACK, self.port, self.store.path)
         return self

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -15,8 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from monitoring.quality import brier_score, expected_calibration_error, quality
-from serving.feedback import MAX_ITEMS, FeedbackServer, FeedbackStore
+from project import handler_module
+from serving.feedback import FEEDBACK_NICENESS, MAX_ITEMS, FeedbackServer, FeedbackStore
 
+ERRORS = handler_module("emotion_errors").ERRORS
 LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]
 DAY = 86400.0
 
@@ -256,10 +261,35 @@ def test_any_body_gets_a_json_answer_and_only_valid_items_are_stored(tmp_path_fa
         status, answer = service.handle_post(body, "req-1")
         assert status in (200, 400, 404, 409, 410, 413), (status, answer)
         json.dumps(answer, allow_nan=False)  # a JSON answer the gateway can pass on
-        if status >= 400 and "results" not in answer:
-            assert answer.get("message") and answer.get("request_id") in ("req-1", "r0", None)
+        if status >= 400 and "result" not in answer:  # the body's error, not one item's outcome
+            assert answer["code"] == status == ERRORS[answer["type"]].status and answer["message"]
+            assert answer["request_id"] == "req-1"
         stored = store.window_quality().get("1.0", {"labelled": 0})["labelled"]
         results = answer.get("results", [answer])
         assert stored == sum(r.get("result") == "accepted" for r in results)
     finally:
         store.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
+def test_feedback_is_handled_at_the_lowest_cpu_priority_and_the_caller_keeps_its_own(tmp_path):
+    clock = Clock()
+    store = make_store(tmp_path, clock, [answer_line("r0", clock.now, one_hot(0))])
+    seen: list[int] = []
+    submit = store.submit
+
+    def recording(items):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return submit(items)
+
+    store.submit = recording
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    service = FeedbackServer(store).start()
+    try:
+        url = f"http://127.0.0.1:{service.port}/feedback"
+        for _ in range(2):
+            assert requests.post(url, json={"request_id": "r0", "label": "joy"}, timeout=10).status_code == 200
+    finally:
+        service.stop()
+    assert seen == [FEEDBACK_NICENESS] * 2
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # only the service's threads
