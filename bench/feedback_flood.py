@@ -3,23 +3,29 @@
 Starts the service as ``make serve`` runs it (``python -m serving run``, its own process, on free
 loopback ports), measures its prediction capacity with closed-loop clients, then paces
 predictions at ``--load`` (default half) of that capacity, open loop, through alternating
-phases: quiet, then with ``--flooders`` clients posting lists of 1,000 labels to ``/feedback`` as
-fast as they are answered (valid labels of served answers, unknown ids and bad labels mixed), and
-so on for ``--rounds`` rounds. It reports the prediction p50/p99 of the quiet and the flooded
-phases, their ratio, and what the flood got (statuses, labels stored per second). PASS when the
-flooded p99 is within ``P99_TARGET`` of the quiet one. The load generator runs in this process,
-the service in another; on a machine with few cores they share them, as they would in
-production with a sidecar: compare the ratio, not the milliseconds, across machines.
+phases: quiet, then flooded, for ``--rounds`` rounds. In a flooded phase wrk posts lists of 1,000
+labels to ``/feedback`` back to back from ``--flooders`` connections (labels of served answers,
+unknown ids and bad labels mixed); past the gateway's feedback rate they are refused with 429.
+It reports the prediction p50/p99 of the quiet and the flooded phases, their ratio, and what the
+flood got. PASS when the flooded p99 is within ``P99_TARGET`` of the quiet one.
+
+The flood's wrk runs at the lowest CPU priority (it stands for clients on other machines); the
+paced prediction clients run in this process, the service in its own, and on a machine with few
+cores all of them share the cores: compare the ratio, not the milliseconds, across machines.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
 import random
-import tempfile
+import sqlite3
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,6 +40,7 @@ from serving.feedback import MAX_ITEMS
 from serving.process import ManagedProcess
 from serving.server import free_port
 
+FLOOD_LUA = Path(__file__).with_name("feedback_flood.lua")
 P99_TARGET = 1.10  # flooded p99 / quiet p99
 TEXTS = ["i feel so delighted today", "i am terrified of the dark", "i feel lonely tonight", "i am furious at him"]
 LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]
@@ -66,9 +73,8 @@ class PacedLoad:
             phase, began = self.phase, time.perf_counter()
             rid = f"paced-{k}"
             try:
-                status = session.post(
-                    self.url, data=TEXTS[k % len(TEXTS)].encode(), timeout=60, headers=self.headers | {"X-Request-ID": rid}
-                ).status_code
+                text, headers = TEXTS[k % len(TEXTS)].encode(), self.headers | {"X-Request-ID": rid}
+                status = session.post(self.url, data=text, timeout=60, headers=headers).status_code
             except requests.RequestException:
                 status = 0
             with self._lock:
@@ -88,60 +94,42 @@ class PacedLoad:
             thread.join(timeout=90)
 
 
-class FeedbackFlood:
-    """``clients`` threads posting lists of ``MAX_ITEMS`` labels to ``url`` back to back while
-    :attr:`on` is set: labels of served answers (``served()``), unknown ids and bad labels."""
-
-    def __init__(self, url: str, headers: dict[str, str], served, clients: int) -> None:
-        self.url, self.headers, self.served = url, headers, served
-        self.on = threading.Event()
-        self.statuses: list[int] = []
-        self.stored = 0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._flood, args=(i,), daemon=True) for i in range(clients)]
-
-    def _items(self, rng: random.Random) -> list[dict]:
-        ids = self.served()
-        items = []
-        for n in range(MAX_ITEMS):
-            kind = n % 10
-            rid = rng.choice(ids) if ids and kind < 8 else f"never-{rng.getrandbits(40):x}"
-            items.append({"request_id": rid, "label": rng.choice(LABELS) if kind != 9 else "happiness"})
-        return items
-
-    def _flood(self, seed: int) -> None:
-        rng, session = random.Random(seed), requests.Session()
-        while not self._stop.is_set():
-            if not self.on.wait(0.1):
-                continue
-            try:
-                answer = session.post(self.url, json=self._items(rng), headers=self.headers, timeout=60)
-                status = answer.status_code
-                stored = answer.json().get("counts", {}).get("accepted", 0) if status == 200 else 0
-            except (requests.RequestException, ValueError):
-                status, stored = 0, 0
-            with self._lock:
-                self.statuses.append(status)
-                self.stored += stored
-
-    def __enter__(self) -> FeedbackFlood:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self.on.clear()
-        for thread in self._threads:
-            thread.join(timeout=90)
+def flood_body(served: list[str], rng: random.Random) -> bytes:
+    """A list of ``MAX_ITEMS`` labels: 80% for served answers (stored once, then duplicates or
+    conflicts), 10% for ids never served, 10% with a label outside the six."""
+    items = []
+    for n in range(MAX_ITEMS):
+        kind = n % 10
+        rid = rng.choice(served) if kind < 8 else f"never-{rng.getrandbits(40):x}"
+        items.append({"request_id": rid, "label": rng.choice(LABELS) if kind != 9 else "happiness"})
+    return json.dumps(items).encode()
 
 
-def start_service(model_store: Path, workdir: Path) -> tuple[ManagedProcess, str, dict[str, str]]:
+def flood(url: str, key: str, body: Path, seconds: float, clients: int) -> dict:
+    """wrk posting ``body`` to ``url`` from ``clients`` connections for ``seconds`` s, at the lowest
+    CPU priority: the flood's clients stand for machines elsewhere, so the cost measured is the
+    service's (nginx, the feedback service), not the load generator's."""
+    command = ["nice", "-n", "19", "wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "30s"]
+    command += ["-s", str(FLOOD_LUA), url]
+    env = {**os.environ, "FLOOD_BODY": str(body), "FLOOD_AUTH": key}
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=seconds + 60)
+    line = next((x for x in run.stdout.splitlines() if x.startswith("FLOOD_JSON ")), None)
+    if run.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({run.returncode}): {(run.stderr or run.stdout)[-500:]}")
+    return json.loads(line.split(" ", 1)[1])
+
+
+def labelled(database: Path) -> int:
+    """Labels the feedback store holds."""
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        return db.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
+
+
+def start_service(model_store: Path, workdir: Path, *flags: str) -> tuple[ManagedProcess, str, dict[str, str]]:
     """``python -m serving run`` on free loopback ports; (process, gateway URL, auth header) once ready."""
     port = free_port()
     command = [sys.executable, "-m", "serving", "run", "--workdir", str(workdir), "--model-store", str(model_store)]
-    command += ["--ts-free-ports", "--port", str(port), "--metrics-port", str(free_port()), "--drain", "0.5"]
+    command += ["--ts-free-ports", "--port", str(port), "--metrics-port", str(free_port()), "--drain", "0.5", *flags]
     process = ManagedProcess("the service", command, workdir / "service.log", cwd=PROJECT_ROOT)
     process.start()
     url = f"http://{LOOPBACK}:{port}"
@@ -161,20 +149,26 @@ def start_service(model_store: Path, workdir: Path) -> tuple[ManagedProcess, str
     return process, url, {"Authorization": f"Bearer {key}"}
 
 
-def measure(model_store: Path, workdir: Path, seconds: float, rounds: int, load: float, flooders: int) -> dict:
-    process, url, headers = start_service(model_store, workdir)
+def measure(
+    model_store: Path, workdir: Path, seconds: float, rounds: int, load: float, flooders: int, *flags: str
+) -> dict:
+    process, url, headers = start_service(model_store, workdir, *flags)
     predictions = f"{url}/predictions/{MODEL_NAME}"
     try:
         with ClosedLoop(predictions, headers, TEXTS, 4) as base:
             time.sleep(seconds)
         capacity = base.result.statuses.count(200) / seconds
+        key = headers["Authorization"].split()[-1]
+        body = workdir / "flood.json"
+        floods = []
         with PacedLoad(predictions, headers, capacity * load) as paced:
-            with FeedbackFlood(f"{url}/feedback", headers, lambda: list(paced.served[-5000:]), flooders) as flood:
-                for _ in range(rounds):
-                    for phase in ("quiet", "flood"):
-                        paced.phase = phase
-                        (flood.on.set if phase == "flood" else flood.on.clear)()
-                        time.sleep(seconds)
+            for _ in range(rounds):
+                paced.phase = "quiet"
+                time.sleep(seconds)
+                body.write_bytes(flood_body(list(paced.served[-5000:]) or ["none"], random.Random(len(floods))))
+                paced.phase = "flood"
+                floods.append(flood(f"{url}/feedback", key, body, seconds, flooders))
+        stored = labelled(workdir / "feedback.sqlite")
         row: dict = {"capacity_requests_per_s": round(capacity, 1), "paced_requests_per_s": round(capacity * load, 1)}
         for phase in ("quiet", "flood"):
             latencies = [s for p, status, s in paced.samples if p == phase and status == 200]
@@ -185,12 +179,15 @@ def measure(model_store: Path, workdir: Path, seconds: float, rounds: int, load:
                 "p99_ms": round(1000 * percentile(latencies, 99), 1),
             }
         row["p99_ratio"] = round(row["flood"]["p99_ms"] / row["quiet"]["p99_ms"], 3)
-        flood_seconds = seconds * rounds
+        sent = sum(f["requests"] for f in floods)
+        refused = sum(f["non_2xx"] for f in floods)
+        flood_seconds = sum(f["seconds"] for f in floods)
         row["feedback"] = {
-            "requests": len(flood.statuses),
-            "statuses": {str(c): flood.statuses.count(c) for c in sorted(set(flood.statuses))},
-            "labels_stored_per_s": round(flood.stored / flood_seconds, 1),
-            "items_answered_per_s": round(flood.statuses.count(200) * MAX_ITEMS / flood_seconds, 1),
+            "requests_per_s": round(sent / flood_seconds, 1),
+            "refused_per_s": round(refused / flood_seconds, 1),
+            "items_answered_per_s": round((sent - refused) * MAX_ITEMS / flood_seconds, 1),
+            "labels_stored": stored,
+            "connection_errors": sum(f["errors"] for f in floods),
         }
     finally:
         process.stop()
@@ -203,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15, help="length of each phase")
     parser.add_argument("--rounds", type=int, default=3, help="quiet + flood rounds")
     parser.add_argument("--load", type=float, default=0.5, help="paced predictions, share of capacity")
-    parser.add_argument("--flooders", type=int, default=4, help="feedback clients")
+    parser.add_argument("--flooders", type=int, default=4, help="feedback connections")
+    parser.add_argument("--service-flag", action="append", default=[], help="a flag for `python -m serving run`")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "results" / "feedback_flood.json")
     args = parser.parse_args(argv)
     if not (args.model_store / ARCHIVE_NAME).is_file():
@@ -211,17 +209,24 @@ def main(argv: list[str] | None = None) -> int:
     cpu = handler_module("emotion_cpuinfo").detect()
     print(cpu.line(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        row = measure(args.model_store.resolve(), Path(tmp), args.seconds, args.rounds, args.load, args.flooders)
+        row = measure(
+            args.model_store.resolve(),
+            Path(tmp),
+            args.seconds,
+            args.rounds,
+            args.load,
+            args.flooders,
+            *args.service_flag,
+        )
     row["cpu"] = cpu.summary()
     row["passed"] = row["p99_ratio"] <= P99_TARGET
-    quiet, flood = row["quiet"], row["flood"]
-    print(
-        f"capacity {row['capacity_requests_per_s']} req/s; paced {row['paced_requests_per_s']} req/s\n"
-        f"quiet: p50 {quiet['p50_ms']} ms, p99 {quiet['p99_ms']} ms ({quiet['requests']} requests, {quiet['failed']} failed)\n"
-        f"flood: p50 {flood['p50_ms']} ms, p99 {flood['p99_ms']} ms ({flood['requests']} requests, {flood['failed']} failed)\n"
-        f"feedback: {row['feedback']}"
-    )
-    print(f"{'PASS' if row['passed'] else 'FAIL'}: flooded p99 / quiet p99 = {row['p99_ratio']} (target <= {P99_TARGET})")
+    print(f"capacity {row['capacity_requests_per_s']} req/s; paced {row['paced_requests_per_s']} req/s")
+    for phase in ("quiet", "flood"):
+        p = row[phase]
+        print(f"{phase}: p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms ({p['requests']} requests, {p['failed']} failed)")
+    print(f"feedback: {row['feedback']}")
+    verdict = "PASS" if row["passed"] else "FAIL"
+    print(f"{verdict}: flooded p99 / quiet p99 = {row['p99_ratio']} (target <= {P99_TARGET})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(row, indent=2) + "\n")
     return 0

@@ -57,7 +57,9 @@ WORKDIR /srv
 # project.py anchors serving/'s paths at /srv (the glob keeps images of older trees buildable);
 # the gateway reads its timeouts from handler/model-config.yaml.
 COPY docker/config.properties project.py ./
-COPY handler/model-config.yaml handler/model-config.yaml
+# The gateway reads its timeouts from model-config.yaml; the feedback service reads the request
+# log and answers errors with the handler's own modules (standard library only).
+COPY handler/model-config.yaml handler/emotion_errors.py handler/emotion_inputs.py handler/emotion_monitor.py handler/
 # The feedback service scores live quality with monitoring/quality.py (NumPy only).
 COPY monitoring/__init__.py monitoring/quality.py monitoring/metrics.yaml monitoring/
 COPY serving/ serving/

@@ -41,19 +41,17 @@ import json
 import logging
 import os
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from monitoring.quality import quality
-from project import LOOPBACK, handler_module
+from project import handler_module
 
 log = logging.getLogger("serving.feedback")
 
@@ -61,7 +59,7 @@ MAX_ITEMS = 1000
 MAX_BODY_BYTES = 1 << 20
 RETENTION_DAYS = 7.0
 QUALITY_WINDOW = 1000
-FEEDBACK_NICENESS = 19  # the feedback service's threads run at the lowest CPU priority
+LOOKUP_CHUNK = 500  # ids per IN (...) query (SQLite's bound on parameters is 999 in old builds)
 # Label delay buckets, seconds: a minute to a week.
 DELAY_BUCKETS = (60, 300, 900, 3600, 4 * 3600, 86400, 3 * 86400, 7 * 86400)
 REQUEST_ID = handler_module("emotion_inputs").REQUEST_ID
@@ -157,12 +155,13 @@ class FeedbackStore:
                 raise
             self._db.execute("COMMIT")
 
-    def ingest(self) -> int:
+    def ingest(self, prune: bool = True) -> int:
         """Store the answers the request log gained since the last call; returns how many.
 
         Each file is read from where the last call stopped (by inode, so a rotated file is not read
         again); lines without a request id or probabilities, and ids already stored (a retried
-        attempt answered twice), are skipped. Answers past twice the retention are dropped.
+        attempt answered twice), are skipped. With ``prune`` (the supervisor's periodic call),
+        answers past twice the retention are dropped with their labels.
         """
         added = 0
         now = self.clock()
@@ -188,6 +187,8 @@ class FeedbackStore:
                 )
             for inode in set(positions) - seen:  # files rotated away for good
                 db.execute("DELETE FROM log_position WHERE inode = ?", (inode,))
+            if not prune:
+                return added
             db.execute(
                 "DELETE FROM labels WHERE request_id IN (SELECT request_id FROM answers WHERE time < ?)",
                 (now - 2 * self.retention_s,),
@@ -209,15 +210,25 @@ class FeedbackStore:
 
     def submit(self, items: Sequence[Any]) -> list[Outcome]:
         """Store the labels of ``items``, each ``{"request_id": ..., "label": ...}``; one outcome each
-        (module docstring). Ids the store does not know yet are looked for in the request log first."""
+        (module docstring). Ids the store does not know yet are looked for in the request log first.
+
+        One lookup and one insert per call, whatever the number of items: a list of 1,000 costs a
+        few queries, not thousands."""
         checked = [self._check(item) for item in items]
-        if any(isinstance(c, tuple) and not self._known(c[0]) for c in checked):
-            self.ingest()
+        wanted = {c[0] for c in checked if isinstance(c, tuple)}
+        if wanted:
+            with self._lock:
+                missing = len(self._lookup(self._db, wanted)) < len(wanted)
+            if missing and self._log_grew():
+                self.ingest(prune=False)
         now = self.clock()
-        outcomes = []
+        outcomes: list[Outcome] = []
         with self._transaction() as db:
+            known = self._lookup(db, wanted)
+            new_labels: list[tuple[str, str, float]] = []
             for item in checked:
-                outcomes.append(item if isinstance(item, Outcome) else self._store(db, *item, now))
+                outcomes.append(item if isinstance(item, Outcome) else self._judge(known, *item, now, new_labels))
+            db.executemany("INSERT INTO labels VALUES (?, ?, ?)", new_labels)
         for outcome in outcomes:
             self.outcomes[outcome.result] = self.outcomes.get(outcome.result, 0) + 1
         return outcomes
@@ -228,27 +239,53 @@ class FeedbackStore:
         rid, label = item["request_id"], item["label"]
         if not isinstance(rid, str) or not REQUEST_ID.fullmatch(rid):
             return Outcome(400, "invalid", None, "request_id must be 1 to 64 of [A-Za-z0-9._-]")
-        if label not in self.labels:
+        if not isinstance(label, str) or label not in self.labels:
             return Outcome(400, "invalid", rid, f"label must be one of {self.labels}")
         return rid, label
 
-    def _known(self, rid: str) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM answers WHERE request_id = ?", (rid,)).fetchone() is not None
+    @staticmethod
+    def _lookup(db: sqlite3.Connection, ids: set[str]) -> dict[str, list]:
+        """``request_id -> [answer time, its label or None]`` for those of ``ids`` the store holds."""
+        found: dict[str, list] = {}
+        ordered = sorted(ids)
+        for start in range(0, len(ordered), LOOKUP_CHUNK):
+            chunk = ordered[start : start + LOOKUP_CHUNK]
+            rows = db.execute(
+                "SELECT a.request_id, a.time, l.label FROM answers a LEFT JOIN labels l USING (request_id)"
+                f" WHERE a.request_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            found.update((rid, [when, label]) for rid, when, label in rows)
+        return found
 
-    def _store(self, db: sqlite3.Connection, rid: str, label: str, now: float) -> Outcome:
-        answer = db.execute("SELECT time FROM answers WHERE request_id = ?", (rid,)).fetchone()
+    def _log_grew(self) -> bool:
+        """Whether a request-log file holds bytes :meth:`ingest` has not read (a stat per file)."""
+        with self._lock:
+            positions = dict(self._db.execute("SELECT inode, offset FROM log_position"))
+        for path in self._monitor.request_log_files(self.log_dir):
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            if info.st_size > positions.get(info.st_ino, 0):
+                return True
+        return False
+
+    def _judge(self, known: dict[str, list], rid: str, label: str, now: float, new_labels: list) -> Outcome:
+        """One item's outcome against ``known`` (updated, so an id twice in one list is judged in order)."""
+        answer = known.get(rid)
         if answer is None:
             return Outcome(404, "unknown", rid, "no answer with this request_id was served")
-        if now - answer[0] > self.retention_s:
+        when, previous = answer
+        if now - when > self.retention_s:
             return Outcome(410, "expired", rid, f"the answer is older than {self.retention_s / 86400:g} days")
-        previous = db.execute("SELECT label FROM labels WHERE request_id = ?", (rid,)).fetchone()
         if previous is None:
-            db.execute("INSERT INTO labels VALUES (?, ?, ?)", (rid, label, now))
+            answer[1] = label
+            new_labels.append((rid, label, now))
             return Outcome(200, "accepted", rid)
-        if previous[0] == label:
+        if previous == label:
             return Outcome(200, "duplicate", rid)
-        return Outcome(409, "conflict", rid, f"already labelled {previous[0]!r}: the first label is kept")
+        return Outcome(409, "conflict", rid, f"already labelled {previous!r}: the first label is kept")
 
     def window_quality(self) -> dict[str, dict[str, Any]]:
         """Per model version: ``monitoring.quality`` over its last ``window`` labelled answers."""
@@ -268,12 +305,17 @@ class FeedbackStore:
             labels_of.append(self.labels.index(label))
         return {v: quality(np.array(p), y, self.labels) for v, (p, y) in sorted(by_version.items())}
 
-    def label_delays(self) -> list[float]:
-        """Seconds between each stored label and its answer."""
+    def label_delays(self) -> tuple[list[int], int, float]:
+        """The delay between each stored label and its answer, as a histogram: the cumulative count
+        at each of ``DELAY_BUCKETS``, the count and the sum in seconds (counted by SQLite: constant
+        memory however many labels the store holds)."""
+        columns = ", ".join(f"COALESCE(SUM(d <= {float(b)!r}), 0)" for b in DELAY_BUCKETS)
         with self._lock:
-            return [
-                d for (d,) in self._db.execute("SELECT l.time - a.time FROM labels l JOIN answers a USING (request_id)")
-            ]
+            *cumulative, count, total = self._db.execute(
+                f"SELECT {columns}, COUNT(*), COALESCE(SUM(d), 0.0) FROM "
+                "(SELECT l.time - a.time AS d FROM labels l JOIN answers a USING (request_id))"
+            ).fetchone()
+        return list(cumulative), count, total
 
     def metrics(self) -> str:
         """Prometheus' text format of the live quality (module docstring)."""
@@ -311,8 +353,8 @@ class FeedbackStore:
         family("emotion_quality_confusion", "gauge", "labelled answers by true and predicted label", confusion)
         family("emotion_quality_ece", "gauge", "expected calibration error (10 bins) in the window", per_version("ece"))
         family("emotion_quality_brier", "gauge", "Brier score in the window", per_version("brier"))
-        delays = self.label_delays()
-        buckets = [(f'{{le="{b}"}}', sum(d <= b for d in delays)) for b in DELAY_BUCKETS]
+        cumulative, count, total = self.label_delays()
+        buckets = [(f'{{le="{b}"}}', n) for b, n in zip(DELAY_BUCKETS, cumulative, strict=True)]
         family(
             "emotion_feedback_label_delay_seconds",
             "histogram",
@@ -320,9 +362,9 @@ class FeedbackStore:
             [],
         )
         lines.extend(f"emotion_feedback_label_delay_seconds_bucket{b} {n}" for b, n in buckets)
-        lines.append(f'emotion_feedback_label_delay_seconds_bucket{{le="+Inf"}} {len(delays)}')
-        lines.append(f"emotion_feedback_label_delay_seconds_sum {sum(delays):.6g}")
-        lines.append(f"emotion_feedback_label_delay_seconds_count {len(delays)}")
+        lines.append(f'emotion_feedback_label_delay_seconds_bucket{{le="+Inf"}} {count}')
+        lines.append(f"emotion_feedback_label_delay_seconds_sum {total:.6g}")
+        lines.append(f"emotion_feedback_label_delay_seconds_count {count}")
         family(
             "emotion_feedback_items_total",
             "counter",
@@ -330,94 +372,3 @@ class FeedbackStore:
             [(f'{{result="{r}"}}', n) for r, n in sorted(self.outcomes.items())],
         )
         return "\n".join(lines) + "\n"
-
-
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")
-
-
-class FeedbackServer:
-    """``POST /feedback`` into a :class:`FeedbackStore`, on a loopback port, in threads of the
-    calling process (the stack's supervisor)."""
-
-    def __init__(self, store: FeedbackStore, port: int = 0, host: str = LOOPBACK) -> None:
-        self.store = store
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                if self.path != "/feedback":
-                    return self._send(404, ERRORS.error_body("NotFound", "POST /feedback"))
-                status, body = outer.handle_post(self._body(), self.headers.get("X-Request-ID"))
-                self._send(status, body)
-
-            def _body(self) -> bytes | None:
-                try:
-                    length = int(self.headers.get("Content-Length", "0"))
-                except ValueError:
-                    return None
-                return self.rfile.read(length) if 0 <= length <= MAX_BODY_BYTES else None
-
-            def _send(self, status: int, body: dict) -> None:
-                payload = (json.dumps(body) + "\n").encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self._thread: threading.Thread | None = None
-
-    def handle_post(self, raw: bytes | None, request_id: str | None) -> tuple[int, dict]:
-        """The status and JSON body for one ``POST /feedback`` body."""
-
-        def error(kind: str, message: str) -> tuple[int, dict]:
-            body = ERRORS.error_body(kind, message) | {"request_id": request_id}
-            return body["code"], body
-
-        if raw is None:
-            return error("BodyTooLarge", f"send at most {MAX_BODY_BYTES} bytes with a Content-Length")
-        try:
-            payload = json.loads(raw, parse_constant=_refuse_constant)
-        except (ValueError, RecursionError):  # not UTF-8 or not JSON; NaN/Infinity; nested too deep
-            return error("MalformedJSON", 'send {"request_id": ..., "label": ...} or a list of them')
-        if isinstance(payload, list):
-            if not payload or len(payload) > MAX_ITEMS:
-                return error("InvalidFeedback", f"send 1 to {MAX_ITEMS} items in a list, not {len(payload)}")
-            outcomes = self.store.submit(payload)
-            counts: dict[str, int] = {}
-            for o in outcomes:
-                counts[o.result] = counts.get(o.result, 0) + 1
-            return 200, {"results": [o.to_json() for o in outcomes], "counts": counts}
-        (outcome,) = self.store.submit([payload])
-        return outcome.status, outcome.to_json()
-
-    def _serve(self) -> None:
-        # Feedback is background work: its threads (this one and the request threads it starts,
-        # which inherit its nice value) yield the CPU to the model's workers and the gateway, so a
-        # flood of labels cannot slow predictions on a busy machine. Linux sets nice per thread.
-        if sys.platform == "linux":
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FEEDBACK_NICENESS)
-            except OSError as err:
-                log.warning("feedback service at normal CPU priority: %s", err)
-        self.httpd.serve_forever()
-
-    def start(self) -> FeedbackServer:
-        self._thread = threading.Thread(target=self._serve, name="feedback", daemon=True)
-        self._thread.start()
-        log.info("feedback service on %s:%d, store %s", LOOPBACK, self.port, self.store.path)
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self.store.close()

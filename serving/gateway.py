@@ -85,7 +85,7 @@ def render(upstream: str, prefix: Path, settings: GatewaySettings) -> str:
 
 def feedback_route(port: int | None) -> str:
     """The body of the ``/feedback`` location: to the feedback service on ``port`` (the stack's
-    supervisor, ``serving.feedback``), or a 404 where none runs."""
+    service, ``serving.feedback_service``), or a 404 where none runs."""
     if port is None:
         return (
             '            return 404 \'{"code": 404, "type": "NotFound", "message": "no feedback service '

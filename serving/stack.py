@@ -14,8 +14,9 @@
   seconds ends ``run`` with exit code 1 (``serving.health.Liveness``), so that its container is
   restarted;
 * the access log is counted into the gateway's metrics and rotated by size;
-* ``POST /feedback`` (``serving.feedback``): labels for served answers, joined to them in SQLite,
-  and the live quality they give on the gateway's metrics;
+* ``POST /feedback`` (``serving.feedback_service``, a process of its own at the lowest CPU
+  priority, started again if it exits): labels for served answers, joined to them in SQLite, and
+  the live quality they give on the gateway's metrics;
 * on SIGTERM, readiness drops first, requests keep being served for ``drain`` seconds (load
   balancers stop sending) and every answer closes its connection (clients on kept-alive
   connections reconnect, to another replica), then nginx finishes what is in flight, then
@@ -33,10 +34,11 @@ import time
 from pathlib import Path
 
 from project import MODEL_NAME, SERVE_DIR, SERVED_MODELS
-from serving import feedback as feedback_service
+from serving import feedback as feedback_store
 from serving import keys as gateway_keys
 from serving.access_log import AccessLog
 from serving.client import key_expiry
+from serving.feedback_service import FeedbackProcess
 from serving.gateway import RELOAD_TIMEOUT, Gateway, nginx_workers, wait_reloaded
 from serving.golden import GoldenRecord, served_record
 from serving.health import GOLDEN_MAX_AGE, UNREADY_EXIT, Liveness, Readiness
@@ -108,8 +110,8 @@ class Stack:
         golden_max_age: float = GOLDEN_MAX_AGE,
         unready_exit: float = UNREADY_EXIT,
         feedback_db: Path | None = None,
-        feedback_retention_days: float = feedback_service.RETENTION_DAYS,
-        quality_window: int = feedback_service.QUALITY_WINDOW,
+        feedback_retention_days: float = feedback_store.RETENTION_DAYS,
+        quality_window: int = feedback_store.QUALITY_WINDOW,
         feedback: bool = True,
     ) -> None:
         self.workdir = Path(workdir).resolve()
@@ -131,7 +133,7 @@ class Stack:
         self.feedback_db = Path(feedback_db) if feedback_db else self.workdir / "feedback.sqlite"
         self.feedback_retention_days = feedback_retention_days
         self.quality_window = quality_window
-        self.feedback: feedback_service.FeedbackServer | None = None
+        self.feedback: FeedbackProcess | None = None
         self._feedback_port = free_port() if self.feedback_labels else None
         # The gateway maps TorchServe's 404 on this model's route to a retryable 503 NotReady.
         gateway = dataclasses.replace(gateway or GatewaySettings(), model=model, feedback_port=self._feedback_port)
@@ -180,14 +182,16 @@ class Stack:
         self.gateway.client_keys = self.client_keys()
         self.torchserve.start(timeout=timeout, wait_model=None)
         if self._feedback_port is not None:
-            store = feedback_service.FeedbackStore(
+            self.feedback = FeedbackProcess(
                 self.feedback_db,
                 self.feedback_labels,
                 self.torchserve.workdir / "logs",
+                self._feedback_port,
+                self.workdir / "feedback.log",
                 self.feedback_retention_days,
                 self.quality_window,
             )
-            self.feedback = feedback_service.FeedbackServer(store, self._feedback_port).start()
+            self.feedback.start()
         self.gateway.upstream_key = self.torchserve.keys.get("inference")
         self.gateway.start()
         self._stop.clear()
@@ -223,10 +227,10 @@ class Stack:
             self.gateway.reopen_logs()
         metrics = self.access_log.metrics(state.ready, state.up, state.ready_workers)
         if self.feedback is not None:
-            # The answers served since the last round, before the request log rotates them away,
-            # and the live quality, on the gateway's metrics endpoint.
-            self.feedback.store.ingest()
-            metrics += self.feedback.store.metrics()
+            if not self.feedback.process.running:
+                log.error("the feedback service exited (see %s): starting it again", self.workdir / "feedback.log")
+                self.feedback.start()
+            metrics += self.feedback.metrics()  # the live quality, on the gateway's metrics endpoint
         tmp = self.gateway.workdir / "metrics.prom.tmp"
         tmp.write_text(metrics)
         os.replace(tmp, self.gateway.workdir / "metrics.prom")

@@ -7,9 +7,11 @@ import json
 import math
 import os
 import sys
-import threading
+import time
+from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +21,9 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from monitoring.quality import brier_score, expected_calibration_error, quality
 from project import handler_module
-from serving.feedback import FEEDBACK_NICENESS, MAX_ITEMS, FeedbackServer, FeedbackStore
+from serving.feedback import MAX_ITEMS, FeedbackStore
+from serving.feedback_service import NICENESS, FeedbackProcess, FeedbackServer
+from serving.server import free_port
 
 ERRORS = handler_module("emotion_errors").ERRORS
 LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]
@@ -271,25 +275,31 @@ def test_any_body_gets_a_json_answer_and_only_valid_items_are_stored(tmp_path_fa
         store.close()
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
-def test_feedback_is_handled_at_the_lowest_cpu_priority_and_the_caller_keeps_its_own(tmp_path):
+@pytest.mark.skipif(sys.platform != "linux", reason="nice and scheduling groups as Linux has them")
+def test_the_feedback_service_runs_apart_at_the_lowest_cpu_priority_and_survives_a_restart(tmp_path):
     clock = Clock()
-    store = make_store(tmp_path, clock, [answer_line("r0", clock.now, one_hot(0))])
-    seen: list[int] = []
-    submit = store.submit
-
-    def recording(items):
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        return submit(items)
-
-    store.submit = recording
-    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    service = FeedbackServer(store).start()
+    make_store(tmp_path, clock, [answer_line("r0", time.time(), one_hot(0))]).close()
+    labels = tmp_path / "feedback.sqlite", LABELS, tmp_path / "logs"
+    service = FeedbackProcess(*labels, free_port(), tmp_path / "feedback.log")
+    service.start()
     try:
-        url = f"http://127.0.0.1:{service.port}/feedback"
-        for _ in range(2):
-            assert requests.post(url, json={"request_id": "r0", "label": "joy"}, timeout=10).status_code == 200
+        process = psutil.Process(service.process.pid)
+        assert process.pid != os.getpid() and process.nice() == NICENESS
+        assert all(psutil.Process(t.id).nice() == NICENESS for t in process.threads())
+        if hasattr(os, "SCHED_IDLE"):  # preempted by any other thread that wakes
+            assert {os.sched_getscheduler(t.id) for t in process.threads()} == {os.SCHED_IDLE}
+        group = Path(f"/proc/{process.pid}/autogroup")
+        if group.exists():  # where the kernel groups by session, the group is lowered too
+            assert group.read_text().split()[-1] == str(NICENESS)
+        answer = requests.post(f"{service.url}/feedback", json={"request_id": "r0", "label": "joy"}, timeout=10)
+        assert answer.status_code == 200 and answer.json()["result"] == "accepted"
+        assert 'emotion_quality_labelled{version="1.0"} 1' in service.metrics()
     finally:
         service.stop()
-    assert seen == [FEEDBACK_NICENESS] * 2
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # only the service's threads
+    assert service.metrics() == ""  # a service that does not answer gives no metrics, not an error
+    service.start()  # the label is in the store, not in the process
+    try:
+        again = requests.post(f"{service.url}/feedback", json={"request_id": "r0", "label": "fear"}, timeout=10)
+        assert again.status_code == 409 and again.json()["result"] == "conflict"
+    finally:
+        service.stop()

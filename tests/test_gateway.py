@@ -586,7 +586,8 @@ def test_a_compressed_body_is_refused_before_torchserve(gateway, encoding):
 
 
 def test_feedback_is_keyed_limited_on_its_own_and_reaches_the_feedback_service(upstream, tmp_path):
-    from serving.feedback import FeedbackServer, FeedbackStore
+    from serving.feedback import FeedbackStore
+    from serving.feedback_service import FeedbackServer
 
     (tmp_path / "logs").mkdir()
     service = FeedbackServer(FeedbackStore(tmp_path / "feedback.sqlite", ["joy", "fear"], tmp_path / "logs")).start()
