@@ -38,6 +38,10 @@ SWEEP_BATCHING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 16, "maxBatchDe
 SHIPPED = "shipped model-config.yaml"
 SHIPPED_SPIN = "shipped, spin_wait: true"
 SHIPPED_FUSED = "shipped, fuse: true"
+# The shipped int8 engine runs each text alone (isolate_texts); these rows share passes instead,
+# in int8 (answers move with their companions) and in fp32 (they do not).
+SHIPPED_SHARED = "shipped, isolate_texts: false"
+SHIPPED_FP32 = "shipped, precision: fp32"
 # The shipped configuration with less waiting for a batch and one thread per worker: what latency
 # at light load asks for (``--half-load``).
 SHIPPED_LATENCY = {
@@ -47,13 +51,16 @@ SHIPPED_LATENCY = {
     "shipped, maxBatchDelay 2, 1 thread per worker": ({"threads": 1}, {"maxBatchDelay": 2}),
 }
 # Rows whose changes apply to the shipped configuration instead of SWEEP_BATCHING.
-ON_SHIPPED = {SHIPPED, SHIPPED_SPIN, SHIPPED_FUSED, *SHIPPED_LATENCY}
+ON_SHIPPED = {SHIPPED, SHIPPED_SPIN, SHIPPED_FUSED, SHIPPED_SHARED, SHIPPED_FP32, *SHIPPED_LATENCY}
+
+# The int8 rows that study passes and threads share passes between texts (isolate_texts off).
+PASSES_INT8 = {"backend": "onnx", "precision": "int8", "sort_by_length": True, "isolate_texts": False}
 
 # name -> (handler section changes, model-config.yaml top-level changes)
 SETTINGS: dict[str, tuple[dict, dict]] = {
     "torch fp32 (baseline)": ({"backend": "torch", "precision": "fp32"}, {}),
     "torch bf16": ({"backend": "torch", "precision": "bf16"}, {}),
-    "torch int8 (per tensor)": ({"backend": "torch", "precision": "int8"}, {}),
+    "torch int8 (per tensor)": ({"backend": "torch", "precision": "int8", "isolate_texts": False}, {}),
     "torch bf16, torch.compile": (
         {"backend": "torch", "precision": "bf16", "compile": True},
         {"startupTimeout": 900, "responseTimeout": 120},
@@ -61,39 +68,41 @@ SETTINGS: dict[str, tuple[dict, dict]] = {
     "torch fp32, passes by length": ({"backend": "torch", "precision": "fp32", "sort_by_length": True}, {}),
     "torch bf16, passes by length": ({"backend": "torch", "precision": "bf16", "sort_by_length": True}, {}),
     "onnx fp32": ({"backend": "onnx", "precision": "fp32"}, {}),
-    "onnx int8 (per channel)": ({"backend": "onnx", "precision": "int8"}, {}),
-    "onnx int8, passes by length": ({"backend": "onnx", "precision": "int8", "sort_by_length": True}, {}),
+    "onnx int8 (per channel)": ({"backend": "onnx", "precision": "int8", "isolate_texts": False}, {}),
+    "onnx int8, passes by length": (PASSES_INT8, {}),
     "onnx int8, passes by length, pass cost 4": (
-        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "pass_cost_tokens": 4},
+        PASSES_INT8 | {"pass_cost_tokens": 4},
         {},
     ),
     "onnx int8, passes by length, pass cost 64": (
-        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "pass_cost_tokens": 64},
+        PASSES_INT8 | {"pass_cost_tokens": 64},
         {},
     ),
     "onnx int8, passes by length, max_length 32": (
-        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "max_length": 32},
+        PASSES_INT8 | {"max_length": 32},
         {},
     ),
     "onnx int8, passes by length, spin_wait": (
-        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "spin_wait": True},
+        PASSES_INT8 | {"spin_wait": True},
         {},
     ),
     "onnx int8, passes by length, 1 worker x 1 thread": (
-        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "threads": 1},
+        PASSES_INT8 | {"threads": 1},
         {},
     ),
     "onnx int8, passes by length, 2 workers x 1 thread": (
-        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "threads": 1},
+        PASSES_INT8 | {"threads": 1},
         {"minWorkers": 2, "maxWorkers": 2},
     ),
     "onnx int8, passes by length, 2 workers x 2 threads": (
-        {"backend": "onnx", "precision": "int8", "sort_by_length": True, "threads": 2},
+        PASSES_INT8 | {"threads": 2},
         {"minWorkers": 2, "maxWorkers": 2},
     ),
     SHIPPED: ({}, {}),
     SHIPPED_SPIN: ({"spin_wait": True}, {}),
     SHIPPED_FUSED: ({"fuse": True}, {}),
+    SHIPPED_SHARED: ({"isolate_texts": False}, {}),
+    SHIPPED_FP32: ({"precision": "fp32"}, {}),
     **SHIPPED_LATENCY,
 }
 

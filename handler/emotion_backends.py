@@ -23,9 +23,11 @@ __all__ = ["BACKENDS", "Backend", "ExportError", "OnnxBackend", "TorchBackend", 
 
 
 class Backend(Protocol):
-    """What the handler needs of a backend: the model's config (``id2label``) and a forward pass."""
+    """What the handler needs of a backend: the model's config (``id2label``), a forward pass, and
+    whether a text's logits are the same whatever else its pass holds (``batch_invariant``)."""
 
     config: object
+    batch_invariant: bool
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
 
@@ -46,6 +48,8 @@ class TorchBackend:
             model = model.to(torch.bfloat16)
         elif settings.precision == "int8":
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        # Dynamic int8 quantises each Linear's input with one scale for the whole pass.
+        self.batch_invariant = not (device.type == "cpu" and settings.precision == "int8")
         self.model = model.to(device)
         self.forward = torch.compile(self.model, dynamic=True) if settings.compile else self.model
         self.device = device

@@ -160,7 +160,11 @@ class EmotionEngine:
         return self.tokenizer.encode(texts, self.max_length)
 
     def passes(self, lengths: list[int]) -> list[list[int]]:
-        """The forward passes (index lists into ``lengths``) for texts of these token counts."""
+        """The forward passes (index lists into ``lengths``) for texts of these token counts: one
+        text per pass where the backend's answers depend on a pass's other texts and
+        ``isolate_texts`` is set, else by length (``sort_by_length``) or all in one."""
+        if self.settings.isolate_texts and not self.model.batch_invariant:
+            return [[i] for i in range(len(lengths))]
         if self.settings.sort_by_length:
             return plan_passes(lengths, self.settings.pass_cost_tokens)
         return [list(range(len(lengths)))]

@@ -224,6 +224,9 @@ class OnnxBackend:
             )
         self.session = ort_session(path, settings)
         self.config = LabelConfig.read(Path(model_dir))
+        # The int8 graph quantises each MatMul's input on the fly with one scale for the whole
+        # pass (DynamicQuantizeLinear): a text's answer then depends on its companions.
+        self.batch_invariant = settings.precision != "int8"
         threads = self.session.get_session_options().intra_op_num_threads
         log.info("onnx backend: %s, %d thread(s)", path.name, threads)
 

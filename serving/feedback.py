@@ -7,7 +7,8 @@ an outcome days later) posts it with the answer's ``request_id``::
     POST /feedback  [{"request_id": "...", "label": "joy"}, ...]        (at most MAX_ITEMS)
 
 The gateway authenticates it with the client key and limits it on its own rate zone, then hands it
-to :class:`FeedbackServer`, a thread of the stack's supervisor: no prediction waits on it.
+to the feedback service (``serving.feedback_service``), a process of its own at the lowest CPU
+priority: no prediction waits on it.
 
 :class:`FeedbackStore` keeps, in SQLite (one file, WAL journal, every write committed before the
 answer), the served answers it reads from the handler's request log (``request_id``, time, model
@@ -26,12 +27,12 @@ A single item is answered with its own status and ``{"status", "result", "reques
 (the id the label is for); a list with 200, ``results`` (one outcome per item, in order) and
 ``counts`` by result. The feedback request's own id is in its ``X-Request-ID`` header.
 
-:meth:`FeedbackStore.metrics` (Prometheus' text format; the supervisor appends it to the
-gateway's ``/metrics``, which Prometheus scrapes already) reports, per model version, over the
-last ``window`` labelled answers: how many, accuracy, per-class precision, recall and F1 (a class
-with no label, or never predicted, is absent, not 0), confusion counts, expected calibration error
-(10 bins) and Brier score (``monitoring.quality``), plus a histogram of the delay between an answer
-and its label and counters of outcomes.
+:meth:`FeedbackStore.metrics` (Prometheus' text format; the feedback service serves it and the
+supervisor appends it to the gateway's ``/metrics``, which Prometheus scrapes already) reports,
+per model version, over the last ``window`` labelled answers: how many, accuracy, per-class
+precision, recall and F1 (a class with no label, or never predicted, is absent, not 0), confusion
+counts, expected calibration error (10 bins) and Brier score (``monitoring.quality``), plus a
+histogram of the delay between an answer and its label and counters of outcomes.
 """
 
 from __future__ import annotations

@@ -123,6 +123,7 @@ class ExplodingBackend:
 
     def __init__(self, backend, token: int) -> None:
         self.backend, self.token, self.config = backend, token, backend.config
+        self.batch_invariant = backend.batch_invariant
 
     def __call__(self, input_ids, attention_mask):
         if (input_ids == self.token).any():

@@ -5,9 +5,12 @@ from __future__ import annotations
 import zipfile
 
 import pytest
+from emotion_engine import EmotionEngine
 from emotion_handler import EmotionHandler
 from emotion_onnx import export_onnx
 from emotion_settings import HandlerSettings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from serving.archive import ArchiveError, build_archive
 
@@ -184,3 +187,37 @@ def test_int8_export_refuses_a_quantisation_that_changes_the_answers(tiny_model_
     with pytest.raises(ExportError, match="archive it with precision fp32"):
         export_onnx(tiny_model_dir, tmp_path, "int8")
     assert not list(tmp_path.glob("*.onnx"))  # no graph left behind for the archive to pack
+
+
+COMPANIONS = st.lists(
+    st.one_of(
+        st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=300),
+        st.sampled_from(["WHY WOULD YOU DO THIS TO ME!!!!!!", "ok", "i " * 120, "🙂" * 40, "love love love"]),
+    ),
+    min_size=1,
+    max_size=7,
+)
+
+
+ENGINES: dict = {}  # one engine per backend and precision for all the generated examples
+
+
+@pytest.mark.parametrize("backend,precision", [(b, p) for b in ("onnx", "torch") for p in ("int8", "fp32")])
+@given(companions=COMPANIONS)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_no_texts_answer_depends_on_what_is_batched_with_it(onnx_model_dir, backend, precision, companions):
+    # A pass cost this high makes the planner put every text of the batch in one pass: where the
+    # backend's answers would depend on that (int8), isolate_texts must run each text alone.
+    engine = ENGINES.setdefault(
+        (backend, precision),
+        EmotionEngine(
+            onnx_model_dir,
+            HandlerSettings(backend=backend, precision=precision, sort_by_length=True, pass_cost_tokens=10**6),
+        ),
+    )
+    texts = [text for text, _ in TEXTS[:3]]
+    alone = [engine.predict([text])[0]["probabilities"] for text in texts]
+    valid = [c for c in companions if c.strip() and engine.token_ids([c])[0][0]]
+    together = engine.predict(texts + valid)[: len(texts)]
+    for expected, answer in zip(alone, together, strict=True):
+        assert answer["probabilities"] == pytest.approx(expected, abs=1e-5)
