@@ -37,13 +37,19 @@ EXIT_AGREE, EXIT_DISAGREE, EXIT_NO_SERVICE = 0, 1, 2
 
 
 def live_metrics(url: str) -> dict[str, dict[tuple, float]]:
-    """The gateway's ``emotion_quality_*`` samples: name -> (sorted labels) -> value."""
+    """The gateway's ``emotion_quality_*`` and ``emotion_feedback_*`` samples: name -> (sorted
+    labels) -> value."""
     samples: dict[str, dict[tuple, float]] = {}
     for family in text_string_to_metric_families(requests.get(url, timeout=10).text):
         for s in family.samples:
-            if s.name.startswith("emotion_quality_"):
+            if s.name.startswith(("emotion_quality_", "emotion_feedback_")):
                 samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
     return samples
+
+
+def accepted(samples: dict[str, dict[tuple, float]]) -> float:
+    """Labels the feedback service has accepted since it started (its counter; 0 before any)."""
+    return samples.get("emotion_feedback_items_total", {}).get((("result", "accepted"),), 0.0)
 
 
 def predict_all(url: str, headers: dict, texts: Sequence[str], concurrency: int, run: str) -> list[dict]:
@@ -112,13 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     counts = send_feedback(f"{args.url}/feedback", headers, [a["request_id"] for a in answers], labels)
     window = int(next(iter(before.get("emotion_quality_window", {}).values()), 1000))
     covered = min(window, len(texts))
-    # The live window holds the last labels sent: this run's last `covered` texts.
+    # The live window holds the last labels sent: this run's last `covered` texts, once the
+    # metrics count this run's accepted labels (they are refreshed about once a second).
+    accepted_before = accepted(before)
     deadline = time.monotonic() + 30
     while True:
         live = live_metrics(args.metrics_url)
         versions = live.get("emotion_quality_labelled", {})
-        if any(v >= covered for v in versions.values()) or time.monotonic() > deadline:
+        now = accepted(live)
+        caught_up = now - (accepted_before if now >= accepted_before else 0) >= counts.get("accepted", 0)
+        if caught_up:
             break
+        if time.monotonic() > deadline:
+            print("the gateway's metrics never counted this run's labels: is the feedback service up?", file=sys.stderr)
+            return EXIT_DISAGREE
         time.sleep(0.5)
     if not versions:
         print("the gateway reports no live quality: is the feedback service running?", file=sys.stderr)
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("macro_f1", "ece", "brier"):
         value = live.get(f"emotion_quality_{name}", {}).get(version, float("nan"))
         print(f"{name:22} {value:>16.4f} {reference[name]:>18.4f}")
-    gap = 100 * abs(live_accuracy - reference["accuracy"])
+    gap = round(100 * abs(live_accuracy - reference["accuracy"]), 9)  # one text in 1,000 is 0.1, not 0.1000001
     verdict = "agree" if gap <= args.tolerance else "DISAGREE"
     print(f"accuracy gap {gap:.3f} points (tolerance {args.tolerance}): {verdict} ({dict(version)})")
     return EXIT_AGREE if gap <= args.tolerance else EXIT_DISAGREE

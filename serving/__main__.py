@@ -94,6 +94,7 @@ def run(settings: ServeSettings) -> int:
         feedback_db=settings.feedback_db,
         feedback_retention_days=settings.feedback_retention_days,
         quality_window=settings.quality_window,
+        feedback_items_per_s=settings.feedback_items_per_s,
     )
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,7 +34,15 @@ from pathlib import Path
 import requests
 
 from project import LOOPBACK
-from serving.feedback import ERRORS, MAX_BODY_BYTES, MAX_ITEMS, QUALITY_WINDOW, RETENTION_DAYS, FeedbackStore
+from serving.feedback import (
+    ERRORS,
+    ITEMS_PER_S,
+    MAX_BODY_BYTES,
+    MAX_ITEMS,
+    QUALITY_WINDOW,
+    RETENTION_DAYS,
+    FeedbackStore,
+)
 from serving.process import ManagedProcess
 
 log = logging.getLogger("serving.feedback")
@@ -46,20 +55,46 @@ def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
 
 
+class Pacer:
+    """At most ``rate`` items per second, on average: :meth:`take` returns how long to wait before
+    handling ``n`` more (0: at once). Unused budget does not pile up beyond one second's worth."""
+
+    def __init__(self, rate: float, clock=time.monotonic) -> None:
+        if rate <= 0:
+            raise ValueError(f"items per second must be > 0, not {rate}")
+        self.rate, self.clock = rate, clock
+        self.ready = clock()  # when the next item may start
+
+    def take(self, n: int) -> float:
+        now = self.clock()
+        start = max(self.ready, now - 1.0)
+        self.ready = start + n / self.rate
+        return max(0.0, start - now)
+
+
 class FeedbackServer:
     """``POST /feedback``, ``GET /metrics`` and ``GET /live`` over a :class:`FeedbackStore`, on a
-    loopback port, in threads of the calling process."""
+    loopback port, in threads of the calling process. Bodies are handled one at a time, paced to
+    ``items_per_s`` labels per second (a request waits its turn, it is not refused)."""
 
-    def __init__(self, store: FeedbackStore, port: int = 0, host: str = LOOPBACK) -> None:
+    def __init__(
+        self, store: FeedbackStore, port: int = 0, host: str = LOOPBACK, items_per_s: float = ITEMS_PER_S
+    ) -> None:
         self.store = store
+        self.serial = threading.Lock()
+        self.pacer = Pacer(items_per_s)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 if self.path != "/feedback":
                     return self._send(404, ERRORS.error_body("NotFound", "POST /feedback"))
-                status, body = outer.handle_post(self._body(), self.headers.get("X-Request-ID"))
-                self._send(status, body)
+                body = self._body()
+                # One body at a time: the store serialises the work anyway, and threads taking
+                # turns at the interpreter lock would wake each other (and the CPU) for nothing.
+                with outer.serial:
+                    status, answer = outer.handle_post(body, self.headers.get("X-Request-ID"))
+                self._send(status, answer)
 
             def do_GET(self) -> None:
                 if self.path == "/live":
@@ -112,11 +147,13 @@ class FeedbackServer:
         if isinstance(payload, list):
             if not payload or len(payload) > MAX_ITEMS:
                 return error("InvalidFeedback", f"send 1 to {MAX_ITEMS} items in a list, not {len(payload)}")
+            time.sleep(self.pacer.take(len(payload)))
             outcomes = self.store.submit(payload)
             counts: dict[str, int] = {}
             for o in outcomes:
                 counts[o.result] = counts.get(o.result, 0) + 1
             return 200, {"results": [o.to_json() for o in outcomes], "counts": counts}
+        time.sleep(self.pacer.take(1))
         (outcome,) = self.store.submit([payload])
         return outcome.status, outcome.to_json()
 
@@ -164,6 +201,7 @@ class FeedbackProcess:
         log_path: Where the process's output goes.
         retention_days: Days an answer may get its label.
         window: Labelled answers per version the quality metrics cover.
+        items_per_s: Labels handled per second at most (a flood waits its turn).
     """
 
     def __init__(
@@ -175,11 +213,13 @@ class FeedbackProcess:
         log_path: Path,
         retention_days: float = RETENTION_DAYS,
         window: int = QUALITY_WINDOW,
+        items_per_s: float = ITEMS_PER_S,
     ) -> None:
         self.url = f"http://{LOOPBACK}:{port}"
         command = [sys.executable, "-m", "serving.feedback_service", "--db", str(db), "--log-dir", str(log_dir)]
         command += ["--labels", json.dumps(list(labels)), "--port", str(port)]
         command += ["--retention-days", str(retention_days), "--window", str(window)]
+        command += ["--items-per-s", str(items_per_s)]
         self.process = ManagedProcess("the feedback service", command, log_path)
 
     def start(self, timeout: float = 60) -> None:
@@ -215,11 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="loopback port")
     parser.add_argument("--retention-days", type=float, default=RETENTION_DAYS)
     parser.add_argument("--window", type=int, default=QUALITY_WINDOW)
+    parser.add_argument("--items-per-s", type=float, default=ITEMS_PER_S, help="labels handled per second at most")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     lower_priority()
     store = FeedbackStore(args.db, args.labels, args.log_dir, args.retention_days, args.window)
-    server = FeedbackServer(store, args.port).start()
+    server = FeedbackServer(store, args.port, items_per_s=args.items_per_s).start()
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:

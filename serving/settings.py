@@ -33,6 +33,7 @@ from project import (
     SERVE_DIR,
     SERVED_MODELS,
 )
+from serving.feedback import ITEMS_PER_S as FEEDBACK_ITEMS_PER_S
 from serving.feedback import QUALITY_WINDOW, RETENTION_DAYS
 from serving.health import GOLDEN_MAX_AGE, UNREADY_EXIT
 
@@ -208,6 +209,9 @@ class ServeSettings:
     quality_window: int = field(
         default=QUALITY_WINDOW, metadata=_flag("live quality metrics: labelled answers per model version they cover")
     )
+    feedback_items_per_s: float = field(
+        default=FEEDBACK_ITEMS_PER_S, metadata=_flag("POST /feedback: labels handled per second at most (paced)")
+    )
     drain: float = field(default=2.0, metadata=_flag("seconds between not-ready and stopping"))
     timeout: float = field(default=240, metadata=_flag("start, stop: seconds to wait"))
     grace: float = field(default=3600, metadata=_flag("rotate-key: seconds the old keys stay valid"))
@@ -245,8 +249,8 @@ class ServeSettings:
         for name in ("golden_max_age", "unready_exit", "drain", "timeout", "grace"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
-        if self.feedback_retention_days <= 0 or self.quality_window < 1:
-            raise ValueError("feedback_retention_days must be > 0 and quality_window >= 1")
+        if self.feedback_retention_days <= 0 or self.quality_window < 1 or self.feedback_items_per_s <= 0:
+            raise ValueError("feedback_retention_days and feedback_items_per_s must be > 0 and quality_window >= 1")
 
     def gateway(self, model: str = MODEL_NAME) -> GatewaySettings:
         """The gateway's settings (validated there)."""

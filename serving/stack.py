@@ -90,6 +90,7 @@ class Stack:
         feedback_db: The feedback store (``serving.feedback``; default ``<workdir>/feedback.sqlite``).
         feedback_retention_days: Days an answer may get its label.
         quality_window: Labelled answers per model version the live quality metrics cover.
+        feedback_items_per_s: Labels the feedback service handles per second at most.
         feedback: Serve ``POST /feedback`` (needs the golden record, for the label names).
     """
 
@@ -112,6 +113,7 @@ class Stack:
         feedback_db: Path | None = None,
         feedback_retention_days: float = feedback_store.RETENTION_DAYS,
         quality_window: int = feedback_store.QUALITY_WINDOW,
+        feedback_items_per_s: float = feedback_store.ITEMS_PER_S,
         feedback: bool = True,
     ) -> None:
         self.workdir = Path(workdir).resolve()
@@ -132,6 +134,7 @@ class Stack:
         self.feedback_labels = list(golden.probabilities[0]) if golden is not None and feedback else None
         self.feedback_db = Path(feedback_db) if feedback_db else self.workdir / "feedback.sqlite"
         self.feedback_retention_days = feedback_retention_days
+        self.feedback_items_per_s = feedback_items_per_s
         self.quality_window = quality_window
         self.feedback: FeedbackProcess | None = None
         self._feedback_port = free_port() if self.feedback_labels else None
@@ -190,6 +193,7 @@ class Stack:
                 self.workdir / "feedback.log",
                 self.feedback_retention_days,
                 self.quality_window,
+                self.feedback_items_per_s,
             )
             self.feedback.start()
         self.gateway.upstream_key = self.torchserve.keys.get("inference")

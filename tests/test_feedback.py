@@ -22,7 +22,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from monitoring.quality import brier_score, expected_calibration_error, quality
 from project import handler_module
 from serving.feedback import MAX_ITEMS, FeedbackStore
-from serving.feedback_service import NICENESS, FeedbackProcess, FeedbackServer
+from serving.feedback_service import NICENESS, FeedbackProcess, FeedbackServer, Pacer
 from serving.server import free_port
 
 ERRORS = handler_module("emotion_errors").ERRORS
@@ -303,3 +303,26 @@ def test_the_feedback_service_runs_apart_at_the_lowest_cpu_priority_and_survives
         assert again.status_code == 409 and again.json()["result"] == "conflict"
     finally:
         service.stop()
+
+
+@given(
+    takes=st.lists(st.tuples(st.floats(0, 3), st.integers(1, MAX_ITEMS)), min_size=1, max_size=40),
+    rate=st.floats(10, 10_000),
+)
+@settings(max_examples=200, deadline=None)
+def test_the_pacer_never_starts_more_than_its_rate_allows_after_one_seconds_burst(takes, rate):
+    clock = Clock(0.0)
+    pacer = Pacer(rate, clock)
+    started = []  # (start time, items)
+    for gap, n in takes:
+        clock.now += gap  # the next request arrives
+        wait = pacer.take(n)
+        assert wait >= 0
+        started.append((clock.now + wait, n))
+        clock.now += wait  # handled one at a time: the caller sleeps, then works
+    for t, _ in started:
+        begun = sum(n for s, n in started if s < t)  # items of the requests started before t
+        assert begun <= rate * (t + 1.0) + 1e-6
+    # and a request after a pause long enough for all of them is never made to wait
+    clock.now += sum(n for _, n in takes) / rate
+    assert pacer.take(1) == 0.0
