@@ -262,6 +262,12 @@ def test_feedback_closes_the_loop_from_an_answer_to_the_live_quality_metrics(sta
         f"{stack.url}/feedback", json=items[0] | {"label": other}, headers=stack.headers(), timeout=30
     )
     assert again.status_code == 409 and again.json()["result"] == "conflict"  # the first label is kept
+    # Neither the store nor the request log ever holds a key: the client's or TorchServe's.
+    secrets = [k.encode() for k in [*stack.client_keys(), *stack.torchserve.keys.values()] if k]
+    request_log = stack.torchserve.workdir / "logs" / "requests.jsonl"
+    assert stack.feedback_db.stat().st_size and request_log.stat().st_size
+    for path in [*stack.feedback_db.parent.glob(f"{stack.feedback_db.name}*"), request_log]:
+        assert not any(secret in path.read_bytes() for secret in secrets), path
 
 
 def test_make_quality_agrees_with_the_offline_evaluation_and_says_when_it_cannot(
