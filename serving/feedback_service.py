@@ -221,6 +221,9 @@ class FeedbackProcess:
         command += ["--retention-days", str(retention_days), "--window", str(window)]
         command += ["--items-per-s", str(items_per_s)]
         self.process = ManagedProcess("the feedback service", command, log_path)
+        self.latest = ""  # the last metrics the service gave (see :meth:`metrics`)
+        self._polling = threading.Event()
+        self._poller: threading.Thread | None = None
 
     def start(self, timeout: float = 60) -> None:
         """Start the process; returns once ``/live`` answers."""
@@ -232,18 +235,39 @@ class FeedbackProcess:
             return False
 
         self.process.wait_until(live, timeout, "live")
+        if self._poller is None:
+            self._polling.set()
+            self._poller = threading.Thread(target=self._poll, name="feedback-metrics", daemon=True)
+            self._poller.start()
 
-    def metrics(self) -> str:
-        """The live quality metrics; empty (and a warning) when the service does not answer."""
+    def fetch(self) -> str:
+        """The live quality metrics now; empty (and a warning) when the service does not answer."""
         try:
-            answer = requests.get(f"{self.url}/metrics", timeout=2)
+            answer = requests.get(f"{self.url}/metrics", timeout=5)
             answer.raise_for_status()
             return answer.text
         except requests.RequestException as err:
             log.warning("no live quality metrics this round: %s", err)
             return ""
 
+    def _poll(self) -> None:
+        # Fetched beside the supervisor, not by it: a service that yields the CPU to the model may
+        # answer slowly on a saturated machine, and the supervisor's health checks must not wait.
+        while self._polling.is_set():
+            text = self.fetch()
+            if text or not self.process.running:
+                self.latest = text
+            time.sleep(INGEST_INTERVAL)
+
+    def metrics(self) -> str:
+        """The last live quality metrics fetched (about once a second); empty before the first."""
+        return self.latest
+
     def stop(self) -> None:
+        self._polling.clear()
+        if self._poller is not None:
+            self._poller.join(timeout=10)
+            self._poller = None
         self.process.stop(timeout=10)
 
 

@@ -24,6 +24,7 @@ from project import handler_module
 from serving.feedback import MAX_ITEMS, FeedbackStore
 from serving.feedback_service import NICENESS, FeedbackProcess, FeedbackServer, Pacer
 from serving.server import free_port
+from tests.helpers import wait_for
 
 ERRORS = handler_module("emotion_errors").ERRORS
 LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]
@@ -293,10 +294,11 @@ def test_the_feedback_service_runs_apart_at_the_lowest_cpu_priority_and_survives
             assert group.read_text().split()[-1] == str(NICENESS)
         answer = requests.post(f"{service.url}/feedback", json={"request_id": "r0", "label": "joy"}, timeout=10)
         assert answer.status_code == 200 and answer.json()["result"] == "accepted"
-        assert 'emotion_quality_labelled{version="1.0"} 1' in service.metrics()
+        assert 'emotion_quality_labelled{version="1.0"} 1' in service.fetch()
+        assert wait_for(lambda: 'emotion_quality_labelled{version="1.0"} 1' in service.metrics(), 10)
     finally:
         service.stop()
-    assert service.metrics() == ""  # a service that does not answer gives no metrics, not an error
+    assert service.fetch() == ""  # a service that does not answer gives no metrics, not an error
     service.start()  # the label is in the store, not in the process
     try:
         again = requests.post(f"{service.url}/feedback", json={"request_id": "r0", "label": "fear"}, timeout=10)

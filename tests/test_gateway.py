@@ -604,8 +604,12 @@ def test_feedback_is_keyed_limited_on_its_own_and_reaches_the_feedback_service(u
         answer = requests.post(url, json=item, headers=auth, timeout=10)
         assert answer.status_code == 404 and answer.json()["result"] == "unknown"  # the service's own answer
         assert answer.headers["X-Request-ID"] == "fb-1"
-        flood = [requests.post(url, json=item, headers=auth, timeout=10).status_code for _ in range(10)]
-        assert 429 in flood  # past its own rate and burst
+        flood = [requests.post(url, json=item, headers=auth, timeout=10) for _ in range(10)]
+        limited = [a for a in flood if a.status_code == 429]  # past its own rate and burst
+        assert limited and limited[0].headers["Retry-After"] and limited[0].json()["type"] == "TooManyRequests"
+        time.sleep(2)  # the bucket has room again
+        huge = requests.post(url, data=b"[" + b" " * (10 << 20) + b"]", headers=auth, timeout=30)
+        assert huge.status_code == 413 and huge.json()["type"] == "BodyTooLarge"  # refused before the service
         assert post(gateway, "emotion").status_code == 200  # predictions have their own limits
         service.stop()
         time.sleep(3)  # the rate's bucket empties (1 per second)
