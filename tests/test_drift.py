@@ -226,6 +226,19 @@ def test_drift_rules_pass_their_promtool_tests_and_the_reference_file_is_valid()
     assert result.returncode == 0, result.stdout
 
 
+def test_the_committed_reference_records_every_reference_series_a_rule_reads():
+    # A rule comparing with a reference series nobody records never fires: the committed
+    # reference must come from a profile that holds everything the alerts and drift rules read.
+    import re
+
+    recorded = {rule["record"] for group in yaml.safe_load((MONITORING / "drift_reference.yml").read_text())["groups"]
+                for rule in group["rules"]}  # fmt: skip
+    for name in ("alerts.yml", "drift_rules.yml"):
+        text = (MONITORING / name).read_text()
+        read = set(re.findall(r"emotion:reference_\w+", text))
+        assert read and read <= recorded, (name, sorted(read - recorded))
+
+
 def fake_profile() -> dict:
     """A profile shaped like monitoring.profile's, with known shares (no model needed)."""
     confidence = {name: 0.0 for name in bucket_names(CONFIDENCE_BOUNDS)}
