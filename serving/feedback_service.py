@@ -225,8 +225,9 @@ class FeedbackProcess:
         self._polling = threading.Event()
         self._poller: threading.Thread | None = None
 
-    def start(self, timeout: float = 60) -> None:
-        """Start the process; returns once ``/live`` answers."""
+    def start(self, timeout: float | None = 60) -> None:
+        """Start the process; returns once ``/live`` answers, or at once with ``timeout`` None (a
+        restart by the supervisor, whose health checks must not wait for it)."""
         self.process.start()
 
         def live() -> bool:
@@ -234,7 +235,8 @@ class FeedbackProcess:
                 return requests.get(f"{self.url}/live", timeout=1).status_code == 200
             return False
 
-        self.process.wait_until(live, timeout, "live")
+        if timeout is not None:
+            self.process.wait_until(live, timeout, "live")
         if self._poller is None:
             self._polling.set()
             self._poller = threading.Thread(target=self._poll, name="feedback-metrics", daemon=True)
@@ -255,7 +257,7 @@ class FeedbackProcess:
         # answer slowly on a saturated machine, and the supervisor's health checks must not wait.
         while self._polling.is_set():
             text = self.fetch()
-            if text or not self.process.running:
+            if text or not self.process.running():
                 self.latest = text
             time.sleep(INGEST_INTERVAL)
 

@@ -231,9 +231,9 @@ class Stack:
             self.gateway.reopen_logs()
         metrics = self.access_log.metrics(state.ready, state.up, state.ready_workers)
         if self.feedback is not None:
-            if not self.feedback.process.running:
+            if not self.feedback.process.running():
                 log.error("the feedback service exited (see %s): starting it again", self.workdir / "feedback.log")
-                self.feedback.start()
+                self.feedback.start(timeout=None)
             metrics += self.feedback.metrics()  # the live quality, on the gateway's metrics endpoint
         tmp = self.gateway.workdir / "metrics.prom.tmp"
         tmp.write_text(metrics)

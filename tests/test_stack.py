@@ -291,3 +291,21 @@ def test_make_quality_agrees_with_the_offline_evaluation_and_says_when_it_cannot
     # Nothing listening: the exit code that says so.
     unused = ["--metrics-url", f"http://127.0.0.1:{free_port()}/metrics", "--file", str(labelled)]
     assert live_quality.main(unused) == live_quality.EXIT_NO_SERVICE
+
+
+def test_a_feedback_service_that_dies_is_started_again_and_keeps_its_labels(stack):
+    answer = predict(stack, headers={"X-Request-ID": "revive-1"})
+    assert answer.status_code == 200
+    url, item = f"{stack.url}/feedback", {"request_id": "revive-1", "label": answer.json()["label"]}
+    assert requests.post(url, json=item, headers=stack.headers(), timeout=30).status_code == 200
+    victim = stack.feedback.process.pid
+    os.kill(victim, signal.SIGKILL)
+    revived = wait_for(lambda: stack.feedback.process.running() and stack.feedback.process.pid != victim, 30)
+    assert revived, "the supervisor did not start the feedback service again"
+
+    def answered() -> requests.Response | None:
+        again = requests.post(url, json=item, headers=stack.headers(), timeout=30)
+        return again if again.status_code != 503 else None  # 503 until the new process listens
+
+    again = wait_for(answered, 60)
+    assert again is not None and again.json()["result"] == "duplicate"  # the label outlived its process
