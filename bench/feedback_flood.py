@@ -32,9 +32,10 @@ from pathlib import Path
 
 import requests
 
+from bench.overload import archive_and_cpu
 from loadtest.closed_loop import ClosedLoop
 from loadtest.texts import percentile
-from project import ARCHIVE_NAME, LOOPBACK, MODEL_NAME, MODEL_STORE, PROJECT_ROOT, handler_module
+from project import LOOPBACK, MODEL_NAME, MODEL_STORE, PROJECT_ROOT
 from serving import keys as gateway_keys
 from serving.feedback import MAX_ITEMS
 from serving.process import ManagedProcess
@@ -204,10 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service-flag", action="append", default=[], help="a flag for `python -m serving run`")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "results" / "feedback_flood.json")
     args = parser.parse_args(argv)
-    if not (args.model_store / ARCHIVE_NAME).is_file():
-        raise SystemExit(f"{args.model_store} has no {ARCHIVE_NAME}: make archive")
-    cpu = handler_module("emotion_cpuinfo").detect()
-    print(cpu.line(), flush=True)
+    cpu = archive_and_cpu(args.model_store)
     with tempfile.TemporaryDirectory() as tmp:
         row = measure(
             args.model_store.resolve(),

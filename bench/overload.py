@@ -79,6 +79,16 @@ def measure(model_store: Path, workdir: Path, clients: int, seconds: float, queu
     }
 
 
+def archive_and_cpu(model_store: Path):
+    """Stop with a clear message unless ``model_store`` holds the archive; print and return the
+    CPU's capabilities (the line every benchmark starts with)."""
+    if not (model_store / ARCHIVE_NAME).is_file():
+        raise SystemExit(f"{model_store} has no {ARCHIVE_NAME}: make archive")
+    cpu = handler_module("emotion_cpuinfo").detect()
+    print(cpu.line(), flush=True)
+    return cpu
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-store", type=Path, default=MODEL_STORE)
@@ -87,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue", type=int, default=8, help="TorchServe's job_queue_size")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "results" / "overload.json")
     args = parser.parse_args(argv)
-    if not (args.model_store / ARCHIVE_NAME).is_file():
-        raise SystemExit(f"{args.model_store} has no {ARCHIVE_NAME}: make archive")
-    cpu = handler_module("emotion_cpuinfo").detect()
-    print(cpu.line(), flush=True)
+    cpu = archive_and_cpu(args.model_store)
     with tempfile.TemporaryDirectory() as tmp:
         row = measure(args.model_store, Path(tmp), args.clients, args.seconds, args.queue)
     row["cpu"] = cpu.summary()

@@ -48,13 +48,21 @@ def copied(dockerfile: Path) -> list[str]:
     return sources
 
 
+def image_files(dockerfile: Path, into: Path) -> None:
+    """Copy what ``dockerfile``'s COPY instructions take from the repository (not the build
+    arguments, such as the archive) to the same paths under ``into``."""
+    for source in copied(dockerfile):
+        if "${" in source or not (ROOT / source).exists():
+            continue
+        target = into / source
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (ROOT / source).is_dir() else shutil.copy)(ROOT / source, target)
+
+
 def test_the_training_image_holds_every_module_training_imports(tmp_path):
     # The image's /srv: only what train.Dockerfile copies. Training must start from it (its CPU
     # module lives in handler/, which the serving side packs into archives).
-    for source in copied(TRAIN):
-        target = tmp_path / source
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if (ROOT / source).is_dir() else shutil.copy)(ROOT / source, target)
+    image_files(TRAIN, tmp_path)
     code = "import training.train; from training.runtime import resolve_precision; print(resolve_precision('auto'))"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -65,12 +73,7 @@ def test_the_serving_image_holds_every_module_the_service_imports(tmp_path):
     # The serving image's /srv: only what serve.Dockerfile copies, no archive. The supervisor, the
     # gateway and the feedback service must all import from it (`python -m serving --help` imports
     # the whole CLI; the stack imports every module it starts).
-    for source in copied(SERVE):
-        if "${" in source or not (ROOT / source).exists():
-            continue
-        target = tmp_path / source
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if (ROOT / source).is_dir() else shutil.copy)(ROOT / source, target)
+    image_files(SERVE, tmp_path)
     code = "import runpy, sys; sys.argv = ['serving', '--help']; runpy.run_module('serving', run_name='__main__')"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
