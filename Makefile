@@ -35,12 +35,13 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt requirements-serve.txt 
 
 venv: $(BIN)/.installed ## Create the virtualenv and install the pinned requirements
 
-system-deps: ## Install Java 17 (TorchServe), Prometheus, wrk, nginx and Graphviz with apt when missing
+system-deps: ## Install Java 17 (TorchServe), Prometheus, wrk, nginx with its Lua module and Graphviz with apt when missing
 	@command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
 	@command -v prometheus >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
 	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx)
+	@test -f /usr/lib/nginx/modules/ngx_http_lua_module.so || (apt-get update -qq && apt-get install -y -qq libnginx-mod-http-lua)
 	@command -v dot >/dev/null || (apt-get update -qq && apt-get install -y -qq graphviz)
 
 experiment: $(BIN)/.installed ## Write params.yaml (untracked) for $EXPERIMENT and $TEACHER (the pipeline targets do it)
@@ -178,6 +179,9 @@ $(MODEL_DIR)/model.safetensors: experiment
 $(IMAGE_ARCHIVE_DEFAULT): $(MODEL_DIR)/model.safetensors $(wildcard handler/* serving/archive.py)
 	$(BIN)/python -m serving.archive --model-dir $(MODEL_DIR) --export-dir $(@D) --without-weights
 
+lock: $(BIN)/.installed ## Write requirements-serve.lock: the serving image's packages with their hashes (CHECK=1: only check it)
+	$(BIN)/python -m docker.lock $(if $(CHECK),--check)
+
 image-deps: ## Install buildah and debootstrap with apt when no Docker engine answers
 	@docker info >/dev/null 2>&1 || command -v buildah >/dev/null || (apt-get update -qq && apt-get install -y -qq buildah)
 	@docker info >/dev/null 2>&1 || command -v debootstrap >/dev/null || (apt-get update -qq && apt-get install -y -qq debootstrap)
@@ -196,4 +200,4 @@ report: $(BIN)/.installed system-deps ## Exam report: figures from the project's
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps experiment pull data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench engines batching overload gpu-pack gpu-check drift quality robustness lint format test test-fast report clean image-deps image image-smoke
+.PHONY: help venv system-deps experiment pull data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench engines batching overload gpu-pack gpu-check drift quality robustness lint format test test-fast report clean image-deps image image-smoke lock

@@ -9,15 +9,23 @@
 # The gateway is port 8080 (keyless /live and /ready, keyed /predictions/emotion).
 # TorchServe's own listeners (inference 8085, management 8081, metrics 8082) stay on the
 # container's loopback unless a deployment overrides them (TS_METRICS_ADDRESS, see deploy/k8s/).
-ARG BASE_IMAGE=debian:bookworm-slim
+# The base image, by digest (no default: a tag alone could change under a rebuild). Cloud Build
+# pins debian:bookworm-slim by the digest it resolves (cloudbuild.yaml, step base); docker/image.sh
+# passes its own base, made with debootstrap from Debian's signed archive.
+ARG BASE_IMAGE
 FROM ${BASE_IMAGE}
+ARG BASE_IMAGE
+LABEL org.opencontainers.image.base.name="${BASE_IMAGE}"
 
-# cpu: torch's CPU wheel, from docker/stage/wheels (filled by docker/image.sh from the host's
+# Python packages in two installs. First torch alone, by its exact version: cpu, torch's CPU wheel
+# (without its dependencies), from docker/stage/wheels (filled by docker/image.sh from the host's
 # pip configuration) or else from TORCH_INDEX, which is then the only index of that one install
-# (never an extra index beside PyPI for the other packages: no name can be taken from the wrong
-# index). cuda: PyPI's torch, which bundles the CUDA
-# runtime; the host needs only the NVIDIA driver and container toolkit. docker/stage is bind-mounted
-# for this step only: the wheels and, behind a TLS-inspecting proxy, the CA bundle pip must trust.
+# (never an extra index beside PyPI: no name can be taken from the wrong index); cuda, PyPI's
+# torch with the CUDA runtime packages it pins (the host needs only the NVIDIA driver and container
+# toolkit). Then everything else from requirements-serve.lock with --require-hashes: one version
+# of each package and the SHA-256 of its files on PyPI (make lock; docker/lock.py). docker/stage
+# is bind-mounted for this step only: the wheels and, behind a TLS-inspecting proxy, the CA bundle
+# pip must trust.
 ARG VARIANT=cpu
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG ARCHIVE=model_store/emotion.mar
@@ -29,28 +37,34 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      python3 python3-venv openjdk-17-jre-headless nginx tini ca-certificates \
+      python3 python3-venv openjdk-17-jre-headless nginx libnginx-mod-http-lua tini ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 serve \
  && useradd --system --uid 10001 --gid 10001 --home-dir /srv --shell /usr/sbin/nologin serve
 
-# Dependency layer: changes only with requirements-serve.txt (plus requests, which the process
-# control in serving/ uses and the TorchServe worker does not).
+# Dependency layer: changes only with requirements-serve.txt and its lock.
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-COPY requirements-serve.txt /tmp/requirements-serve.txt
+COPY requirements-serve.txt requirements-serve.lock /tmp/
+# $TORCH is requirements-serve.txt's torch==<version> line: pinned, in a variable hadolint cannot read.
+# hadolint ignore=DL3013
 RUN --mount=type=bind,source=docker/stage,target=/tmp/stage \
     python3 -m venv "$VIRTUAL_ENV" \
  && if [ -f /tmp/stage/ca-bundle.crt ]; then export PIP_CERT=/tmp/stage/ca-bundle.crt; fi \
+ && TORCH="$(grep -m1 '^torch==' /tmp/requirements-serve.txt)" \
  && if [ "$VARIANT" = cpu ] && [ -n "$TORCH_INDEX" ]; then \
-      pip install --index-url "$TORCH_INDEX" "$(grep -m1 '^torch==' /tmp/requirements-serve.txt)"; fi \
- && pip install --find-links /tmp/stage/wheels -r /tmp/requirements-serve.txt "requests>=2.32" \
+      pip install --no-deps --index-url "$TORCH_INDEX" "$TORCH"; \
+    elif [ "$VARIANT" = cpu ]; then \
+      pip install --no-deps --no-index --find-links /tmp/stage/wheels "$TORCH"; \
+    else pip install "$TORCH"; fi \
+ && pip install --require-hashes --no-deps -r /tmp/requirements-serve.lock \
+ && pip check \
  && python -c "import torch; v = torch.__version__; assert ('+cpu' in v) == ('$VARIANT' == 'cpu'), v" \
- && rm /tmp/requirements-serve.txt
+ && rm /tmp/requirements-serve.txt /tmp/requirements-serve.lock
 
 # Code layer.
 WORKDIR /srv

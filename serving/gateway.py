@@ -32,6 +32,16 @@ TEMPLATE = Path(__file__).with_name("nginx.conf")
 # Seconds to wait for nginx's new workers after a reload.
 RELOAD_TIMEOUT = 5.0
 
+# Debian's nginx modules (libnginx-mod-http-lua): Lua reads bodies against the request deadline.
+NGINX_MODULES = Path("/usr/lib/nginx/modules")
+LUA_MODULES = ("ndk_http_module.so", "ngx_http_lua_module.so")
+# Seconds one read of a request's body may wait (nginx's client_body_timeout, for the Lua reader).
+BODY_READ_TIMEOUT = 10
+# The statuses a route's checks refuse with (serving/nginx.conf, /_refuse/<status>).
+REFUSALS = (400, 401, 404, 405, 411, 415, 503)
+# The bodies of /live and /ready, served from files (after the limits, as every answer).
+HEALTH_ANSWERS = {"live.json": '{"status": "alive"}\n', "ready.json": '{"status": "ready"}\n'}
+
 # Seconds nginx keeps an idle client connection open (keepalive_timeout), except while draining.
 KEEPALIVE_TIMEOUT = 30
 
@@ -76,6 +86,10 @@ def render(upstream: str, prefix: Path, settings: GatewaySettings) -> str:
         "FEEDBACK_RATE": str(settings.feedback_rate),
         "FEEDBACK_BURST": str(settings.feedback_burst),
         "FEEDBACK": feedback_route(settings.feedback_port),
+        "REQUEST_DEADLINE": str(settings.request_deadline),
+        "BODY_READ_TIMEOUT": str(BODY_READ_TIMEOUT),
+        "REFUSALS": refusal_locations(),
+        "MODULES": "\n".join(f"load_module {path};" for path in lua_modules()),
     }
     text = TEMPLATE.read_text()
     for name, value in values.items():
@@ -83,13 +97,49 @@ def render(upstream: str, prefix: Path, settings: GatewaySettings) -> str:
     return text
 
 
+def lua_modules(directory: Path = NGINX_MODULES) -> list[Path]:
+    """nginx's dynamic modules the gateway loads: Lua (and NDK, which it needs), which reads a
+    request's body against its deadline.
+
+    Raises:
+        FileNotFoundError: a module is missing (Debian's libnginx-mod-http-lua is not installed).
+    """
+    paths = [directory / name for name in LUA_MODULES]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the gateway needs nginx's Lua module: {', '.join(missing)} missing "
+            "(apt-get install libnginx-mod-http-lua, or make system-deps)"
+        )
+    return paths
+
+
+def refusal_locations() -> str:
+    """The locations that answer a route's refusals (``/_refuse/<status>``) after the limits."""
+    blocks = []
+    for status in REFUSALS:
+        blocks.append(
+            f"        location = /_refuse/{status} {{\n"
+            '            if ($refusal = "") {\n'
+            "                set $refusal $not_found;\n"
+            "                rewrite ^ /_refuse/404 last;\n"
+            "            }\n"
+            f"            try_files /.none ={status};\n"
+            f"            error_page {status} @refusal;\n"
+            "            error_page 429 = @too_many;\n"
+            "        }"
+        )
+    return "\n".join(blocks)
+
+
 def feedback_route(port: int | None) -> str:
     """The body of the ``/feedback`` location: to the feedback service on ``port`` (the stack's
     service, ``serving.feedback_service``), or a 404 where none runs."""
     if port is None:
         return (
-            '            return 404 \'{"code": 404, "type": "NotFound", "message": "no feedback service '
-            'runs behind this gateway", "request_id": "$emotion_request_id"}\\n\';'
+            '            set $refusal \'{"code": 404, "type": "NotFound", "message": "no feedback service '
+            'runs behind this gateway", "request_id": "$emotion_request_id"}\\n\';\n'
+            "            rewrite ^ /_refuse/404 last;"
         )
     lines = [
         f"proxy_pass http://{LOOPBACK}:{port};",
@@ -104,6 +154,7 @@ def feedback_route(port: int | None) -> str:
         "proxy_buffering off;",
         # Only these are the gateway's to answer: the service's own 4xx pass as they are.
         "proxy_intercept_errors on;",
+        "error_page 408 /_error/408;",
         "error_page 502 504 = @feedback_unavailable;",
         "error_page 413 = @too_large;",
         "error_page 429 = @too_many;",
@@ -252,6 +303,10 @@ class Gateway:
         if binary is None:
             raise FileNotFoundError("nginx is not installed (make system-deps, or apt-get install nginx)")
         self.health_dir.mkdir(parents=True, exist_ok=True)
+        answers = self.workdir / "answers"
+        answers.mkdir(exist_ok=True)
+        for name, text in HEALTH_ANSWERS.items():
+            (answers / name).write_text(text)
         os.chmod(self.workdir, 0o700)  # nginx's workers run as this user (render): nobody else reads it
         self.draining = False
         config_path = self.workdir / "nginx.conf"

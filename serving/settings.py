@@ -93,6 +93,10 @@ class GatewaySettings:
         feedback_rate: Feedback requests per second accepted from one client address (a zone
             of their own, apart from the predictions' limits).
         feedback_burst: Feedback requests above ``feedback_rate`` one client may send at once.
+        request_deadline: Seconds from a request's start within which its headers and its whole
+            body must have arrived (the headers alone: within 10 s, nginx's
+            ``client_header_timeout``); past it, a 408 and the connection is closed, however
+            steadily a slow client sends.
     """
 
     host: str = LOOPBACK
@@ -112,6 +116,7 @@ class GatewaySettings:
     feedback_port: int | None = None
     feedback_rate: int = 100
     feedback_burst: int = 200
+    request_deadline: int = 20
 
     def longest_request(self) -> int:
         """Seconds the gateway may keep one request: attempts start for up to the attempt
@@ -133,6 +138,7 @@ class GatewaySettings:
             "retry_after",
             "feedback_rate",
             "feedback_burst",
+            "request_deadline",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"gateway {name} must be >= 1, not {getattr(self, name)}")
@@ -203,6 +209,10 @@ class ServeSettings:
     feedback_burst: int = field(
         default=GatewaySettings.feedback_burst, metadata=_flag("POST /feedback: requests above its rate at once")
     )
+    request_deadline: int = field(
+        default=GatewaySettings.request_deadline,
+        metadata=_flag("seconds for a request's headers and body to arrive (past them: 408)"),
+    )
     feedback_retention_days: float = field(
         default=RETENTION_DAYS, metadata=_flag("POST /feedback: days an answer may get its label (410 after)")
     )
@@ -270,6 +280,7 @@ class ServeSettings:
             model=model,
             feedback_rate=self.feedback_rate,
             feedback_burst=self.feedback_burst,
+            request_deadline=self.request_deadline,
         )
 
 

@@ -47,15 +47,21 @@ def test_ci_workflow_runs_the_readme_test_command():
 def test_cloudbuild_builds_and_pushes_the_gpu_and_the_cpu_image():
     check_schema("vendor.cloudbuild", ROOT / "cloudbuild.yaml")
     build = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    # each image's `docker build` command line, as its step runs it
+    commands = {s["id"]: shlex.split(s["args"][-1]) for s in build["steps"] if "docker build" in s["args"][-1]}
     builds = {
-        next(a.rsplit("=", 1)[1] for a in s["args"] if a.startswith("--build-arg=VARIANT=")): s
-        for s in build["steps"]
-        if s["name"].endswith("/docker")
+        next(a.rsplit("=", 1)[1] for a in command if a.startswith("--build-arg=VARIANT=")): {
+            "id": name,
+            "args": command,
+        }
+        for name, command in commands.items()
     }
     assert set(builds) == {"cuda", "cpu"}
     pushed = set()
     for step in builds.values():
         assert "--file=docker/serve.Dockerfile" in step["args"]
+        # FROM the digest the base step resolved, the same for both images
+        assert "--build-arg=BASE_IMAGE=$(cat /workspace/base-image)" in step["args"]
         tags = [a.split("=", 1)[1] for a in step["args"] if a.startswith("--tag=")]
         # the commit's tag only: no mutable tag (:latest-*) that a deployment could pick by mistake
         assert len(tags) == 1 and tags[0].endswith(":${_TAG}"), tags
@@ -115,3 +121,25 @@ def test_every_action_is_pinned_by_commit():
         ref = action.partition("@")[2]
         assert re.fullmatch(r"[0-9a-f]{40}", ref), action
         assert re.search(r"# v\d+\.\d+\.\d+", comment), action
+
+
+def test_cloudbuild_pins_the_base_image_by_digest(tmp_path):
+    """The base step writes name@sha256:<digest> or fails: a tag alone never reaches a build."""
+    build = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    (base,) = [s for s in build["steps"] if s["id"] == "base"]
+    assert all("base" in s.get("waitFor", []) for s in build["steps"] if "docker build" in s["args"][-1])
+    script = base["args"][-1].replace("/workspace", str(tmp_path)).replace("${_BASE}", "debian:bookworm-slim")
+    digest = "sha256:" + "ab" * 32
+    ok = subprocess.run(["bash", "-c", script.replace("${_BASE_DIGEST}", digest)], capture_output=True, text=True)
+    assert ok.returncode == 0 and (tmp_path / "base-image").read_text().strip() == f"debian:bookworm-slim@{digest}"
+    for bad in ("sha256:abc", "latest"):
+        refused = subprocess.run(["bash", "-c", script.replace("${_BASE_DIGEST}", bad)], capture_output=True)
+        assert refused.returncode != 0
+    # resolved with docker when no digest is given: a stand-in docker that answers a tag is refused
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "docker").write_text('#!/bin/sh\n[ "$1" = inspect ] && echo debian:bookworm-slim\nexit 0\n')
+    (fake / "docker").chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin"}
+    unpinned = subprocess.run(["bash", "-c", script.replace("${_BASE_DIGEST}", "")], env=env, capture_output=True)
+    assert unpinned.returncode != 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
@@ -229,8 +230,9 @@ def test_the_handlers_text_too_long_is_not_taken_for_a_body_too_large(gateway):
     assert "Retry-After" not in answer.headers
     too_large = post(gateway, "too-long", body=b"x" * (2**20 + 1))
     assert too_large.status_code == 413 and too_large.json()["type"] == "BodyTooLarge"
+    # A body without its length is not read (it could not be held to the request deadline).
     chunked = post(gateway, "too-long", body=iter([b"x" * 2**19] * 3))
-    assert chunked.status_code == 413 and chunked.json()["type"] == "BodyTooLarge"
+    assert chunked.status_code == 411 and chunked.json()["type"] == "LengthRequired"
     assert ScriptedUpstream.attempts["too-long"] == 1
 
 
@@ -490,7 +492,11 @@ def test_the_access_log_records_the_path_without_its_query(gateway):
         f"{gateway.url}/predictions/echo?api_key=s3cret-value", data=b"hi", headers={"Authorization": f"Bearer {KEY}"}
     )
     requests.post(f"{gateway.url}/predictions/echo?token=another-s3cret", data=b"hi")  # 401: logged too
-    lines = [line for line in gateway.log_lines() if "/predictions/echo" in line]
+    # nginx logs a request once its answer is sent: the client may read the log first
+    deadline = time.monotonic() + 5
+    while len(lines := [line for line in gateway.log_lines() if "/predictions/echo" in line]) < 2:
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.05)
     assert len(lines) == 2 and all('"POST /predictions/echo HTTP/1.1" ' in line for line in lines)
     assert not any("s3cret" in line for line in gateway.log_lines())
 
@@ -622,3 +628,156 @@ def test_feedback_is_keyed_limited_on_its_own_and_reaches_the_feedback_service(u
 def test_without_a_feedback_service_the_route_is_a_404(gateway):
     answer = requests.post(f"{gateway.url}/feedback", json={}, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
     assert answer.status_code == 404 and answer.json()["type"] == "NotFound"
+
+
+# Requests a client can send without a valid key or without reaching the model: each is answered
+# by the gateway alone, before the upstream, and each must count against the client's limits.
+UNCHECKED_REQUESTS = {
+    "no key": ("POST", "/predictions/echo", {}),
+    "a wrong key": ("POST", "/predictions/echo", {"Authorization": "Bearer " + "w" * 40}),
+    "a wrong method": ("GET", "/predictions/echo", {"Authorization": f"Bearer {KEY}"}),
+    "a path as not written": ("POST", "/predictions/echo?key=1", {"Authorization": f"Bearer {KEY}"}),
+    "a compressed body": ("POST", "/predictions/echo", {"Authorization": f"Bearer {KEY}", "Content-Encoding": "gzip"}),
+    "no such path": ("GET", "/models", {}),
+    "an internal path": ("GET", "/_refuse/401", {}),
+    "liveness": ("GET", "/live", {}),
+    "readiness": ("GET", "/ready", {}),
+    "feedback without a key": ("POST", "/feedback", {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNCHECKED_REQUESTS))
+def test_refusals_and_health_checks_count_against_the_clients_limits(upstream, tmp_path, name):
+    """A refusal is answered after the limits: a client over its rate gets a 429 for it too."""
+    method, path, headers = UNCHECKED_REQUESTS[name]
+    gateway = start_gateway(upstream, tmp_path / "gateway", rate=1, burst=2)
+    try:
+        with requests.Session() as session:
+            answers = [
+                session.request(method, gateway.url + path, headers=headers, data=b"x", timeout=5) for _ in range(8)
+            ]
+        first = answers[0]
+        assert first.status_code != 429 and first.headers["Content-Type"].startswith("application/json")
+        limited = [answer for answer in answers if answer.status_code == 429]
+        assert len(limited) >= 4, [answer.status_code for answer in answers]
+        assert all(answer.json()["type"] == "TooManyRequests" for answer in limited)
+        assert all(answer.headers["Retry-After"] == "1" for answer in limited)
+        # every other answer is the first one's kind: nothing but the limit changed it
+        assert {answer.status_code for answer in answers} == {first.status_code, 429}
+        assert ScriptedUpstream.attempts == {}
+    finally:
+        gateway.stop()
+
+
+def test_many_connections_refused_by_the_gateway_are_capped_per_client(upstream, tmp_path):
+    """A client's unauthorised requests in flight count against its connection limit."""
+    gateway = start_gateway(upstream, tmp_path / "gateway", connections=2)
+    try:
+
+        def stalled(sock):
+            # headers complete, the body stalled: each such request holds its connection
+            sock.sendall(
+                b"POST /predictions/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + KEY.encode()
+                + b"\r\nContent-Length: 10\r\n\r\n"
+            )
+
+        import socket
+
+        held = [socket.create_connection(("127.0.0.1", gateway.settings.port), timeout=10) for _ in range(2)]
+        try:
+            for sock in held:
+                stalled(sock)
+            time.sleep(0.5)
+            answer = requests.get(f"{gateway.url}/models", timeout=5)
+            assert answer.status_code == 429 and answer.json()["type"] == "TooManyRequests"
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.5)
+        assert requests.get(f"{gateway.url}/live", timeout=5).status_code == 200
+    finally:
+        gateway.stop()
+
+
+def drip(gateway: Gateway, head: bytes, pieces: list[bytes], every: float) -> tuple[float, bytes]:
+    """Send ``head``, then ``pieces`` one at a time ``every`` seconds apart (as long as the gateway
+    reads); (seconds until the gateway answered or closed, what it answered)."""
+    import socket
+
+    started = time.monotonic()
+    received = b""
+    with socket.create_connection(("127.0.0.1", gateway.settings.port), timeout=60) as sock:
+        try:
+            sock.sendall(head)
+            for piece in pieces:
+                time.sleep(every)
+                sock.sendall(piece)
+            sock.settimeout(60)
+            while chunk := sock.recv(65536):
+                received += chunk
+                if b"\r\n\r\n" in received:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        if not received:
+            # the answer may be waiting behind the bytes the gateway did not read
+            with contextlib.suppress(OSError):
+                sock.settimeout(1)
+                received = sock.recv(65536)
+    return time.monotonic() - started, received
+
+
+@pytest.mark.parametrize("length, every", [(40, 0.2), (4000, 0.5)])
+def test_a_body_sent_slowly_is_cut_at_the_request_deadline(upstream, tmp_path, length, every):
+    """However steadily a client sends (each byte well within the per-read timeout), a body not
+    whole by the deadline is a 408, and the upstream never sees the request."""
+    gateway = start_gateway(upstream, tmp_path / "gateway", request_deadline=3)
+    try:
+        head = (
+            b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + b"\r\nContent-Length: %d\r\n\r\n" % length
+        )
+        seconds, answer = drip(gateway, head, [b"x"] * 40, every)
+        assert seconds < 3 + 2 * every + 2, seconds  # the deadline, the read under way, a margin
+        if answer:
+            status, _, body = answer.partition(b"\r\n\r\n")
+            assert status.split()[1] == b"408" and json.loads(body)["type"] == "RequestTimeout"
+        assert ScriptedUpstream.attempts == {}
+        assert post(gateway, "echo").status_code == 200  # the next good request is answered
+    finally:
+        gateway.stop()
+
+
+def test_a_body_sent_in_pieces_within_the_deadline_is_read_whole(upstream, tmp_path):
+    gateway = start_gateway(upstream, tmp_path / "gateway", request_deadline=5)
+    try:
+        pieces = [b"i feel ", b"fine ", b"today"]
+        head = (
+            b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(b"".join(pieces))
+        )
+        _, answer = drip(gateway, head, pieces, 0.5)
+        assert answer.split()[1] == b"200" and answer.endswith(b"i feel fine today")
+    finally:
+        gateway.stop()
+
+
+def test_headers_sent_slowly_are_cut_at_the_header_timeout(gateway):
+    """nginx's header timeout counts from the first byte: dripped header lines do not extend it."""
+    head = b"GET /live HTTP/1.1\r\n"
+    seconds, _ = drip(gateway, head, [b"X-Drip-%d: y\r\n" % i for i in range(40)], 0.5)
+    assert seconds < 10 + 3, seconds
+    assert requests.get(f"{gateway.url}/live", timeout=5).status_code == 200
+
+
+def test_the_gateway_says_which_package_it_needs_for_its_lua_module(tmp_path):
+    from serving.gateway import lua_modules
+
+    with pytest.raises(FileNotFoundError, match="libnginx-mod-http-lua"):
+        lua_modules(tmp_path)
+    (tmp_path / "ndk_http_module.so").touch()
+    (tmp_path / "ngx_http_lua_module.so").touch()
+    assert [path.name for path in lua_modules(tmp_path)] == ["ndk_http_module.so", "ngx_http_lua_module.so"]

@@ -195,10 +195,36 @@ def test_framing_conflicts_and_absurd_lengths_are_refused(stack, key, framing):
     assert_still_serving(stack, key)
 
 
-def test_a_chunked_body_alone_is_read_as_the_text(stack, key):
+def test_a_chunked_body_is_refused_unread_with_411(stack, key):
+    """A body must say its length: only then can it be held to the request deadline."""
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "text/plain", "Transfer-Encoding": "chunked"}
     answer = raw(stack.gateway.settings.port, request("POST", ROUTE, headers, b"b\r\ni feel glad\r\n0\r\n\r\n"))
-    assert assert_safe(answer)["label"]
+    assert answer[0] == 411 and assert_safe(answer)["type"] == "LengthRequired"
+    assert_still_serving(stack, key)
+
+
+@pytest.mark.parametrize("route", [ROUTE, "/feedback", "/live", "/nowhere"])
+def test_a_body_dripped_past_the_request_deadline_is_cut(stack, key, route):
+    """Each byte within the per-read timeout, the whole past the deadline (20 s): cut by then."""
+    headers = {**auth(key), "Content-Type": "text/plain", "Content-Length": "2000"}
+    port = stack.gateway.settings.port
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as sock:
+        sock.sendall(request("POST", route, headers, b""))
+        sock.setblocking(False)
+        try:
+            while time.monotonic() - started < DEADLINE_S:
+                sock.send(b"x")
+                time.sleep(0.5)
+                try:
+                    sock.recv(65536)  # an answer, or b"" (closed): the gateway is done with it
+                    break
+                except BlockingIOError:
+                    continue
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed
+    assert time.monotonic() - started < stack.gateway.settings.request_deadline + 3
+    assert_still_serving(stack, key)
 
 
 @pytest.mark.parametrize("stall", ["headers", "body"])

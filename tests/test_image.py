@@ -131,7 +131,8 @@ def test_the_torch_index_is_never_an_extra_index():
     text = SERVE.read_text()
     assert "--extra-index-url" not in text
     (line,) = [line for line in text.splitlines() if "--index-url" in line]
-    assert '--index-url "$TORCH_INDEX"' in line and "^torch==" in line
+    assert line.strip() == 'pip install --no-deps --index-url "$TORCH_INDEX" "$TORCH"; \\'
+    assert "TORCH=\"$(grep -m1 '^torch==' /tmp/requirements-serve.txt)\"" in text
 
 
 def test_image_shape_non_root_healthcheck_layers_and_entrypoint():
@@ -215,3 +216,44 @@ def test_the_images_torchserve_refuses_registration_but_scales(model_store, tmp_
             server.client.register("emotion.mar", model_name="another")
         server.client.scale("emotion", 2)
         assert wait_for(lambda: server.client.ready_workers("emotion") == 2, 180)
+
+
+def test_the_image_installs_every_package_but_torch_from_the_hashed_lock():
+    """Supply chain: one version per package and the SHA-256 of its files (pip --require-hashes);
+    torch alone by its exact version from its one index (the test above)."""
+    from packaging.requirements import Requirement
+
+    from docker.lock import LOCK, REQUIREMENTS, SEPARATE, locked_versions, normalise
+
+    text = SERVE.read_text()
+    assert "pip install --require-hashes --no-deps -r /tmp/requirements-serve.lock" in text
+    lock = LOCK.read_text()
+    entries = re.split(r"\n(?=[A-Za-z0-9])", lock.split("\n", 3)[3].strip())
+    assert len(entries) == len(locked_versions(lock)) > 10
+    for entry in entries:
+        assert re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*==\S+ \\$", entry.splitlines()[0]), entry
+        assert all(re.fullmatch(r"\s+--hash=sha256:[0-9a-f]{64}( \\)?", line) for line in entry.splitlines()[1:]), entry
+        assert len(entry.splitlines()) >= 2, entry  # at least one hash
+    locked = locked_versions(lock)
+    assert normalise(SEPARATE) not in locked  # torch: its own install
+    for line in REQUIREMENTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            requirement = Requirement(line)
+            if requirement.name != SEPARATE:
+                assert requirement.specifier.contains(locked[normalise(requirement.name)]), requirement
+    # torch's own dependencies are locked too (its install has --no-deps)
+    from importlib import metadata
+
+    for declared in metadata.requires(SEPARATE):
+        requirement = Requirement(declared)
+        if requirement.marker is None:
+            assert normalise(requirement.name) in locked, requirement
+
+
+def test_the_serving_image_has_no_base_image_by_tag_alone():
+    """FROM a BASE_IMAGE given at build time (by digest in Cloud Build), with no tag as default."""
+    steps = instructions(SERVE)
+    base_args = [args for kind, args in steps if kind == "ARG" and args.split("=")[0] == "BASE_IMAGE"]
+    assert base_args and all("=" not in args for args in base_args)
+    assert [args for kind, args in steps if kind == "FROM"] == ["${BASE_IMAGE}"]
