@@ -57,8 +57,10 @@ def test_manifests_pass_strict_schema_validation(rendered):
     result = subprocess.run([BIN / "kubernetes-validate", "--strict", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     validated = set(re.findall(r"passed for resource (\w+)/", result.stdout))
-    assert validated == {k.lower() for k in kinds} - {"podmonitoring"}
-    assert "kind PodMonitoring" in result.stdout + result.stderr  # skipped: no schema for the custom resource
+    custom = {"podmonitoring", "backendconfig", "frontendconfig"}  # GKE's resources: checked below
+    assert validated == {k.lower() for k in kinds} - custom
+    for kind in ("PodMonitoring", "BackendConfig", "FrontendConfig"):
+        assert f"kind {kind}" in result.stdout + result.stderr  # skipped: no schema for the custom resource
 
 
 def pod_spec(kinds: dict[str, dict]) -> dict:
@@ -317,3 +319,38 @@ def test_worker_threads_are_bounded_by_the_pods_cpu_request(rendered):
     cpus = float(container["resources"]["requests"]["cpu"])
     # at most two threads per requested CPU, the most oversubscribed setting measured to pay off
     assert 1 <= int(env["OMP_NUM_THREADS"]) * workers <= 2 * cpus
+
+
+def test_the_ingress_terminates_tls_and_never_answers_plain_http(rendered):
+    """TLS at the cluster's door: HTTPS only, TLS 1.2+, health from /ready, the client's address
+    from the load balancer's X-Forwarded-For, timeouts that cover the longest request."""
+    from serving.settings import GatewaySettings
+
+    _, _, kinds, _ = rendered
+    ingress, service = kinds["Ingress"], kinds["Service"]
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["kubernetes.io/ingress.allow-http"] == "false"
+    assert [entry["secretName"] for entry in ingress["spec"]["tls"]] == ["emotion-tls"]
+    backend = ingress["spec"]["defaultBackend"]["service"]
+    assert (
+        backend["name"] == service["metadata"]["name"]
+        and backend["port"]["name"] == service["spec"]["ports"][0]["name"]
+    )
+    front = kinds["FrontendConfig"]
+    assert annotations["networking.gke.io/v1beta1.FrontendConfig"] == front["metadata"]["name"]
+    assert front["spec"]["sslPolicy"]
+    # the Service names the BackendConfig; its health check is the keyless readiness route
+    backend_config = kinds["BackendConfig"]
+    named = yaml.safe_load(service["metadata"]["annotations"]["cloud.google.com/backend-config"])
+    assert named == {"default": backend_config["metadata"]["name"]}
+    assert yaml.safe_load(service["metadata"]["annotations"]["cloud.google.com/neg"]) == {"ingress": True}
+    container = pod_spec(kinds)["containers"][0]
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
+    check = backend_config["spec"]["healthCheck"]
+    assert check["requestPath"] == "/ready" and check["port"] == port
+    assert backend_config["spec"]["timeoutSec"] >= GatewaySettings().longest_request()
+    # the pods trust the Google Front End's ranges for X-Forwarded-For, and nothing wider
+    args = container["args"]
+    trusted = tuple(args[i + 1] for i, arg in enumerate(args) if arg == "--trusted-proxy")
+    assert set(trusted) == {"130.211.0.0/22", "35.191.0.0/16"}
+    GatewaySettings(trusted_proxies=trusted)  # valid networks
