@@ -64,6 +64,7 @@ ERRORS: dict[str, ErrorKind] = {
     "ModelNotFound": _kind(404, "gateway", "a model or version the service does not serve"),
     "MethodNotAllowed": _kind(405, "gateway", "another method than POST"),
     "RequestTimeout": _kind(408, "gateway", "a request not sent in time"),
+    "LengthRequired": _kind(411, "gateway", "a body without Content-Length (chunked)"),
     "BodyTooLarge": _kind(413, "gateway", "a body over 1 MiB"),
     "URITooLong": _kind(414, "gateway", "a request line over 8 KiB"),
     "UnsupportedContentEncoding": _kind(415, "gateway", "a Content-Encoding other than identity"),

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from project import HANDLER_DIR, PROJECT_ROOT
+from serving.gateway import REFUSALS, feedback_route
 
 NGINX = PROJECT_ROOT / "serving" / "nginx.conf"
 README = PROJECT_ROOT / "README.md"
@@ -31,10 +32,22 @@ def raised_kinds() -> set[str]:
 
 
 def gateway_answers() -> list[tuple[int, dict]]:
-    """Every JSON error answer the gateway's template returns: (status of ``return``, body). The
-    health answers (``{"status": ...}``) are no errors."""
+    """Every JSON error answer the gateway's template returns: (status, body) of each ``return``,
+    and of each refusal (``set $refusal '<body>'; rewrite ^ /_refuse/<status> last;``, the
+    status ``/_refuse/<status>`` answers with). The health answers (``{"status": ...}``) are no
+    errors."""
+    text = NGINX.read_text() + "\n" + feedback_route(None)
     found = []
-    for status, body in re.findall(r"return (\d{3}) '(\{.*?\})\\n';", NGINX.read_text()):
+    returned = re.findall(r"return (\d{3}) '(\{.*?\})\\n';", text)
+    refused = [
+        (status, body)
+        for body, status in re.findall(
+            r"set \$refusal '(\{.*?\})\\n';\s*rewrite \^ /_refuse/(\d{3}) last;", text, flags=re.DOTALL
+        )
+    ]
+    assert {int(status) for _, status in re.findall(r"(/_refuse/)(\d{3})", text)} <= set(REFUSALS)
+    not_found = re.findall(r"map \$request_method \$not_found \{\s*default '(\{.*?\})\\n';", text)
+    for status, body in [*returned, *refused, *(("404", body) for body in not_found)]:
         answer = json.loads(body.replace("@@MAX_TEXT_CHARS@@", "2000").replace("@@MODEL@@", "m"))
         if "status" not in answer:
             found.append((int(status), answer))
