@@ -101,6 +101,10 @@ serve: system-deps $(ARCHIVE) ## Main job: the DVC pipeline for $EXPERIMENT (def
 	@$(BIN)/python -m serving stop >/dev/null
 	$(BIN)/python -m serving start
 
+rollout: $(BIN)/.installed ## Roll CANDIDATE=path.mar out on `make serve`'s stack: shadow, canary 5/25/50%, promote or roll back (exit 0 promoted, 3 rolled back)
+	@test -n "$(CANDIDATE)" || { echo "usage: make rollout CANDIDATE=path/to/candidate.mar [ROLLOUT_ARGS='--hold 60 ...']" >&2; exit 1; }
+	$(BIN)/python -m serving.rollout $(CANDIDATE) $(ROLLOUT_ARGS)
+
 stop: ## Stop what `make serve` started (gateway and TorchServe): readiness drops, in-flight requests finish
 	$(BIN)/python -m serving stop
 	@$(BIN)/torchserve --stop >/dev/null 2>&1 || true
@@ -200,4 +204,4 @@ report: $(BIN)/.installed system-deps ## Exam report: figures from the project's
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps experiment pull data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench engines batching overload gpu-pack gpu-check drift quality robustness lint format test test-fast report clean image-deps image image-smoke lock
+.PHONY: help venv system-deps experiment pull data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench engines batching overload gpu-pack gpu-check drift quality robustness lint format test test-fast report clean image-deps image image-smoke lock rollout

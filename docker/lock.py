@@ -30,7 +30,9 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parents[1]
+from project import PROJECT_ROOT
+
+ROOT = PROJECT_ROOT
 REQUIREMENTS = ROOT / "requirements-serve.txt"
 LOCK = ROOT / "requirements-serve.lock"
 INDEX = "https://pypi.org/simple"

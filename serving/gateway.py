@@ -26,7 +26,7 @@ import psutil
 
 from project import LOOPBACK
 from serving.process import ManagedProcess
-from serving.settings import RETRY_MARGIN, GatewaySettings, max_text_chars, response_timeout
+from serving.settings import MODEL_ROUTE_NAME, RETRY_MARGIN, GatewaySettings, max_text_chars, response_timeout
 
 TEMPLATE = Path(__file__).with_name("nginx.conf")
 # Seconds to wait for nginx's new workers after a reload.
@@ -41,6 +41,11 @@ BODY_READ_TIMEOUT = 10
 REFUSALS = (400, 401, 404, 405, 411, 415, 503)
 # The bodies of /live and /ready, served from files (after the limits, as every answer).
 HEALTH_ANSWERS = {"live.json": '{"status": "alive"}\n', "ready.json": '{"status": "ready"}\n'}
+
+# The rollout's routes (serving.rollout writes them and reloads nginx) and the shadow's log.
+ROLLOUT_CONF = "rollout.conf"
+SHADOW_LOG = "shadow.log"
+ROLLOUT_VARIABLES = ("$rollout_version", "$rollout_shadow")
 
 # Seconds nginx keeps an idle client connection open (keepalive_timeout), except while draining.
 KEEPALIVE_TIMEOUT = 30
@@ -130,6 +135,36 @@ def refusal_locations() -> str:
             "        }"
         )
     return "\n".join(blocks)
+
+
+def rollout_conf(candidate: str | None = None, canary_percent: float = 0, shadow_percent: float = 0) -> str:
+    """The gateway's routes during a rollout (``rollout.conf``, at nginx's ``http`` level):
+    ``canary_percent`` of the served model's requests go to version ``candidate``, and
+    ``shadow_percent`` of the rest are mirrored to it. No candidate: no rollout.
+
+    Raises:
+        ValueError: a share outside [0, 100], or a candidate that is no version name.
+    """
+    for name, share in (("canary", canary_percent), ("shadow", shadow_percent)):
+        if not 0 <= share <= 100:
+            raise ValueError(f"rollout {name} share must be between 0 and 100 %, not {share}")
+    if candidate is None:
+        return "".join(f'map $request_id {name} {{\n    default "";\n}}\n' for name in ROLLOUT_VARIABLES)
+    if not MODEL_ROUTE_NAME.fullmatch(candidate):
+        raise ValueError(
+            f"rollout candidate must be a version name matching {MODEL_ROUTE_NAME.pattern}, not {candidate!r}"
+        )
+
+    def split(variable: str, salt: str, percent: float, value: str) -> str:
+        if percent <= 0:
+            return f'map $request_id {variable} {{\n    default "";\n}}\n'
+        if percent >= 100:
+            return f'map $request_id {variable} {{\n    default "{value}";\n}}\n'
+        return f'split_clients "${{request_id}}{salt}" {variable} {{\n    {percent:g}% "{value}";\n    * "";\n}}\n'
+
+    return split("$rollout_version", "canary", canary_percent, f"/{candidate}") + split(
+        "$rollout_shadow", "shadow", shadow_percent, candidate
+    )
 
 
 def feedback_route(port: int | None) -> str:
@@ -312,6 +347,8 @@ class Gateway:
         config_path = self.workdir / "nginx.conf"
         config_path.write_text(self.config)
         self._write_includes()
+        # A rollout's routes: none until serving.rollout writes them (a restart ends a rollout).
+        (self.workdir / ROLLOUT_CONF).write_text(rollout_conf())
         command = [binary, "-p", str(self.workdir), "-c", str(config_path), "-e", str(self.workdir / "error.log")]
         self.process = ManagedProcess("nginx", command, self.workdir / "nginx.out")
         self.process.start()
@@ -393,8 +430,13 @@ def nginx_workers(gateway: Gateway) -> dict[int, str]:
     """The gateway's nginx worker processes by pid, with their titles (empty when it is not running)."""
     if gateway.process is None or gateway.process.pid is None:
         return {}
+    return workers_of(gateway.process.pid)
+
+
+def workers_of(master: int) -> dict[int, str]:
+    """The worker processes of the nginx master ``master``, by pid, with their titles."""
     try:
-        children = psutil.Process(gateway.process.pid).children()
+        children = psutil.Process(master).children()
     except psutil.Error:
         return {}
     workers = {}
@@ -420,3 +462,29 @@ def wait_reloaded(gateway: Gateway, before: set[int], timeout: float = RELOAD_TI
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
+
+
+def apply_routes(prefix: Path, routes: str, timeout: float = 120.0) -> bool:
+    """Give the running gateway in ``prefix`` new rollout routes (:func:`rollout_conf`) from another
+    process (``serving.rollout``): write them, reload nginx gracefully, and wait until the workers
+    that had the old routes have finished their requests in flight and exited.
+
+    Returns False when nginx did not take the routes within ``timeout`` seconds.
+
+    Raises:
+        FileNotFoundError: no gateway runs in ``prefix`` (no pid file).
+    """
+    master = int((Path(prefix) / "nginx.pid").read_text().split()[0])
+    before = set(workers_of(master))
+    path = Path(prefix) / ROLLOUT_CONF
+    staged = path.with_suffix(".tmp")
+    staged.write_text(routes)
+    staged.replace(path)
+    os.kill(master, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = workers_of(master)
+        if workers and not set(workers) & before:
+            return True
+        time.sleep(0.05)
+    return False

@@ -31,12 +31,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import requests
 
 from project import MODEL_NAME
 from serving.client import ManagementError, TorchServeClient, count_ready
-from serving.golden import GoldenRecord, judge
+from serving.golden import GoldenError, GoldenRecord, judge
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class Readiness:
             TorchServe is slow.
         golden_timeout: Seconds the golden request waits for its answer.
         clock: Monotonic seconds (tests pass their own).
+        model_store: Where the archives are: when the default version changes (a rollout promoted
+            another), the golden record becomes that version's archive's, read from here.
     """
 
     def __init__(
@@ -105,8 +108,11 @@ class Readiness:
         workers_timeout: float = 2.0,
         golden_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        model_store: Path | None = None,
     ) -> None:
         self.client = client
+        self.model_store = model_store
+        self._golden_url: str | None = None  # the archive the golden record is from, once known
         self.model = model
         self.golden = golden
         self.interval = interval
@@ -158,10 +164,31 @@ class Readiness:
             log.debug("worker check: no answer (%s)", err)
             self.state.ready_workers = 0  # expected_workers: the last known
         else:
+            self._follow_default(version.get("modelUrl"))
             self.state.ready_workers = count_ready(version)
             min_workers = version.get("minWorkers")
             self.state.expected_workers = min_workers if isinstance(min_workers, int) else None
         self.state.checked_at = time.time()
+
+    def _follow_default(self, url: object) -> None:
+        """Take the golden record of the default version's archive when the default changed to
+        another archive (a promoted rollout), and check it at once."""
+        if not isinstance(url, str) or self.model_store is None:
+            return
+        if self._golden_url is None:
+            self._golden_url = url  # the archive the stack started with: its record is the one given
+            return
+        if url == self._golden_url:
+            return
+        try:
+            golden = GoldenRecord.from_archive(Path(self.model_store) / url)
+        except (GoldenError, OSError) as err:
+            log.error("readiness: the default version's archive %s has no golden record (%s)", url, err)
+            golden = None
+        with self._lock:
+            self.golden, self._golden_url = golden, url
+            self._golden_at = float("-inf")  # judge the new default's answers at the next check
+        log.info("readiness: the default version is now %s; golden record from it", url)
 
     def _golden_answer(self) -> tuple[bool | None, str]:
         """(verdict, what was seen); verdict None: no verdict (busy, no answer). Every text of the

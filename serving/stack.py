@@ -36,6 +36,7 @@ from pathlib import Path
 from project import MODEL_NAME, SERVE_DIR, SERVED_MODELS
 from serving import feedback as feedback_store
 from serving import keys as gateway_keys
+from serving import rollout
 from serving.access_log import AccessLog
 from serving.client import key_expiry
 from serving.feedback_service import FeedbackProcess
@@ -141,7 +142,9 @@ class Stack:
         # The gateway maps TorchServe's 404 on this model's route to a retryable 503 NotReady.
         gateway = dataclasses.replace(gateway or GatewaySettings(), model=model, feedback_port=self._feedback_port)
         self.gateway = Gateway(upstream, self.workdir / "gateway", gateway)
-        self.readiness = Readiness(self.torchserve.client, model, golden, golden_max_age=golden_max_age)
+        self.readiness = Readiness(
+            self.torchserve.client, model, golden, golden_max_age=golden_max_age, model_store=Path(model_store)
+        )
         self.liveness = Liveness(unready_exit)
         self.access_log = AccessLog(self.gateway.access_log)
         self._stop = threading.Event()
@@ -178,6 +181,8 @@ class Stack:
     def start(self, timeout: float = 180) -> None:
         """Start TorchServe, then the gateway, then the supervisor; returns once both listen
         (not once the model is ready: see :meth:`wait_ready`)."""
+        # A rollout this stack did not finish is over: it starts with no routes and one version.
+        rollout.end_after_restart(self.workdir)
         if self.keys_file is not None:
             gateway_keys.ensure(self.keys_file)
         # The client keys are loaded before TorchServe starts (a file broken meanwhile cannot

@@ -115,6 +115,7 @@ def test_files_other_tools_read_agree_with_the_contract():
     scrape = {
         "torchserve": f"{project.LOOPBACK}:{ts_ports['metrics']}",
         "gateway": f"{project.LOOPBACK}:{project.GATEWAY_METRICS_PORT}",
+        "rollout": f"{project.LOOPBACK}:{project.GATEWAY_METRICS_PORT}",
     }
     prometheus = yaml.safe_load((PROJECT_ROOT / "monitoring" / "prometheus.yml").read_text())
     ops_agent = yaml.safe_load((PROJECT_ROOT / "deploy" / "gcp" / "ops-agent.yaml").read_text())

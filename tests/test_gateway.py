@@ -122,7 +122,7 @@ def test_every_answer_carries_one_request_id_in_header_body_upstream_and_access_
     headers = {} if sent is None else {"X-Request-ID": sent}
 
     def logged(rid: str) -> int:
-        return sum(line.endswith(f" request_id={rid}") for line in gateway.log_lines())
+        return sum(f" request_id={rid} version=" in line for line in gateway.log_lines())
 
     before = logged(sent) if sent else 0
     answer = post(gateway, model, key=key, **headers)
