@@ -354,3 +354,58 @@ def test_the_ingress_terminates_tls_and_never_answers_plain_http(rendered):
     trusted = tuple(args[i + 1] for i, arg in enumerate(args) if arg == "--trusted-proxy")
     assert set(trusted) == {"130.211.0.0/22", "35.191.0.0/16"}
     GatewaySettings(trusted_proxies=trusted)  # valid networks
+
+
+ROLLOUT = K8S / "rollout"
+
+
+def test_the_cluster_rollout_has_make_rollouts_steps_and_gates(tmp_path):
+    """deploy/k8s/rollout: Argo Rollouts over the base's Deployment, with serving.rollout's canary
+    steps and thresholds, queries over series the project exports, valid PromQL."""
+    from serving.rollout import Gates, Plan
+
+    kinds = by_kind(render(ROLLOUT))
+    argo, template = kinds["Rollout"], kinds["AnalysisTemplate"]
+    deployment = by_kind(render(KUSTOMIZATIONS["cpu"]))["Deployment"]
+    assert argo["spec"]["workloadRef"]["name"] == deployment["metadata"]["name"]
+    canary = argo["spec"]["strategy"]["canary"]
+    assert tuple(s["setWeight"] for s in canary["steps"] if "setWeight" in s) == Plan().steps
+    assert [t["templateName"] for t in canary["analysis"]["templates"]] == [template["metadata"]["name"]]
+    declared = {a["name"] for a in template["spec"]["args"]}
+    assert {a["name"] for a in canary["analysis"]["args"]} <= declared
+    metrics = {m["name"]: m for m in template["spec"]["metrics"]}
+    thresholds = {name: float(re.search(r"<= ([\d.]+)$", m["successCondition"])[1]) for name, m in metrics.items()}
+    gates = Gates()
+    assert thresholds == {
+        "error-rate": gates.max_error_rate,
+        "latency-ratio": gates.max_p99_ratio,
+        "accuracy-drop": gates.max_accuracy_drop,
+    }
+    queries = {name: m["provider"]["prometheus"]["query"] for name, m in metrics.items()}
+    exported = (ROOT / "serving" / "access_log.py").read_text() + (ROOT / "serving" / "feedback.py").read_text()
+    scraped = (ROOT / "monitoring" / "alerts.yml").read_text()  # TorchServe's series the alerts already read
+    for query in queries.values():
+        assert set(re.findall(r"\{\{args\.([a-z-]+)\}\}", query)) <= declared
+        for name in re.findall(r"\b((?:emotion|ts)_[a-z_]+)\{", query):
+            assert name in (exported if name.startswith("emotion_") else scraped), name
+    # every pod's series carry the hash the queries select on
+    for monitor in all_of_kind(render(KUSTOMIZATIONS["cpu"]), "PodMonitoring"):
+        assert {"from": "rollouts-pod-template-hash", "to": "rollouts_pod_template_hash"} in monitor["spec"][
+            "targetLabels"
+        ]["fromPod"]
+    if shutil.which("promtool"):
+        rules = {
+            "groups": [
+                {
+                    "name": "gates",
+                    "rules": [
+                        {"record": f"gate:{name.replace('-', '_')}", "expr": re.sub(r"\{\{args\.[a-z-]+\}\}", "abc", q)}
+                        for name, q in queries.items()
+                    ],
+                }
+            ]
+        }
+        path = tmp_path / "gates.yml"
+        path.write_text(yaml.safe_dump(rules))
+        result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
