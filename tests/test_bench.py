@@ -149,3 +149,19 @@ def test_overload_bench_reports_capacity_goodput_and_its_verdict(model_store, tm
     assert row["passed"] is (row["goodput_share"] >= GOODPUT_TARGET)
     printed = capsys.readouterr().out
     assert printed.startswith("CPU ") and f"{'PASS' if row['passed'] else 'FAIL'}: goodput" in printed
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_rollout_shadow_bench_reports_each_share_and_mirrors(model_store, tmp_path, capsys):
+    from bench import rollout_shadow
+
+    out = tmp_path / "shadow.json"
+    argv = ["--model-store", str(model_store), "--shadow-percent", "50", "--seconds", "2", "--rounds", "1"]
+    assert rollout_shadow.main([*argv, "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    share = row["shares"]["50"]
+    assert share["unshadowed"]["requests"] > 0 and share["shadowed"]["requests"] > 0
+    assert share["unshadowed"]["failed"] == share["shadowed"]["failed"] == 0
+    assert row["mirrored_requests"] > 0  # the candidate answered mirrors, the clients never saw them
+    assert "p99 ratio" in capsys.readouterr().out

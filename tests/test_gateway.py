@@ -640,6 +640,8 @@ UNCHECKED_REQUESTS = {
     "a compressed body": ("POST", "/predictions/echo", {"Authorization": f"Bearer {KEY}", "Content-Encoding": "gzip"}),
     "no such path": ("GET", "/models", {}),
     "an internal path": ("GET", "/_refuse/401", {}),
+    "an error page": ("GET", "/_error/400", {}),
+    "the shadow's path": ("POST", "/_shadow", {"Authorization": f"Bearer {KEY}"}),
     "liveness": ("GET", "/live", {}),
     "readiness": ("GET", "/ready", {}),
     "feedback without a key": ("POST", "/feedback", {}),
