@@ -52,8 +52,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import requests
+
 from project import ARCHIVE_NAME, MODEL_NAME, MODEL_STORE, SERVE_DIR
-from serving.client import TorchServeClient, count_ready
+from serving.client import ManagementError, TorchServeClient, count_ready
 from serving.gateway import ROLLOUT_CONF, SHADOW_LOG, apply_routes, rollout_conf
 from serving.server import read_properties
 
@@ -63,6 +65,8 @@ EXIT_PROMOTED, EXIT_ERROR, EXIT_REFUSED, EXIT_ROLLED_BACK = 0, 1, 2, 3
 STATE_FILE = "rollout.json"
 METRICS_FILE = "rollout.prom"
 FINAL = ("promoted", "rolled_back")
+# Seconds a phase waits for a stack that stopped answering (a restart) before rolling back.
+STACK_DOWN_LIMIT = 180.0
 
 
 @dataclass(frozen=True)
@@ -343,17 +347,22 @@ class Rollout:
         self.archive, self.workdir, self.model_store = Path(archive), Path(workdir), Path(model_store)
         self.served_archive, self.model = served_archive, model
         self.gates, self.plan, self.out = gates or Gates(), plan or Plan(), out
-        props = read_properties(self.workdir / "torchserve" / "config.properties")
-        key_file = self.workdir / "torchserve" / "key_file.json"
-        self.client = TorchServeClient(
-            props["inference_address"], props["management_address"], key_file if key_file.exists() else None
-        )
+        self.client = self._connect()
         self.state_path = self.workdir / STATE_FILE
         self.gateway_dir = self.workdir / "gateway"
         self.state: State | None = None
         self.timeline: list[dict] = []
 
     # --- the routes and versions -------------------------------------------------------------
+
+    def _connect(self) -> TorchServeClient:
+        """A client of the stack's TorchServe, from the addresses it runs with now (a restarted
+        stack on free ports has new ones)."""
+        props = read_properties(self.workdir / "torchserve" / "config.properties")
+        key_file = self.workdir / "torchserve" / "key_file.json"
+        return TorchServeClient(
+            props["inference_address"], props["management_address"], key_file if key_file.exists() else None
+        )
 
     def _routes(self, canary: float, shadow: float) -> None:
         candidate = self.state.candidate if (canary or shadow) else None
@@ -425,10 +434,21 @@ class Rollout:
         collector.new_window()
         started = time.monotonic()
         held_since: float | None = None
+        down_since: float | None = None
         while True:
             time.sleep(self.plan.interval)
-            if self.state.candidate not in self._versions():
-                return "the candidate was unregistered (did the stack restart?)"
+            try:
+                versions = self._versions()
+            except (requests.RequestException, ManagementError, OSError, KeyError) as err:
+                down_since = time.monotonic() if down_since is None else down_since
+                if time.monotonic() - down_since > STACK_DOWN_LIMIT:
+                    return f"the stack did not answer for {STACK_DOWN_LIMIT:g} s ({err})"
+                with contextlib.suppress(OSError, KeyError):
+                    self.client = self._connect()
+                continue
+            down_since = None
+            if self.state.candidate not in versions:
+                return "the candidate is no longer registered (the stack restarted)"
             collector.poll()
             collector.window.accuracy = self._accuracy()
             results = judge(collector.window, self.gates)
@@ -504,6 +524,7 @@ class Rollout:
         served.with_suffix(".tmp").replace(served)
         state.phase, state.reason = "promoted", "every gate held in every phase"
         state.save(self.state_path)
+        log.info("rollout of %s: promoted (%s)", state.candidate, state.reason)
         self.out(f"promoted {state.candidate}: the default version; {state.current} unregistered")
         return EXIT_PROMOTED
 
@@ -519,6 +540,7 @@ class Rollout:
             (self.model_store / state.archive).unlink()
         state.phase, state.reason = "rolled_back", reason
         state.save(self.state_path)
+        log.warning("rollout of %s: rolled back (%s)", state.candidate, reason)
         return EXIT_ROLLED_BACK
 
     def _finish(self) -> None:

@@ -8,6 +8,7 @@ import fcntl
 import json
 import random
 import shutil
+import time
 import zipfile
 
 import pytest
@@ -180,5 +181,41 @@ def test_a_rollout_under_load_promotes_an_equivalent_candidate_and_rolls_back_a_
         metrics = (stack.workdir / "gateway" / "rollout.prom").read_text()
         assert f'emotion_rollout_decision{{outcome="{state["phase"]}"' in metrics
         assert (stack.workdir / "gateway" / "rollout.conf").read_text() == rollout.rollout_conf()
+    finally:
+        stack.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_stack_restarted_mid_rollout_ends_it_with_one_default_version(own_store, tiny_model_dir, tmp_path):
+    """The supervisor restarts during the shadow: the stack comes back with no routes and only the
+    served archive, the rollout exits 3 (rolled back), and the next rollout is not blocked."""
+    import threading
+
+    candidate = build_archive(tiny_model_dir, tmp_path / "candidates", name="candidate")
+    stack = make_stack(own_store, tmp_path / "stack")
+    try:
+        start_ready(stack)
+        lines: list[str] = []
+        slow = Plan(shadow_percent=50, steps=(5,), hold=600, phase_timeout=600, interval=0.5)
+        runner = Rollout(candidate, stack.workdir, own_store, gates=Gates(min_samples=10), plan=slow, out=lines.append)
+        codes: list[int] = []
+        with ClosedLoop(f"{stack.url}/predictions/emotion", stack.headers(), TEXTS, 2) as load:
+            thread = threading.Thread(target=lambda: codes.append(runner.run()), daemon=True)
+            thread.start()
+            deadline = time.monotonic() + 60
+            while not any("shadow" in line and "ok n=" in line for line in lines):
+                assert time.monotonic() < deadline, lines[-5:]
+                time.sleep(0.5)
+            stack.stop()
+            start_ready(stack)  # the supervisor's restart
+            thread.join(60)
+        assert codes == [EXIT_ROLLED_BACK], lines[-5:]
+        state = json.loads((stack.workdir / rollout.STATE_FILE).read_text())
+        assert state["phase"] == "rolled_back"
+        described = stack.torchserve.client.describe("emotion")
+        assert [v["modelVersion"] for v in described] == [state["current"]]
+        assert (stack.workdir / "gateway" / "rollout.conf").read_text() == rollout.rollout_conf()
+        assert load.result.statuses.count(200) > 0
     finally:
         stack.stop()
