@@ -357,8 +357,15 @@ class Rollout:
 
     def _connect(self) -> TorchServeClient:
         """A client of the stack's TorchServe, from the addresses it runs with now (a restarted
-        stack on free ports has new ones)."""
-        props = read_properties(self.workdir / "torchserve" / "config.properties")
+        stack on free ports has new ones).
+
+        Raises:
+            FileNotFoundError: no stack has run in the work folder.
+        """
+        config = self.workdir / "torchserve" / "config.properties"
+        if not config.exists():
+            raise FileNotFoundError(f"no stack runs in {self.workdir}: start one first (make serve)")
+        props = read_properties(config)
         key_file = self.workdir / "torchserve" / "key_file.json"
         return TorchServeClient(
             props["inference_address"], props["management_address"], key_file if key_file.exists() else None
@@ -391,9 +398,17 @@ class Rollout:
 
     # --- the run -----------------------------------------------------------------------------
 
+    def _remove_unused_candidates(self) -> None:
+        """Delete the staged archives of earlier rollouts that no registered version uses."""
+        used = {str(v.get("modelUrl")) for v in self._versions().values()}
+        for path in self.model_store.glob(f"{self.model}-*-rollout*.mar"):
+            if path.name not in used:
+                path.unlink(missing_ok=True)
+
     def run(self) -> int:
         """Register, shadow, canary, promote or roll back; returns the exit code."""
         self._clear_stale()
+        self._remove_unused_candidates()
         default = self.client.default_version(self.model)
         current = str(default["modelVersion"])
         candidate = f"{current.split('-rollout')[0]}-rollout{time.strftime('%Y%m%d%H%M%S')}"

@@ -219,3 +219,10 @@ def test_a_stack_restarted_mid_rollout_ends_it_with_one_default_version(own_stor
         assert load.result.statuses.count(200) > 0
     finally:
         stack.stop()
+
+
+def test_without_a_running_stack_the_rollout_says_so(tmp_path, model_store, capsys):
+    assert rollout.main([str(model_store / "emotion.mar"), "--workdir", str(tmp_path)]) == rollout.EXIT_ERROR
+    assert "make serve" in capsys.readouterr().err
+    assert rollout.main([str(tmp_path / "missing.mar"), "--workdir", str(tmp_path)]) == rollout.EXIT_ERROR
+    assert "no candidate archive" in capsys.readouterr().err
