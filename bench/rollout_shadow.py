@@ -3,15 +3,16 @@
 Starts the service as ``make serve`` runs it (its own process, free loopback ports), registers the
 served archive a second time as a candidate version (same weights, as many workers), measures the
 prediction capacity with closed-loop clients, then paces predictions at ``--load`` (default half)
-of it, open loop, through alternating phases: no shadow, then the gateway mirroring
-``--shadow-percent`` of the requests to the candidate (the routes ``make rollout`` sets in its
-shadow phase), for each share in turn, ``--rounds`` times. It reports the client p50/p99 of each
-phase and the ratio of the shadowed p99 to the unshadowed one per share; PASS when the ratio is
-within ``P99_TARGET`` for the shipped share (``serving.rollout.Plan.shadow_percent``).
+of it, open loop, through alternating phases: no shadow, then the shadow as ``make rollout`` runs
+it (the gateway mirroring ``--shadow-percent`` of the requests to a relay that sends them on to the
+candidate, whose workers run at the lowest CPU priority), for each share in turn, ``--rounds``
+times. It reports the client p50/p99 of each phase and the ratio of the shadowed p99 to the
+unshadowed one per share; PASS when the ratio is within ``P99_TARGET`` for the shipped share
+(``serving.rollout.Plan.shadow_percent``).
 
 On a machine with few cores the candidate's workers share the cores with the current version's:
-a mirrored request costs a second inference on the same CPUs. Compare the ratio, not the
-milliseconds, across machines.
+a mirrored request costs a second inference on the same CPUs, which the idle priority gives only
+the time the current version leaves. Compare the ratio, not the milliseconds, across machines.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from serving.client import TorchServeClient, count_ready
 from serving.gateway import apply_routes, rollout_conf
 from serving.rollout import Plan, stage_candidate
 from serving.server import read_properties
+from serving.shadow import ShadowRelay, set_idle
 
 P99_TARGET = 1.05  # shadowed p99 / unshadowed p99 at half load
 CANDIDATE = "shadow-bench"
@@ -67,6 +69,10 @@ def measure(model_store: Path, workdir: Path, shares: list[float], seconds: floa
         workers = max(1, count_ready(client.default_version(MODEL_NAME)))
         staged = stage_candidate(store / ARCHIVE_NAME, store, MODEL_NAME, CANDIDATE)
         client.register(staged.name, model_name=MODEL_NAME, initial_workers=workers, synchronous="true")
+        (described,) = client.describe(MODEL_NAME, CANDIDATE)
+        set_idle([w["pid"] for w in described["workers"]], True)
+        relay = ShadowRelay(f"{client.inference_url}/predictions/{MODEL_NAME}/{CANDIDATE}", lambda: client.headers())
+        relay.start()
         with ClosedLoop(predictions, headers, TEXTS, 4) as base:
             time.sleep(seconds)
         capacity = base.result.statuses.count(200) / seconds
@@ -81,7 +87,7 @@ def measure(model_store: Path, workdir: Path, shares: list[float], seconds: floa
                 for share in shares:
                     for phase, percent in ((f"off-{share:g}", 0.0), (f"shadow-{share:g}", share)):
                         paced.phase = "settling"
-                        routes = rollout_conf(CANDIDATE if percent else None, 0, percent)
+                        routes = rollout_conf(CANDIDATE if percent else None, 0, percent, relay.address)
                         if not apply_routes(gateway, routes):
                             raise RuntimeError("the gateway did not take the shadow's routes")
                         time.sleep(1)
@@ -95,10 +101,11 @@ def measure(model_store: Path, workdir: Path, shares: list[float], seconds: floa
                 "p99_ratio": round(on["p99_ms"] / off["p99_ms"], 3),
                 "p50_ratio": round(on["p50_ms"] / off["p50_ms"], 3),
             }
-        mirrored = sum(
-            1 for line in (gateway / "shadow.log").read_text().splitlines() if f"version={CANDIDATE}" in line
-        )
-        row["mirrored_requests"] = mirrored
+        answers = relay.take()
+        relay.stop()
+        row["mirrored_requests"] = len(answers)
+        row["mirrors_answered_200"] = sum(a.status == 200 for a in answers)
+        row["mirrors_dropped"] = relay.dropped
     finally:
         process.stop()
     return row

@@ -45,7 +45,7 @@ HEALTH_ANSWERS = {"live.json": '{"status": "alive"}\n', "ready.json": '{"status"
 # The rollout's routes (serving.rollout writes them and reloads nginx) and the shadow's log.
 ROLLOUT_CONF = "rollout.conf"
 SHADOW_LOG = "shadow.log"
-ROLLOUT_VARIABLES = ("$rollout_version", "$rollout_shadow")
+ROLLOUT_VARIABLES = ("$rollout_version", "$rollout_shadow", "$rollout_relay")
 
 # Seconds nginx keeps an idle client connection open (keepalive_timeout), except while draining.
 KEEPALIVE_TIMEOUT = 30
@@ -137,13 +137,17 @@ def refusal_locations() -> str:
     return "\n".join(blocks)
 
 
-def rollout_conf(candidate: str | None = None, canary_percent: float = 0, shadow_percent: float = 0) -> str:
+def rollout_conf(
+    candidate: str | None = None, canary_percent: float = 0, shadow_percent: float = 0, relay: str | None = None
+) -> str:
     """The gateway's routes during a rollout (``rollout.conf``, at nginx's ``http`` level):
     ``canary_percent`` of the served model's requests go to version ``candidate``, and
-    ``shadow_percent`` of the rest are mirrored to it. No candidate: no rollout.
+    ``shadow_percent`` of the rest are mirrored to ``relay`` (``host:port`` of the rollout's
+    :class:`serving.shadow.ShadowRelay`). No candidate: no rollout.
 
     Raises:
-        ValueError: a share outside [0, 100], or a candidate that is no version name.
+        ValueError: a share outside [0, 100], a candidate that is no version name, or a shadow
+            without a relay address.
     """
     for name, share in (("canary", canary_percent), ("shadow", shadow_percent)):
         if not 0 <= share <= 100:
@@ -154,6 +158,8 @@ def rollout_conf(candidate: str | None = None, canary_percent: float = 0, shadow
         raise ValueError(
             f"rollout candidate must be a version name matching {MODEL_ROUTE_NAME.pattern}, not {candidate!r}"
         )
+    if shadow_percent > 0 and (relay is None or not re.fullmatch(r"127\.0\.0\.1:\d{1,5}", relay)):
+        raise ValueError(f"a rollout's shadow needs its relay's loopback address, not {relay!r}")
 
     def split(variable: str, salt: str, percent: float, value: str) -> str:
         if percent <= 0:
@@ -162,8 +168,10 @@ def rollout_conf(candidate: str | None = None, canary_percent: float = 0, shadow
             return f'map $request_id {variable} {{\n    default "{value}";\n}}\n'
         return f'split_clients "${{request_id}}{salt}" {variable} {{\n    {percent:g}% "{value}";\n    * "";\n}}\n'
 
-    return split("$rollout_version", "canary", canary_percent, f"/{candidate}") + split(
-        "$rollout_shadow", "shadow", shadow_percent, candidate
+    return (
+        split("$rollout_version", "canary", canary_percent, f"/{candidate}")
+        + split("$rollout_shadow", "shadow", shadow_percent, candidate)
+        + f'map $request_id $rollout_relay {{\n    default "{relay or ""}";\n}}\n'
     )
 
 

@@ -56,8 +56,9 @@ import requests
 
 from project import ARCHIVE_NAME, MODEL_NAME, MODEL_STORE, SERVE_DIR
 from serving.client import ManagementError, TorchServeClient, count_ready
-from serving.gateway import ROLLOUT_CONF, SHADOW_LOG, apply_routes, rollout_conf
+from serving.gateway import ROLLOUT_CONF, apply_routes, rollout_conf
 from serving.server import read_properties
+from serving.shadow import ShadowRelay, set_idle
 
 log = logging.getLogger("serving.rollout")
 
@@ -129,8 +130,9 @@ def argmax(row: Sequence[float]) -> int:
     return max(range(len(row)), key=row.__getitem__)
 
 
-def judge(window: Window, gates: Gates) -> list[GateResult]:
-    """Each gate's value on ``window`` against its threshold."""
+def judge(window: Window, gates: Gates, latency: bool = True) -> list[GateResult]:
+    """Each gate's value on ``window`` against its threshold; ``latency`` False: no latency gate
+    (in shadow, the candidate runs at the lowest CPU priority: its latency means nothing yet)."""
     pairs = len(window.pairs)
     enough_pairs = pairs >= gates.min_samples
     agreement = sum(argmax(p) == argmax(q) for p, q in window.pairs) / pairs if pairs else None
@@ -150,6 +152,8 @@ def judge(window: Window, gates: Gates) -> list[GateResult]:
         GateResult("error_rate", errors, gates.max_error_rate, False, len(codes), errors_ok),
         GateResult("p99_ratio", ratio, gates.max_p99_ratio, False, both, ratio_ok),
     ]
+    if not latency:
+        results.pop()
     labelled = window.accuracy
     if "current" in labelled and "candidate" in labelled:
         (now, n_now), (new, n_new) = labelled["current"], labelled["candidate"]
@@ -165,8 +169,8 @@ def judge(window: Window, gates: Gates) -> list[GateResult]:
 
 
 def decide(results: Sequence[GateResult]) -> str:
-    """``breach`` when a gate failed on enough samples, ``pass`` when the four traffic gates hold
-    on enough samples (the accuracy gate counts once it has its labels), else ``wait``."""
+    """``breach`` when a gate failed on enough samples, ``pass`` when the traffic gates hold on
+    enough samples (the accuracy gate counts once it has its labels), else ``wait``."""
     if any(r.ok is False for r in results):
         return "breach"
     required = [r for r in results if r.name != "accuracy_drop"]
@@ -176,10 +180,6 @@ def decide(results: Sequence[GateResult]) -> str:
 ACCESS_LINE = re.compile(
     r'"(?:POST) /predictions/(?P<model>[^/ ]+) [^"]*" (?P<status>\d{3}) upstream=\[[^\]]*\] seconds=\S+ '
     r"upstream_seconds=\[(?P<upstream>[^\]]*)\] request_id=\S+ version=(?P<version>\S*)$"
-)
-SHADOW_LINE = re.compile(
-    r"^\S+ (?P<status>\d{3}) upstream=\[[^\]]*\] upstream_seconds=\[(?P<upstream>[^\]]*)\] "
-    r"request_id=(?P<rid>\S+) shadow_id=(?P<sid>\S+) version=(?P<version>\S*)$"
 )
 
 
@@ -222,11 +222,14 @@ class Tail:
 class Collector:
     """Reads the logs of one stack into the current phase's :class:`Window`."""
 
-    def __init__(self, workdir: Path, model: str, current: str, candidate: str, labels: Sequence[str]) -> None:
+    def __init__(
+        self, workdir: Path, model: str, current: str, candidate: str, labels: Sequence[str], relay: ShadowRelay
+    ) -> None:
         self.model, self.current, self.candidate, self.labels = model, current, candidate, list(labels)
         gateway = Path(workdir) / "gateway"
         self.access = Tail(gateway / "access.log")
-        self.shadow = Tail(gateway / SHADOW_LOG)
+        self.relay = relay
+        self.latency = True  # record the candidate's seconds (not in shadow: it runs idle there)
         self.requests = Tail(Path(workdir) / "torchserve" / "logs" / "requests.jsonl")
         self.answers: dict[str, tuple[str, list[float]] | None] = {}  # None: the id came twice
         self.pending: dict[str, str] = {}  # shadow id -> client id
@@ -242,14 +245,13 @@ class Collector:
                 rid = entry["request_id"]
                 row = [float(entry["probabilities"][name]) for name in self.labels]
                 self.answers[rid] = None if rid in self.answers else (str(entry.get("model_version")), row)
-        for line in self.shadow.lines():
-            match = SHADOW_LINE.match(line)
-            if match and match["version"] == self.candidate:
-                self.window.statuses["candidate"].append(int(match["status"]))
-                seconds = last_seconds(match["upstream"])
-                if seconds is not None and int(match["status"]) < 500:
-                    self.window.seconds["candidate"].append(seconds)
-                self.pending[match["sid"]] = match["rid"]
+        for answer in self.relay.take():
+            status = answer.status or 502  # no answer: the candidate failed it
+            self.window.statuses["candidate"].append(status)
+            if self.latency and status < 500:
+                self.window.seconds["candidate"].append(answer.seconds)
+            if status == 200:
+                self.pending[answer.shadow_id] = answer.client_id
         for line in self.access.lines():
             match = ACCESS_LINE.search(line)
             if not match or match["model"] != self.model:
@@ -351,6 +353,7 @@ class Rollout:
         self.state_path = self.workdir / STATE_FILE
         self.gateway_dir = self.workdir / "gateway"
         self.state: State | None = None
+        self.relay: ShadowRelay | None = None
         self.timeline: list[dict] = []
 
     # --- the routes and versions -------------------------------------------------------------
@@ -373,7 +376,8 @@ class Rollout:
 
     def _routes(self, canary: float, shadow: float) -> None:
         candidate = self.state.candidate if (canary or shadow) else None
-        if not apply_routes(self.gateway_dir, rollout_conf(candidate, canary, shadow)):
+        relay = self.relay.address if self.relay is not None and shadow else None
+        if not apply_routes(self.gateway_dir, rollout_conf(candidate, canary, shadow, relay)):
             raise RuntimeError("the gateway did not take the rollout's routes")
         self.state.canary_percent, self.state.shadow_percent = canary, shadow
         self.state.save(self.state_path)
@@ -425,7 +429,11 @@ class Rollout:
             self.state.phase, self.state.reason = "rolled_back", f"the candidate could not be registered: {err}"
             self.state.save(self.state_path)
             raise RuntimeError(self.state.reason) from err
-        collector = Collector(self.workdir, self.model, current, candidate, labels)
+        self.relay = ShadowRelay(
+            f"{self.client.inference_url}/predictions/{self.model}/{candidate}",
+            lambda: self.client.headers("inference"),
+        ).start()
+        collector = Collector(self.workdir, self.model, current, candidate, labels, self.relay)
         try:
             phases = [("shadow", 0.0)] + [(f"canary {step:g}%", step) for step in self.plan.steps]
             for name, canary in phases:
@@ -440,11 +448,16 @@ class Rollout:
             self._roll_back(f"error: {err}")
             return EXIT_ERROR
         finally:
+            self.relay.stop()
             self._finish()
 
     def _phase(self, name: str, canary: float, collector: Collector) -> str:
         """Run one phase; returns ``pass`` or the reason of a rollback."""
         self.state.phase = name
+        shadow_only = canary == 0
+        # In shadow the candidate's workers take only the cores the current version leaves idle.
+        self._candidate_idle(shadow_only)
+        collector.latency = not shadow_only
         self._routes(canary, self.plan.shadow_percent)
         collector.new_window()
         started = time.monotonic()
@@ -466,7 +479,7 @@ class Rollout:
                 return "the candidate is no longer registered (the stack restarted)"
             collector.poll()
             collector.window.accuracy = self._accuracy()
-            results = judge(collector.window, self.gates)
+            results = judge(collector.window, self.gates, latency=not shadow_only)
             verdict = decide(results)
             self._record(name, canary, results, collector.window)
             if verdict == "breach":
@@ -481,6 +494,12 @@ class Rollout:
                 held_since = None
             if now - started > self.plan.phase_timeout:
                 return f"{name}: not enough samples in {self.plan.phase_timeout:g} s"
+
+    def _candidate_idle(self, idle: bool) -> None:
+        with contextlib.suppress(Exception):
+            (version,) = self.client.describe(self.model, self.state.candidate)
+            pids = [w["pid"] for w in version.get("workers", []) if isinstance(w.get("pid"), int)]
+            set_idle(pids, idle)
 
     def _accuracy(self) -> dict[str, tuple[float, int]]:
         """Live accuracy per version from the feedback store, when it has labels for both."""

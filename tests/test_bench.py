@@ -163,5 +163,5 @@ def test_rollout_shadow_bench_reports_each_share_and_mirrors(model_store, tmp_pa
     share = row["shares"]["50"]
     assert share["unshadowed"]["requests"] > 0 and share["shadowed"]["requests"] > 0
     assert share["unshadowed"]["failed"] == share["shadowed"]["failed"] == 0
-    assert row["mirrored_requests"] > 0  # the candidate answered mirrors, the clients never saw them
+    assert row["mirrors_answered_200"] > 0  # the candidate answered mirrors, the clients never saw them
     assert "p99 ratio" in capsys.readouterr().out
