@@ -45,7 +45,7 @@ HEALTH_ANSWERS = {"live.json": '{"status": "alive"}\n', "ready.json": '{"status"
 # The rollout's routes (serving.rollout writes them and reloads nginx) and the shadow's log.
 ROLLOUT_CONF = "rollout.conf"
 SHADOW_LOG = "shadow.log"
-ROLLOUT_VARIABLES = ("$rollout_version", "$rollout_shadow", "$rollout_relay")
+ROLLOUT_VARIABLES = ("$rollout_version", "$rollout_shadow")
 
 # Seconds nginx keeps an idle client connection open (keepalive_timeout), except while draining.
 KEEPALIVE_TIMEOUT = 30
@@ -153,7 +153,8 @@ def rollout_conf(
         if not 0 <= share <= 100:
             raise ValueError(f"rollout {name} share must be between 0 and 100 %, not {share}")
     if candidate is None:
-        return "".join(f'map $request_id {name} {{\n    default "";\n}}\n' for name in ROLLOUT_VARIABLES)
+        maps = "".join(f'map $request_id {name} {{\n    default "";\n}}\n' for name in ROLLOUT_VARIABLES)
+        return maps + relay_upstream(None)
     if not MODEL_ROUTE_NAME.fullmatch(candidate):
         raise ValueError(
             f"rollout candidate must be a version name matching {MODEL_ROUTE_NAME.pattern}, not {candidate!r}"
@@ -171,8 +172,14 @@ def rollout_conf(
     return (
         split("$rollout_version", "canary", canary_percent, f"/{candidate}")
         + split("$rollout_shadow", "shadow", shadow_percent, candidate)
-        + f'map $request_id $rollout_relay {{\n    default "{relay or ""}";\n}}\n'
+        + relay_upstream(relay)
     )
+
+
+def relay_upstream(relay: str | None) -> str:
+    """The upstream of the shadow's mirrors, with kept-alive connections: the relay, or (no
+    shadow) the discard port, which no request reaches (the shadow's location answers 204)."""
+    return f"upstream rollout_relay {{\n    server {relay or '127.0.0.1:9'};\n    keepalive 8;\n}}\n"
 
 
 def feedback_route(port: int | None) -> str:
