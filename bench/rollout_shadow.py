@@ -88,7 +88,7 @@ def measure(model_store: Path, workdir: Path, shares: list[float], seconds: floa
                     for phase, percent in ((f"off-{share:g}", 0.0), (f"shadow-{share:g}", share)):
                         paced.phase = "settling"
                         routes = rollout_conf(CANDIDATE if percent else None, 0, percent, relay.address)
-                        if not apply_routes(gateway, routes):
+                        if not apply_routes(gateway, routes, shadow=percent > 0):
                             raise RuntimeError("the gateway did not take the shadow's routes")
                         time.sleep(1)
                         paced.phase = phase

@@ -44,6 +44,7 @@ HEALTH_ANSWERS = {"live.json": '{"status": "alive"}\n', "ready.json": '{"status"
 
 # The rollout's routes (serving.rollout writes them and reloads nginx) and the shadow's log.
 ROLLOUT_CONF = "rollout.conf"
+ROLLOUT_MIRROR_CONF = "rollout_mirror.conf"  # in the prediction route: the mirror, while a rollout shadows
 SHADOW_LOG = "shadow.log"
 ROLLOUT_VARIABLES = ("$rollout_version", "$rollout_shadow")
 
@@ -174,6 +175,11 @@ def rollout_conf(
         + split("$rollout_shadow", "shadow", shadow_percent, candidate)
         + relay_upstream(relay)
     )
+
+
+def mirror_conf(shadow: bool) -> str:
+    """The prediction route's mirror directive: only while a rollout shadows."""
+    return "mirror /_shadow;\n" if shadow else "# no rollout shadows requests now\n"
 
 
 def relay_upstream(relay: str | None) -> str:
@@ -364,6 +370,7 @@ class Gateway:
         self._write_includes()
         # A rollout's routes: none until serving.rollout writes them (a restart ends a rollout).
         (self.workdir / ROLLOUT_CONF).write_text(rollout_conf())
+        (self.workdir / ROLLOUT_MIRROR_CONF).write_text(mirror_conf(False))
         command = [binary, "-p", str(self.workdir), "-c", str(config_path), "-e", str(self.workdir / "error.log")]
         self.process = ManagedProcess("nginx", command, self.workdir / "nginx.out")
         self.process.start()
@@ -479,9 +486,10 @@ def wait_reloaded(gateway: Gateway, before: set[int], timeout: float = RELOAD_TI
         time.sleep(0.02)
 
 
-def apply_routes(prefix: Path, routes: str, timeout: float = 120.0) -> bool:
-    """Give the running gateway in ``prefix`` new rollout routes (:func:`rollout_conf`) from another
-    process (``serving.rollout``): write them, reload nginx gracefully, and wait until the workers
+def apply_routes(prefix: Path, routes: str, shadow: bool = False, timeout: float = 120.0) -> bool:
+    """Give the running gateway in ``prefix`` new rollout routes (:func:`rollout_conf`; ``shadow``:
+    they mirror a share to a relay) from another process (``serving.rollout``): write them, reload
+    nginx gracefully, and wait until the workers
     that had the old routes have finished their requests in flight and exited.
 
     Returns False when nginx did not take the routes within ``timeout`` seconds.
@@ -491,10 +499,12 @@ def apply_routes(prefix: Path, routes: str, timeout: float = 120.0) -> bool:
     """
     master = int((Path(prefix) / "nginx.pid").read_text().split()[0])
     before = set(workers_of(master))
-    path = Path(prefix) / ROLLOUT_CONF
-    staged = path.with_suffix(".tmp")
-    staged.write_text(routes)
-    staged.replace(path)
+    shadow = '$rollout_shadow {\n    default "";' not in routes  # some share is mirrored
+    for name, text in ((ROLLOUT_CONF, routes), (ROLLOUT_MIRROR_CONF, mirror_conf(shadow))):
+        path = Path(prefix) / name
+        staged = path.with_suffix(".tmp")
+        staged.write_text(text)
+        staged.replace(path)
     os.kill(master, signal.SIGHUP)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -377,7 +377,7 @@ class Rollout:
     def _routes(self, canary: float, shadow: float) -> None:
         candidate = self.state.candidate if (canary or shadow) else None
         relay = self.relay.address if self.relay is not None and shadow else None
-        if not apply_routes(self.gateway_dir, rollout_conf(candidate, canary, shadow, relay)):
+        if not apply_routes(self.gateway_dir, rollout_conf(candidate, canary, shadow, relay), shadow=relay is not None):
             raise RuntimeError("the gateway did not take the rollout's routes")
         self.state.canary_percent, self.state.shadow_percent = canary, shadow
         self.state.save(self.state_path)
