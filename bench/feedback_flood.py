@@ -95,6 +95,17 @@ class PacedLoad:
             thread.join(timeout=90)
 
 
+def phase_summary(samples: list[tuple[str, int, float]], phase: str) -> dict:
+    """Requests, failures and the p50/p99 of the answered ones, of one phase of a :class:`PacedLoad`."""
+    latencies = [s for p, status, s in samples if p == phase and status == 200]
+    return {
+        "requests": sum(p == phase for p, _, _ in samples),
+        "failed": sum(p == phase and status != 200 for p, status, _ in samples),
+        "p50_ms": round(1000 * percentile(latencies, 50), 1),
+        "p99_ms": round(1000 * percentile(latencies, 99), 1),
+    }
+
+
 def flood_body(served: list[str], rng: random.Random) -> bytes:
     """A list of ``MAX_ITEMS`` labels: 80% for served answers (stored once, then duplicates or
     conflicts), 10% for ids never served, 10% with a label outside the six."""
@@ -172,13 +183,7 @@ def measure(
         stored = labelled(workdir / "feedback.sqlite")
         row: dict = {"capacity_requests_per_s": round(capacity, 1), "paced_requests_per_s": round(capacity * load, 1)}
         for phase in ("quiet", "flood"):
-            latencies = [s for p, status, s in paced.samples if p == phase and status == 200]
-            row[phase] = {
-                "requests": sum(p == phase for p, _, _ in paced.samples),
-                "failed": sum(p == phase and status != 200 for p, status, _ in paced.samples),
-                "p50_ms": round(1000 * percentile(latencies, 50), 1),
-                "p99_ms": round(1000 * percentile(latencies, 99), 1),
-            }
+            row[phase] = phase_summary(paced.samples, phase)
         row["p99_ratio"] = round(row["flood"]["p99_ms"] / row["quiet"]["p99_ms"], 3)
         sent = sum(f["requests"] for f in floods)
         refused = sum(f["non_2xx"] for f in floods)

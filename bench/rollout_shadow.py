@@ -24,37 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.feedback_flood import TEXTS, PacedLoad, start_service
+from bench.feedback_flood import TEXTS, PacedLoad, phase_summary, start_service
 from bench.overload import archive_and_cpu
 from loadtest.closed_loop import ClosedLoop
-from loadtest.texts import percentile
 from project import ARCHIVE_NAME, MODEL_NAME, MODEL_STORE, PROJECT_ROOT
-from serving.client import TorchServeClient, count_ready
+from serving.client import count_ready
 from serving.gateway import apply_routes, rollout_conf
-from serving.rollout import Plan, stage_candidate
-from serving.server import read_properties
+from serving.rollout import Plan, stack_client, stage_candidate
 from serving.shadow import ShadowRelay, set_idle
 
 P99_TARGET = 1.05  # shadowed p99 / unshadowed p99 at half load
 CANDIDATE = "shadow-bench"
-
-
-def torchserve_client(workdir: Path) -> TorchServeClient:
-    props = read_properties(workdir / "torchserve" / "config.properties")
-    key_file = workdir / "torchserve" / "key_file.json"
-    return TorchServeClient(
-        props["inference_address"], props["management_address"], key_file if key_file.exists() else None
-    )
-
-
-def phase_row(samples: list[tuple[str, int, float]], phase: str) -> dict:
-    latencies = [s for p, status, s in samples if p == phase and status == 200]
-    return {
-        "requests": sum(p == phase for p, _, _ in samples),
-        "failed": sum(p == phase and status != 200 for p, status, _ in samples),
-        "p50_ms": round(1000 * percentile(latencies, 50), 1),
-        "p99_ms": round(1000 * percentile(latencies, 99), 1),
-    }
 
 
 def measure(model_store: Path, workdir: Path, shares: list[float], seconds: float, rounds: int, load: float) -> dict:
@@ -65,7 +45,7 @@ def measure(model_store: Path, workdir: Path, shares: list[float], seconds: floa
     predictions = f"{url}/predictions/{MODEL_NAME}"
     gateway = workdir / "service" / "gateway"
     try:
-        client = torchserve_client(workdir / "service")
+        client = stack_client(workdir / "service")
         workers = max(1, count_ready(client.default_version(MODEL_NAME)))
         staged = stage_candidate(store / ARCHIVE_NAME, store, MODEL_NAME, CANDIDATE)
         client.register(staged.name, model_name=MODEL_NAME, initial_workers=workers, synchronous="true")
@@ -94,7 +74,7 @@ def measure(model_store: Path, workdir: Path, shares: list[float], seconds: floa
                         paced.phase = phase
                         time.sleep(seconds)
         for share in shares:
-            off, on = phase_row(paced.samples, f"off-{share:g}"), phase_row(paced.samples, f"shadow-{share:g}")
+            off, on = phase_summary(paced.samples, f"off-{share:g}"), phase_summary(paced.samples, f"shadow-{share:g}")
             row["shares"][f"{share:g}"] = {
                 "unshadowed": off,
                 "shadowed": on,

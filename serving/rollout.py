@@ -299,6 +299,23 @@ def archive_labels(archive: Path) -> list[str]:
     return list(GoldenRecord.from_archive(archive).probabilities[0])
 
 
+def stack_client(workdir: Path) -> TorchServeClient:
+    """A client of the TorchServe of the stack in ``workdir``, from the addresses it runs with now
+    (a stack restarted on free ports has new ones).
+
+    Raises:
+        FileNotFoundError: no stack has run in ``workdir``.
+    """
+    config = Path(workdir) / "torchserve" / "config.properties"
+    if not config.exists():
+        raise FileNotFoundError(f"no stack runs in {workdir}: start one first (make serve)")
+    props = read_properties(config)
+    key_file = Path(workdir) / "torchserve" / "key_file.json"
+    return TorchServeClient(
+        props["inference_address"], props["management_address"], key_file if key_file.exists() else None
+    )
+
+
 @dataclass
 class State:
     """What a rollout has done so far (``rollout.json``)."""
@@ -349,7 +366,7 @@ class Rollout:
         self.archive, self.workdir, self.model_store = Path(archive), Path(workdir), Path(model_store)
         self.served_archive, self.model = served_archive, model
         self.gates, self.plan, self.out = gates or Gates(), plan or Plan(), out
-        self.client = self._connect()
+        self.client = stack_client(self.workdir)
         self.state_path = self.workdir / STATE_FILE
         self.gateway_dir = self.workdir / "gateway"
         self.state: State | None = None
@@ -357,22 +374,6 @@ class Rollout:
         self.timeline: list[dict] = []
 
     # --- the routes and versions -------------------------------------------------------------
-
-    def _connect(self) -> TorchServeClient:
-        """A client of the stack's TorchServe, from the addresses it runs with now (a restarted
-        stack on free ports has new ones).
-
-        Raises:
-            FileNotFoundError: no stack has run in the work folder.
-        """
-        config = self.workdir / "torchserve" / "config.properties"
-        if not config.exists():
-            raise FileNotFoundError(f"no stack runs in {self.workdir}: start one first (make serve)")
-        props = read_properties(config)
-        key_file = self.workdir / "torchserve" / "key_file.json"
-        return TorchServeClient(
-            props["inference_address"], props["management_address"], key_file if key_file.exists() else None
-        )
 
     def _routes(self, canary: float, shadow: float) -> None:
         candidate = self.state.candidate if (canary or shadow) else None
@@ -472,7 +473,7 @@ class Rollout:
                 if time.monotonic() - down_since > STACK_DOWN_LIMIT:
                     return f"the stack did not answer for {STACK_DOWN_LIMIT:g} s ({err})"
                 with contextlib.suppress(OSError, KeyError):
-                    self.client = self._connect()
+                    self.client = stack_client(self.workdir)
                 continue
             down_since = None
             if self.state.candidate not in versions:

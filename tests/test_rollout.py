@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import random
 import shutil
 import time
@@ -147,7 +148,9 @@ def test_a_rollout_under_load_promotes_an_equivalent_candidate_and_rolls_back_a_
     try:
         start_ready(stack)
         lines: list[str] = []
-        gates = Gates(min_samples=30, max_p99_ratio=10.0, min_agreement=0.97)
+        # the latency gate is tested apart (test_latency_and_accuracy_gates): here no outcome may
+        # rest on how fast this machine runs two versions
+        gates = Gates(min_samples=30, max_p99_ratio=math.inf, min_agreement=0.97)
         texts = [f"{text} {random.Random(i).randint(0, 999)}" for i, text in enumerate(TEXTS * 8)]
         with ClosedLoop(f"{stack.url}/predictions/emotion", stack.headers(), texts, 4) as load:
             assert load.wait_answered(10)
