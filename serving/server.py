@@ -135,9 +135,14 @@ class TorchServe:
         command = [executable, "--start", "--foreground", "--ncs", "--ts-config", str(config)]
         if self.models:
             command += ["--models", self.models]
+        # TorchServe unpacks every archive it loads under the JVM's temporary folder (``TEMP``
+        # sets it), and leaves the copy behind when it stops: keeping it in the work folder and
+        # removing it on stop stops a machine's /tmp from filling, one archive per start.
+        self.unpacked.mkdir(exist_ok=True)
         env = dict(
             os.environ,
             TMPDIR=str(self.workdir),
+            TEMP=str(self.unpacked),
             LOG_LOCATION=str(self.workdir / "logs"),
             METRICS_LOCATION=str(self.workdir / "logs"),
         )
@@ -150,11 +155,18 @@ class TorchServe:
         self.client.wait_ready(wait_model, max(timeout - (time.monotonic() - started), 1), self.process)
         return time.monotonic() - started
 
+    @property
+    def unpacked(self) -> Path:
+        """The JVM's temporary folder, where TorchServe unpacks the archives it loads."""
+        return self.workdir / "tmp"
+
     def stop(self, timeout: float = 30) -> None:
-        """Stop the server and every process it started; safe to call twice."""
+        """Stop the server and every process it started, and remove the unpacked archives; safe
+        to call twice."""
         if self.process is not None:
             self.process.stop(timeout)
             self.process = None
+        shutil.rmtree(self.unpacked, ignore_errors=True)
 
     def log_tail(self, lines: int = 60) -> str:
         """Last lines of the console log, for failure messages."""

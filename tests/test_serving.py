@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -113,6 +115,22 @@ def test_metrics_endpoint_counts_requests(torchserve):
     text = requests.get(f"{torchserve.metrics_url}/metrics", timeout=10).text
     assert "ts_inference_requests_total" in text
     assert 'EmotionPredictions{ModelName="emotion"' in text
+
+
+def test_unpacked_archives_stay_in_the_work_folder_and_go_when_the_server_stops(model_store, tmp_path):
+    """TorchServe unpacks each archive it loads into the JVM's temporary folder and never removes
+    it: under the system's /tmp, every start left another copy of the model behind."""
+    from tests.helpers import running_torchserve
+
+    system = Path(tempfile.gettempdir()) / "models"
+    before = set(system.iterdir()) if system.is_dir() else set()
+    with running_torchserve(model_store, tmp_path / "ts") as server:
+        unpacked = list((server.unpacked / "models").iterdir())
+        assert len(unpacked) == 1 and (unpacked[0] / "MAR-INF" / "MANIFEST.json").is_file()
+        assert_good_answer(predict(server, GOOD))
+        new = (set(system.iterdir()) if system.is_dir() else set()) - before
+        assert not [p for p in new if p.stat().st_mtime >= unpacked[0].stat().st_mtime - 1]
+    assert not server.unpacked.exists()
 
 
 def test_workers_find_none_of_the_packages_torchserve_imports_when_it_can():
