@@ -23,6 +23,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 
 # The model: the name clients use in /predictions/<name>, and the archive TorchServe serves it from.
 MODEL_NAME = "emotion"
+# The service's version: pyproject.toml's (a test keeps them equal); OIP's server metadata gives it.
+VERSION = "1.0.0"
+# The order of the public dataset's integer ids (dair-ai/emotion): 0 sadness .. 5 surprise.
+LABELS: tuple[str, ...] = ("sadness", "joy", "love", "anger", "fear", "surprise")
 ARCHIVE_NAME = f"{MODEL_NAME}.mar"
 MODEL_STORE = PROJECT_ROOT / "model_store"
 ARCHIVE = MODEL_STORE / ARCHIVE_NAME

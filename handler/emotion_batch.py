@@ -3,10 +3,11 @@ that turns a pass's logits into probabilities."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-from emotion_inputs import InputError
+from emotion_inputs import Carried, InputError
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -21,17 +22,60 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 class Batch:
     """One TorchServe batch on its way through the handler's preprocess, inference and postprocess.
 
-    (Kept out of the handler module: TorchServe requires that module to define one class.)
+    A request carries one text or several (a list, an OIP infer request): each text is an *item*,
+    numbered across the batch, and tokenised, run and answered on its own; the items of a request
+    are answered together. (Kept out of the handler module: TorchServe requires that module to
+    define one class.)
     """
 
-    size: int
-    texts: dict[int, str] = field(default_factory=dict)  # request index -> text
-    errors: dict[int, InputError] = field(default_factory=dict)
-    probabilities: dict[int, list[float]] = field(default_factory=dict)
-    truncated: set[int] = field(default_factory=set)  # texts longer than the model's token window
+    size: int  # requests
+    texts: dict[int, str] = field(default_factory=dict)  # item -> text
+    errors: dict[int, InputError] = field(default_factory=dict)  # item -> the error it gets alone
+    probabilities: dict[int, list[float]] = field(default_factory=dict)  # item -> probabilities
+    truncated: set[int] = field(default_factory=set)  # items longer than the model's token window
+    owners: list[tuple[int, int]] = field(default_factory=list)  # item -> (request, position in it)
+    carried: dict[int, Carried] = field(default_factory=dict)  # request -> what it carries
+    failed: dict[int, InputError] = field(default_factory=dict)  # request -> the error that answers it
     probes: set[int] = field(default_factory=set)  # readiness probes: answered, not counted as traffic
-    abstain_below: dict[int, float] = field(default_factory=dict)  # request index -> its threshold
-    request_ids: dict[int, str] = field(default_factory=dict)  # request index -> its id
+    abstain_below: dict[int, float] = field(default_factory=dict)  # request -> its threshold
+    request_ids: dict[int, str] = field(default_factory=dict)  # request -> its id
+
+    def add(self, request: int, carried: Carried) -> None:
+        """The texts ``request`` carries, as items (a text's own error set aside with it)."""
+        self.carried[request] = carried
+        for position, text in enumerate(carried.texts):
+            item = len(self.owners)
+            self.owners.append((request, position))
+            if isinstance(text, InputError):
+                self.errors[item] = text
+            else:
+                self.texts[item] = text
+
+    def items_of(self, request: int) -> list[int]:
+        """The items of ``request``, in its order."""
+        return [item for item, (owner, _) in enumerate(self.owners) if owner == request]
+
+    def request_of(self, item: int) -> int:
+        return self.owners[item][0]
+
+    def item_id(self, item: int) -> str | None:
+        """The id an item's answer carries and the request log keeps: its request's id for one
+        text; ``<id>.<position>`` for a text of a list (the id cut to keep it within 64 characters)."""
+        request, position = self.owners[item]
+        rid = self.request_ids.get(request)
+        if rid is None or self.carried[request].form == "text":
+            return rid
+        suffix = f".{position}"
+        return rid[: 64 - len(suffix)] + suffix
+
+
+@dataclass
+class Tally:
+    """What one batch's answers count for the metrics: labels given, errors by type, abstentions."""
+
+    labels: Counter = field(default_factory=Counter)
+    rejected: Counter = field(default_factory=Counter)
+    abstained: int = 0
 
 
 def plan_passes(lengths: list[int], pass_cost_tokens: int) -> list[list[int]]:

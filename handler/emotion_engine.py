@@ -12,6 +12,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -220,3 +221,41 @@ class EmotionEngine:
             "truncated": truncated,
             "abstained": abstained,
         }
+
+
+def oip_answer(
+    answers: list[dict[str, Any]],
+    labels: list[str],
+    outputs: tuple[str, ...],
+    infer_id: str | None,
+    model_name: str,
+    model_version: str,
+) -> dict[str, Any]:
+    """The Open Inference Protocol v2 answer to an infer request of ``len(answers)`` texts.
+
+    ``answers`` holds each text's answer (:meth:`EmotionEngine.answer`) or its error body. The
+    outputs are columns over the texts: ``label`` (BYTES [N]; "" for a text that abstained or
+    failed), ``score`` (FP32 [N]), ``probabilities`` (FP32 [N, labels], in ``labels``' order;
+    zeros for a failed text) and ``error`` (BYTES [N]; the failed text's message, else ""). Only
+    ``outputs`` are sent, in that order; all of them when it is empty.
+    """
+    good = [None if "error" in a else a for a in answers]
+    n = len(answers)
+    columns = {
+        "label": ("BYTES", [n], [a["label"] or "" if a else "" for a in good]),
+        "score": ("FP32", [n], [a["score"] if a else 0.0 for a in good]),
+        "probabilities": (
+            "FP32",
+            [n, len(labels)],
+            [a["probabilities"][k] if a else 0.0 for a in good for k in labels],
+        ),
+        "error": ("BYTES", [n], ["" if a else e["message"] for a, e in zip(good, answers, strict=True)]),
+    }
+    body: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if infer_id is not None:
+        body["id"] = infer_id
+    body["outputs"] = [
+        {"name": name, "datatype": columns[name][0], "shape": columns[name][1], "data": columns[name][2]}
+        for name in (outputs or tuple(columns))
+    ]
+    return body

@@ -1,10 +1,12 @@
 """Every error a client of the service can meet: its ``type``, HTTP status, who answers it, when.
 
-Each answer is one JSON body, ``{"code": <status>, "type": <type>, "message": <what to fix>}``
-(:func:`error_body`). The handler raises :class:`emotion_inputs.InputError` by type and takes the
-status from here; the gateway's error answers (``serving/nginx.conf``) and the README's error
-table are checked against this table by ``tests/test_errors.py``, so none of them can name a
-status the others do not. Standard library only: it travels in the model archive.
+Each answer is one JSON body, ``{"code": <status>, "type": <type>, "message": <what to fix>,
+"error": <the same message>}`` (:func:`error_body`; ``error`` is the Open Inference Protocol's
+field, so that OIP clients read every refusal). The handler raises
+:class:`emotion_inputs.InputError` by type and takes the status from here; the gateway's error
+answers (``serving/nginx.conf``) and the README's error table are checked against this table by
+``tests/test_errors.py``, so none of them can name a status the others do not. Standard library
+only: it travels in the model archive.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ ERRORS: dict[str, ErrorKind] = {
     "MalformedJSON": _kind(400, "handler", "malformed JSON, nested too deeply, or NaN/Infinity in it"),
     "MissingField": _kind(400, "handler", 'a JSON object without "text"'),
     "InvalidType": _kind(400, "handler", '"text" is not a string'),
-    "UnsupportedInput": _kind(400, "handler", "a JSON list"),
+    "UnsupportedInput": _kind(400, "handler", 'a bare JSON list (lists go as {"texts": [...]})'),
+    "InvalidTexts": _kind(400, "handler", '"texts" that is not a list of 1 to 64 items'),
+    "InvalidInferenceRequest": _kind(400, "handler", "an OIP v2 infer body that is not one BYTES input of 1 to 64"),
     "InvalidInput": _kind(400, "handler", "JSON that is not an object"),
     "UnreadableInput": _kind(400, "handler", "a request the handler cannot read at all"),
     "UntokenizableText": _kind(400, "handler", "a text the tokenizer cannot take"),
@@ -93,4 +97,4 @@ def status_of(kind: str) -> int:
 
 def error_body(kind: str, message: str) -> dict[str, Any]:
     """The JSON body of an error answer."""
-    return {"code": status_of(kind), "type": kind, "message": message}
+    return {"code": status_of(kind), "type": kind, "message": message, "error": message}

@@ -15,6 +15,11 @@ only its beginning was classified)::
     {"label": "joy", "score": 0.97, "probabilities": {"sadness": 0.01, ..., "surprise": 0.0},
      "truncated": false, "abstained": false, "request_id": "6f1c..."}
 
+A request with a list ``{"texts": [...]}`` gets ``{"predictions": [...], "request_id": ...}``:
+one such answer per text, or that text's own error (``code``, ``type``, ``message``), each with
+the id ``<request_id>.<position>``. An Open Inference Protocol v2 infer request gets an OIP
+answer (:func:`emotion_engine.oip_answer`).
+
 Every answer, errors too, carries its ``request_id``: the request's ``X-Request-ID`` when valid
 (the gateway sends one with every request), else TorchServe's own id; the request log has it too.
 
@@ -29,15 +34,15 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
-from emotion_batch import Batch
+from emotion_batch import Batch, Tally
 from emotion_cpuinfo import detect, worker_threads
-from emotion_engine import WARM_UP_TEXTS, EmotionEngine
-from emotion_inputs import InputError, abstain_threshold, extract_text, is_probe, request_id
+from emotion_engine import WARM_UP_TEXTS, EmotionEngine, oip_answer
+from emotion_errors import error_body
+from emotion_inputs import InputError, abstain_threshold, is_probe, read_request, request_id
 from emotion_metrics import EmotionMetrics
 from emotion_monitor import EmotionMonitor, known_words, make_records
 from emotion_settings import HandlerSettings
@@ -115,7 +120,7 @@ class EmotionHandler(BaseHandler):
         return responses
 
     def preprocess(self, data: list[dict[str, Any]]) -> Batch:
-        """Read one text per request; unreadable requests are set aside with their error."""
+        """Read the texts of each request; unreadable requests and texts are set aside with their error."""
         batch = Batch(size=len(data))
         for idx, request in enumerate(data):
             headers = self._headers(idx)
@@ -125,12 +130,12 @@ class EmotionHandler(BaseHandler):
                     batch.probes.add(idx)  # the probe's answer is judged by its label: it never abstains
                 else:
                     batch.abstain_below[idx] = abstain_threshold(headers, self.settings.abstain_below)
-                batch.texts[idx] = extract_text(request, headers, self.settings.max_text_chars)
+                batch.add(idx, read_request(request, headers, self.settings.max_text_chars))
             except InputError as err:
-                batch.errors[idx] = err
+                batch.failed[idx] = err
             except Exception:  # a request nobody foresaw still fails alone
                 log.exception("request %d of the batch could not be read", idx)
-                batch.errors[idx] = InputError("UnreadableInput", "the request could not be read")
+                batch.failed[idx] = InputError("UnreadableInput", "the request could not be read")
         return batch
 
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
@@ -156,7 +161,7 @@ class EmotionHandler(BaseHandler):
             raise PredictionException("the model failed on every text of the batch and on a known-good text", 500)
         self.emotion_metrics.batch(sum(lengths), tokenize_ms, model_ms)
         # The readiness probe's golden text is not traffic: it stays out of the drift statistics.
-        answered = [i for i in indices if i in batch.probabilities and i not in batch.probes]
+        answered = [i for i in indices if i in batch.probabilities and batch.request_of(i) not in batch.probes]
         records = make_records(
             [batch.texts[i] for i in answered],
             [token_ids[i] for i in answered],
@@ -165,7 +170,7 @@ class EmotionHandler(BaseHandler):
             self.engine.tokenizer.unk_token_id,
             [i in batch.truncated for i in answered],
             self.known_words,
-            [batch.request_ids.get(i) for i in answered],
+            [batch.item_id(i) for i in answered],
         )
         self.monitor.observe_batch(records)
         return batch
@@ -173,29 +178,60 @@ class EmotionHandler(BaseHandler):
     def postprocess(self, batch: Batch) -> list[str]:
         """One JSON body per request, in request order, with per-request status codes."""
         responses = []
-        labels, rejected, abstained = Counter(), Counter(), 0
+        tally = Tally()
         for idx in range(batch.size):
-            if idx in batch.errors:
-                error = batch.errors[idx]
-                self.context.set_response_status(code=error.status, phrase=error.kind, idx=idx)
-                rejected[error.kind] += 1
-                body = error.to_response()
-            else:
-                body = self.engine.answer(
-                    batch.probabilities[idx], idx in batch.truncated, batch.abstain_below.get(idx, 0.0)
-                )
-                if idx in batch.probes:
-                    pass
-                elif body["abstained"]:
-                    abstained += 1
-                else:
-                    labels[body["label"]] += 1
+            status, body = self._response(batch, idx, tally)
+            if status != 200:
+                self.context.set_response_status(code=status, phrase=body["type"], idx=idx)
             body["request_id"] = batch.request_ids.get(idx)
             self.context.set_response_content_type(idx, "application/json")
             responses.append(json.dumps(body))
-        self.emotion_metrics.predictions(labels, abstained)
-        self.emotion_metrics.rejected(rejected)
+        self.emotion_metrics.predictions(tally.labels, tally.abstained)
+        self.emotion_metrics.rejected(tally.rejected)
         return responses
+
+    def _response(self, batch: Batch, idx: int, tally: Tally) -> tuple[int, dict[str, Any]]:
+        """The status and body of request ``idx``: its error, its one answer, its list's answers or
+        its OIP answer."""
+        if idx in batch.failed:
+            return batch.failed[idx].status, _error(batch.failed[idx], tally)
+        carried = batch.carried[idx]
+        items = batch.items_of(idx)
+        if carried.form == "text":
+            (item,) = items
+            if item in batch.errors:
+                return batch.errors[item].status, _error(batch.errors[item], tally)
+            return 200, self._answer(batch, item, tally)
+        answers = [
+            _error(batch.errors[i], tally) if i in batch.errors else self._answer(batch, i, tally) for i in items
+        ]
+        for item, answer in zip(items, answers, strict=True):
+            answer["request_id"] = batch.item_id(item)
+        if carried.form == "list":
+            return 200, {"predictions": answers}
+        model = getattr(self.context, "manifest", None) or {}
+        return 200, oip_answer(
+            answers,
+            self.labels,
+            carried.outputs,
+            carried.infer_id,
+            getattr(self.context, "model_name", None) or model.get("model", {}).get("modelName", ""),
+            model.get("model", {}).get("modelVersion", ""),
+        )
+
+    def _answer(self, batch: Batch, item: int, tally: Tally) -> dict[str, Any]:
+        """One text's answer (counted in ``tally``, unless it is the readiness probe's)."""
+        request = batch.request_of(item)
+        body = self.engine.answer(
+            batch.probabilities[item], item in batch.truncated, batch.abstain_below.get(request, 0.0)
+        )
+        if request in batch.probes:
+            pass
+        elif body["abstained"]:
+            tally.abstained += 1
+        else:
+            tally.labels[body["label"]] += 1
+        return body
 
     def _tokenize(self, batch: Batch) -> dict[int, list[int]]:
         """Token ids of each readable text, truncated to the model's window (recorded in
@@ -268,3 +304,9 @@ class EmotionHandler(BaseHandler):
             return dict(self.context.get_all_request_header(idx) or {})
         except (AttributeError, IndexError, KeyError, TypeError):
             return {}
+
+
+def _error(error: InputError, tally: Tally) -> dict[str, Any]:
+    """An error's answer body (counted in ``tally``)."""
+    tally.rejected[error.kind] += 1
+    return error_body(error.kind, error.message)

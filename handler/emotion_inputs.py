@@ -13,9 +13,16 @@ fields of a form. The request's own HTTP headers come separately. This module ac
 Everything else is refused with a typed :class:`InputError` that becomes this request's own
 4xx JSON answer; nothing a request carries can raise past :func:`extract_text`.
 
-One request carries one text. A JSON list of texts is refused with a 400:
-TorchServe already batches concurrent requests server-side, and one text per
-request keeps per-request status codes, latency and metrics meaningful.
+One request carries one text, or a list of 1 to :data:`MAX_TEXTS` texts:
+
+* ``{"texts": ["...", ...]}`` as JSON on ``/predictions``, answered with one entry per text;
+* an Open Inference Protocol v2 infer request (the gateway's ``/v2/models/<model>/infer``,
+  which marks it with :data:`PROTOCOL_HEADER`): one ``BYTES`` input of shape ``[N]``, its data as
+  JSON strings or in the binary tensor extension (``Inference-Header-Content-Length``).
+
+In a list each text is checked on its own: a bad text gets its own error in the answer, and the
+others are classified (:class:`Carried`). A bare JSON array is refused: ``{"texts": [...]}`` says
+what it is, and leaves room for fields beside it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import codecs
 import json
 import math
 import re
+import struct
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +44,14 @@ JSON_TYPES = ("application/json", "text/json")
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 RAW_TYPES = ("", "application/octet-stream")
 HOW_TO_SEND = 'send the text as text/plain, or JSON {"text": "..."} as application/json'
+# The most texts one request may carry (a list on /predictions, or an OIP infer request).
+MAX_TEXTS = 64
+# The gateway sets it to "v2" on its Open Inference Protocol route, and clears it on every other.
+PROTOCOL_HEADER = "x-emotion-protocol"
+# The Triton binary tensor extension: the JSON header's length; the tensors' bytes follow it.
+BINARY_HEADER = "inference-header-content-length"
+# What an OIP infer answer can hold, by output name (its datatype; the shape is [N] or [N, 6]).
+OIP_OUTPUTS = {"label": "BYTES", "probabilities": "FP32", "score": "FP32", "error": "BYTES"}
 # Unicode categories that carry meaning: letters, numbers, symbols (emoji are symbols, "So").
 VISIBLE_CATEGORIES = ("L", "N", "S")
 # Letters by category that render as nothing (Unicode's default-ignorable Hangul fillers).
@@ -227,20 +243,33 @@ def _refuse_non_finite(value: Any) -> None:
             pending.extend(item)
 
 
-def _from_json(value: Any) -> str:
+def _from_json(value: Any) -> str | list[Any]:
+    """The text of a JSON body ``{"text": ...}``, or the items of ``{"texts": [...]}``."""
     _refuse_non_finite(value)
     if isinstance(value, list):
         raise InputError(
-            "UnsupportedInput", 'a JSON list is not accepted: send one text per request as {"text": "..."}'
+            "UnsupportedInput",
+            'a bare JSON list is not accepted: send {"texts": [...]} for a list, {"text": "..."} for one',
         )
     if not isinstance(value, dict):
         raise InputError("InvalidInput", f'expected a JSON object {{"text": ...}}, got {json_type(value)}')
+    if "text" not in value and "texts" in value:
+        return _texts(value["texts"])
     if "text" not in value:
-        raise InputError("MissingField", 'the JSON object has no "text" field')
+        raise InputError("MissingField", 'the JSON object has no "text" field (or "texts" for a list)')
     text = value["text"]
     if not isinstance(text, str):
         raise InputError("InvalidType", f'"text" must be a string, got {json_type(text)}')
     return text
+
+
+def _texts(value: Any) -> list[Any]:
+    """``"texts"`` as the list of a request's 1 to ``MAX_TEXTS`` items (each checked later, alone)."""
+    if not isinstance(value, list):
+        raise InputError("InvalidTexts", f'"texts" must be a list of texts, got {json_type(value)}')
+    if not 1 <= len(value) <= MAX_TEXTS:
+        raise InputError("InvalidTexts", f'"texts" must hold 1 to {MAX_TEXTS} texts, not {len(value)}')
+    return value
 
 
 def _body(request: Mapping[str, Any], parsed: bool) -> Any:
@@ -264,7 +293,7 @@ def _form_text(request: Mapping[str, Any], media: MediaType) -> str:
     return _decode(_raw_bytes(value), "utf-8")
 
 
-def _body_text(request: Mapping[str, Any], media: MediaType, parsed: bool) -> str:
+def _body_text(request: Mapping[str, Any], media: MediaType, parsed: bool) -> str | list[Any]:
     payload = _body(request, parsed)
     codec = _codec(media)
     if parsed and not isinstance(payload, (bytes, bytearray, memoryview)):
@@ -296,8 +325,137 @@ def check_text(text: str, max_chars: int) -> str:
     return text
 
 
-def extract_text(request: Mapping[str, Any], headers: Mapping[str, Any] | None, max_chars: int) -> str:
-    """The text of one request.
+@dataclass
+class Carried:
+    """What one request carries, read: its texts, each a checked text or its own error, and the
+    form its answer takes.
+
+    Attributes:
+        texts: One entry per text, in order: the text (stripped), or the :class:`InputError` that
+            text alone gets.
+        form: ``text`` (one text, answered as one: its error is the request's), ``list``
+            (``{"texts": [...]}``) or ``v2`` (an OIP infer request).
+        outputs: The OIP outputs asked for, in order (empty: all of :data:`OIP_OUTPUTS`).
+        infer_id: The OIP request's own ``id``, echoed in its answer.
+    """
+
+    texts: list[str | InputError]
+    form: str = "text"
+    outputs: tuple[str, ...] = ()
+    infer_id: str | None = None
+
+
+def _check_item(value: Any, position: int, max_chars: int) -> str | InputError:
+    """One text of a list, checked alone: the text, or the error it gets."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as err:
+            return InputError("InvalidEncoding", f"text {position} is not valid UTF-8 (byte {err.start})")
+    if not isinstance(value, str):
+        return InputError("InvalidType", f"text {position} must be a string, got {json_type(value)}")
+    try:
+        return check_text(value, max_chars)
+    except InputError as err:
+        return err
+
+
+def _binary_tensors(raw: bytes, header_length: str) -> tuple[Any, bytes]:
+    """The JSON header and the tensor bytes of a body in the binary tensor extension."""
+    try:
+        length = int(header_length)
+    except ValueError:
+        length = -1
+    if not 0 < length <= len(raw):
+        raise InputError(
+            "InvalidInferenceRequest",
+            "Inference-Header-Content-Length must be the JSON header's length "
+            f"(1 to {len(raw)}), not {header_length[:20]!r}",
+        )
+    return _parse_json(_decode(raw[:length], "utf-8")), raw[length:]
+
+
+def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
+    """``count`` BYTES elements of the binary extension: each a 4-byte little-endian length, then
+    that many bytes, with nothing left over."""
+    elements, offset = [], 0
+    for _ in range(count):
+        if offset + 4 > len(raw):
+            break
+        (size,) = struct.unpack_from("<I", raw, offset)
+        if offset + 4 + size > len(raw):
+            break
+        elements.append(raw[offset + 4 : offset + 4 + size])
+        offset += 4 + size
+    if len(elements) != count or offset != len(raw):
+        raise InputError("InvalidInferenceRequest", f"the binary data does not hold {count} BYTES elements, exactly")
+    return elements
+
+
+def _oip_request(request: Mapping[str, Any], names: dict[str, str], parsed: bool, max_chars: int) -> Carried:
+    """An Open Inference Protocol v2 infer request: ``{"id"?, "parameters"?, "inputs": [one BYTES
+    input of shape [N]], "outputs"?: [{"name": ...}]}``, as JSON or in the binary extension."""
+    payload = _body(request, parsed)
+    binary = b""
+    if isinstance(payload, (bytes, bytearray, memoryview, str)):
+        raw = _raw_bytes(payload)
+        if BINARY_HEADER in names:
+            body, binary = _binary_tensors(raw, names[BINARY_HEADER])
+        else:
+            body = _parse_json(_decode(raw, "utf-8"))
+    else:
+        body = payload  # TorchServe parsed the application/json body itself
+    _refuse_non_finite(body)
+
+    def invalid(message: str) -> InputError:
+        return InputError("InvalidInferenceRequest", message)
+
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
+        raise invalid('an infer request is a JSON object with "inputs": [one BYTES input]')
+    if len(body["inputs"]) != 1 or not isinstance(body["inputs"][0], dict):
+        raise invalid(f'"inputs" must hold one input (the texts), not {len(body["inputs"])}')
+    tensor = body["inputs"][0]
+    if tensor.get("datatype") != "BYTES":
+        raise invalid(f'the input\'s datatype must be "BYTES", not {str(tensor.get("datatype"))[:20]!r}')
+    shape = tensor.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 1
+        or isinstance(shape[0], bool)
+        or not isinstance(shape[0], (int, Decimal))
+        or not 1 <= shape[0] <= MAX_TEXTS
+    ):
+        raise invalid(f"the input's shape must be [N] with N from 1 to {MAX_TEXTS}, not {str(shape)[:40]}")
+    count = int(shape[0])
+    parameters = tensor.get("parameters") if isinstance(tensor.get("parameters"), dict) else {}
+    if "binary_data_size" in parameters:
+        size = parameters["binary_data_size"]
+        if isinstance(size, bool) or not isinstance(size, (int, Decimal)) or int(size) != len(binary):
+            raise invalid(f"binary_data_size must be the {len(binary)} bytes that follow the JSON header")
+        items: list[Any] = _bytes_elements(binary, count)
+    else:
+        data = tensor.get("data")
+        if binary:
+            raise invalid("binary data follows the JSON header, but no input has a binary_data_size")
+        if not isinstance(data, list) or len(data) != count:
+            raise invalid(f'the input\'s "data" must be a list of its {count} texts')
+        items = data
+    outputs = body.get("outputs", [])
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) and o.get("name") in OIP_OUTPUTS for o in outputs):
+        raise invalid(f'"outputs" must be a list of {{"name": ...}} among {", ".join(OIP_OUTPUTS)}')
+    infer_id = body.get("id")
+    if infer_id is not None and not isinstance(infer_id, str):
+        raise invalid(f'"id" must be a string, got {json_type(infer_id)}')
+    return Carried(
+        [_check_item(item, i, max_chars) for i, item in enumerate(items)],
+        "v2",
+        tuple(dict.fromkeys(o["name"] for o in outputs)),
+        infer_id,
+    )
+
+
+def read_request(request: Mapping[str, Any], headers: Mapping[str, Any] | None, max_chars: int) -> Carried:
+    """What one request carries: one text, a list of texts, or an OIP infer request.
 
     Args:
         request: One element of the batch TorchServe passes to ``handle`` (its parameters).
@@ -306,13 +464,14 @@ def extract_text(request: Mapping[str, Any], headers: Mapping[str, Any] | None, 
         max_chars: Longest text accepted, in characters.
 
     Returns:
-        The text, stripped of surrounding whitespace.
+        The request's texts, each stripped of surrounding whitespace or its own error (lists),
+        and the form of its answer.
 
     Raises:
-        InputError: Anything that keeps the request from being one readable text: an
-            unsupported endpoint, media type or charset, an empty body, invalid encoding,
-            malformed JSON, a missing or non-string ``text``, a JSON list, a text with nothing
-            visible, or a text over ``max_chars``.
+        InputError: Anything that keeps the request from being read: an unsupported endpoint,
+            media type or charset, an empty body, invalid encoding, malformed JSON, a missing or
+            non-string ``text``, a bare JSON list, ``texts`` or an OIP body out of shape; for one
+            text, a text with nothing visible or over ``max_chars``.
     """
     names = header_map(headers)
     if names.get("explain", "").lower() == "true":
@@ -323,11 +482,29 @@ def extract_text(request: Mapping[str, Any], headers: Mapping[str, Any] | None, 
         (v.get("content-type") for k, v in (headers or {}).items() if k in ("body", "data") and isinstance(v, dict)),
         None,
     )
+    parsed = MediaType.parse(parameter_type).essence == "application/json"
+    if names.get(PROTOCOL_HEADER) == "v2":
+        return _oip_request(request, names, parsed, max_chars)
     media = MediaType.parse(names.get("content-type", parameter_type))
     if media.is_form:
         text = _form_text(request, media)
     elif media.is_json or media.is_text:
-        text = _body_text(request, media, parsed=MediaType.parse(parameter_type).essence == "application/json")
+        text = _body_text(request, media, parsed)
     else:
         raise InputError("UnsupportedMediaType", f"content type {media.essence!r} is not accepted; {HOW_TO_SEND}")
-    return check_text(text, max_chars)
+    if isinstance(text, list):
+        return Carried([_check_item(item, i, max_chars) for i, item in enumerate(text)], "list")
+    return Carried([check_text(text, max_chars)])
+
+
+def extract_text(request: Mapping[str, Any], headers: Mapping[str, Any] | None, max_chars: int) -> str:
+    """The text of a request that carries one (:func:`read_request`).
+
+    Raises:
+        InputError: As :func:`read_request`, and ``UnsupportedInput`` for a list of texts.
+    """
+    carried = read_request(request, headers, max_chars)
+    if carried.form != "text":
+        raise InputError("UnsupportedInput", "this request carries a list of texts")
+    (text,) = carried.texts  # one text's error is raised by read_request: this is a str
+    return str(text)

@@ -12,6 +12,7 @@ health files that ``/ready`` and the prediction route read, and log reopening af
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import re
@@ -24,11 +25,12 @@ from pathlib import Path
 
 import psutil
 
-from project import LOOPBACK
+from project import LABELS, LOOPBACK, VERSION, handler_module
 from serving.process import ManagedProcess
 from serving.settings import MODEL_ROUTE_NAME, RETRY_MARGIN, GatewaySettings, max_text_chars, response_timeout
 
 TEMPLATE = Path(__file__).with_name("nginx.conf")
+MAX_TEXTS = handler_module("emotion_inputs").MAX_TEXTS
 # Seconds to wait for nginx's new workers after a reload.
 RELOAD_TIMEOUT = 5.0
 
@@ -41,6 +43,9 @@ BODY_READ_TIMEOUT = 10
 REFUSALS = (400, 401, 404, 405, 411, 415, 503)
 # The bodies of /live and /ready, served from files (after the limits, as every answer).
 HEALTH_ANSWERS = {"live.json": '{"status": "alive"}\n', "ready.json": '{"status": "ready"}\n'}
+# Error answers carry their message twice: as "message", and as "error", the Open Inference
+# Protocol's field (its clients read nothing else). Added when the template is rendered.
+MESSAGE_FIELD = re.compile(r'"message": ("(?:[^"\\]|\\.)*")')
 
 # The rollout's routes (serving.rollout writes them and reloads nginx) and the shadow's log.
 ROLLOUT_CONF = "rollout.conf"
@@ -100,7 +105,34 @@ def render(upstream: str, prefix: Path, settings: GatewaySettings) -> str:
     text = TEMPLATE.read_text()
     for name, value in values.items():
         text = text.replace(f"@@{name}@@", value)
-    return text
+    return MESSAGE_FIELD.sub(r'"message": \1, "error": \1', text)
+
+
+def oip_answers(model: str) -> dict[str, str]:
+    """The Open Inference Protocol v2's fixed answers, served from files: health, the server's
+    metadata and the model's (its input and outputs, :func:`emotion_engine.oip_answer`)."""
+    labels = list(LABELS)
+    metadata = {
+        "name": model,
+        "platform": "pytorch_torchserve",
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            {"name": "score", "datatype": "FP32", "shape": [-1]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(labels)]},
+            {"name": "error", "datatype": "BYTES", "shape": [-1]},
+        ],
+        "parameters": {"labels": labels, "max_texts": MAX_TEXTS},
+    }
+    server = {"name": model, "version": VERSION, "extensions": ["binary_tensor_data"]}
+    answers = {
+        "v2_live.json": {"live": True},
+        "v2_ready.json": {"ready": True},
+        "v2_server.json": server,
+        "v2_model.json": metadata,
+        "v2_model_ready.json": {"name": model, "ready": True},
+    }
+    return {name: json.dumps(body) + "\n" for name, body in answers.items()}
 
 
 def lua_modules(directory: Path = NGINX_MODULES) -> list[Path]:
@@ -361,7 +393,7 @@ class Gateway:
         self.health_dir.mkdir(parents=True, exist_ok=True)
         answers = self.workdir / "answers"
         answers.mkdir(exist_ok=True)
-        for name, text in HEALTH_ANSWERS.items():
+        for name, text in (HEALTH_ANSWERS | oip_answers(self.settings.model)).items():
             (answers / name).write_text(text)
         os.chmod(self.workdir, 0o700)  # nginx's workers run as this user (render): nobody else reads it
         self.draining = False

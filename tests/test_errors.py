@@ -85,7 +85,8 @@ def test_the_readme_table_gives_each_type_its_status():
 def test_a_handler_error_answers_the_map_status(kind, message):
     error = InputError(kind, message)
     assert error.status == ERRORS[kind].status
-    assert error.to_response() == error_body(kind, message) == {"code": error.status, "type": kind, "message": message}
+    expected = {"code": error.status, "type": kind, "message": message, "error": message}
+    assert error.to_response() == error_body(kind, message) == expected
 
 
 def test_an_unknown_type_is_refused():

@@ -17,9 +17,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# The order of the public dataset's integer ids (dair-ai/emotion): 0 sadness .. 5 surprise.
-# It becomes the model config's id2label, the contract the serving side reads.
-LABELS: tuple[str, ...] = ("sadness", "joy", "love", "anger", "fear", "surprise")
+# The labels in the order of the public dataset's integer ids (defined in project.py, which the
+# serving image has too): the model config's id2label, the contract the serving side reads.
+from project import LABELS  # noqa: E402
 
 SPLITS: tuple[str, ...] = ("train", "val")
 

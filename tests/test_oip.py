@@ -1,0 +1,170 @@
+"""Lists of texts and the Open Inference Protocol v2 at the real gateway, in front of the real
+TorchServe: read by ``tritonclient[http]``, a client of that protocol written elsewhere, and
+checked against the service's own one-text answers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from project import LABELS
+from tests.helpers import wait_for
+from tests.test_stack import make_stack, start_ready
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+TEXTS = ["i feel so delighted today", "i am terrified of the dark", "i feel lonely tonight", "i am furious at him"]
+TOLERANCE = 1e-5  # each text runs in a forward pass of its own (int8) or shares one (fp32): same answer
+
+
+@pytest.fixture(scope="module")
+def stack(model_store, tmp_path_factory):
+    running = make_stack(model_store, tmp_path_factory.mktemp("oip") / "stack")
+    try:
+        yield start_ready(running)
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def singles(stack) -> list[dict]:
+    """Each text's answer, one request per text."""
+    answers = [
+        requests.post(f"{stack.url}/predictions/emotion", json={"text": t}, headers=stack.headers(), timeout=30)
+        for t in TEXTS
+    ]
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    return [a.json() for a in answers]
+
+
+def client(stack) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(stack.url.removeprefix("http://"), network_timeout=30)
+
+
+def texts_input(texts: list, binary: bool) -> triton.InferInput:
+    tensor = triton.InferInput("text", [len(texts)], "BYTES")
+    tensor.set_data_from_numpy(np.array([t.encode() if isinstance(t, str) else t for t in texts], dtype=object), binary)
+    return tensor
+
+
+def strings(column) -> list[str]:
+    """A BYTES output as text (tritonclient gives JSON data as str, binary data as bytes)."""
+    return [x.decode() if isinstance(x, bytes) else x for x in column]
+
+
+def assert_agrees(labels, probabilities, singles):
+    assert strings(labels) == [s["label"] for s in singles]
+    expected = np.array([[s["probabilities"][k] for k in LABELS] for s in singles])
+    np.testing.assert_allclose(probabilities, expected, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_tritonclient_reads_health_metadata_and_the_same_answers(stack, singles, binary):
+    oip = client(stack)
+    assert oip.is_server_live() and oip.is_server_ready()
+    assert oip.is_model_ready("emotion", headers=stack.headers())
+    metadata = oip.get_model_metadata("emotion", headers=stack.headers())
+    assert [i["datatype"] for i in metadata["inputs"]] == ["BYTES"]
+    assert metadata["parameters"]["labels"] == list(LABELS)
+    outputs = [triton.InferRequestedOutput(name, binary_data=False) for name in ("probabilities", "label")]
+    result = oip.infer(
+        "emotion", [texts_input(TEXTS, binary)], outputs=outputs, headers=stack.headers(), request_id="oip-1"
+    )
+    assert result.get_response()["id"] == "oip-1"
+    assert result.as_numpy("probabilities").shape == (len(TEXTS), len(LABELS))
+    assert_agrees(result.as_numpy("label"), result.as_numpy("probabilities"), singles)
+    # No outputs named: all of them, each one column per text.
+    everything = oip.infer("emotion", [texts_input(TEXTS, binary)], headers=stack.headers())
+    assert_agrees(everything.as_numpy("label"), everything.as_numpy("probabilities"), singles)
+    assert strings(everything.as_numpy("error")) == [""] * len(TEXTS)
+
+
+def test_a_bad_text_gets_its_own_error_and_the_others_their_answers(stack, singles):
+    texts = [TEXTS[0], " \u200b ", TEXTS[1], b"\xff\xfe", "x" * 5000, TEXTS[2]]
+    result = client(stack).infer("emotion", [texts_input(texts, True)], headers=stack.headers())
+    errors = strings(result.as_numpy("error"))
+    assert [bool(e) for e in errors] == [False, True, False, True, True, False], errors
+    good = [0, 2, 5]
+    assert_agrees(
+        result.as_numpy("label")[good], result.as_numpy("probabilities")[good], [singles[i] for i in (0, 1, 2)]
+    )
+    assert not result.as_numpy("probabilities")[[1, 3, 4]].any()
+
+    listed = requests.post(
+        f"{stack.url}/predictions/emotion",
+        json={"texts": [TEXTS[0], 7, "", TEXTS[1]]},
+        headers={**stack.headers(), "X-Request-ID": "list-1"},
+        timeout=30,
+    )
+    assert listed.status_code == 200, listed.text
+    body = listed.json()
+    assert body["request_id"] == "list-1"
+    answers = body["predictions"]
+    assert [a.get("type") for a in answers] == [None, "InvalidType", "EmptyText", None]
+    assert [a["request_id"] for a in answers] == [f"list-1.{i}" for i in range(4)]
+    for answer, single in zip([answers[0], answers[3]], singles[:2], strict=True):
+        assert answer["label"] == single["label"]
+        assert answer["probabilities"] == pytest.approx(single["probabilities"], abs=TOLERANCE)
+
+
+def test_the_texts_of_a_list_take_feedback_by_their_own_ids(stack):
+    listed = requests.post(
+        f"{stack.url}/predictions/emotion",
+        json={"texts": TEXTS[:2]},
+        headers={**stack.headers(), "X-Request-ID": "fb-list"},
+        timeout=30,
+    ).json()
+    items = [{"request_id": a["request_id"], "label": a["label"]} for a in listed["predictions"]]
+
+    def stored() -> list | None:
+        answer = requests.post(f"{stack.url}/feedback", json=items, headers=stack.headers(), timeout=30)
+        results = [r["result"] for r in answer.json()["results"]]
+        return results if "unknown" not in results else None
+
+    assert wait_for(stored, 20) == ["accepted", "accepted"]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"inputs": []}, "one input"),
+        ({"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}]}, "BYTES"),
+        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [65], "data": ["a"] * 65}]}, "1 to 64"),
+        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a"]}]}, "2 texts"),
+        (
+            {
+                "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
+                "outputs": [{"name": "x"}],
+            },
+            "outputs",
+        ),
+        ([], "JSON object"),
+    ],
+)
+def test_an_infer_body_out_of_shape_is_a_400_oip_clients_read(stack, body, fragment):
+    answer = requests.post(f"{stack.url}/v2/models/emotion/infer", json=body, headers=stack.headers(), timeout=30)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["type"] == "InvalidInferenceRequest" and fragment in answer.json()["error"]
+
+
+def test_the_gateways_refusals_reach_an_oip_client_as_errors(stack):
+    oip = client(stack)
+    with pytest.raises(InferenceServerException, match="Authorization: Bearer") as refused:
+        oip.infer("emotion", [texts_input(TEXTS[:1], False)])
+    assert refused.value.status() == "401"
+    with pytest.raises(InferenceServerException, match="Authorization: Bearer"):
+        oip.get_model_metadata("emotion")
+    with pytest.raises(InferenceServerException) as missing:
+        oip.infer("emotion", [texts_input(TEXTS[:1], False)], model_version="9.9", headers=stack.headers())
+    assert missing.value.status() == "404"
+    # The OIP route goes through the gateway's request log like /predictions: one line, its id.
+    oip.infer("emotion", [texts_input(TEXTS[:1], False)], headers={**stack.headers(), "X-Request-ID": "oip-log"})
+    line = wait_for(lambda: [x for x in stack.gateway.log_lines() if "request_id=oip-log" in x], 10)
+    assert line and '"POST /v2/models/emotion/infer HTTP/1.1" 200' in line[0]
+    not_oip = requests.post(f"{stack.url}/v2/models/emotion/infer?x=1", data=b"{}", headers=stack.headers(), timeout=30)
+    assert not_oip.status_code == 400 and json.loads(not_oip.text)["error"]
