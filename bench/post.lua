@@ -1,8 +1,11 @@
 -- wrk script: POST validation texts round-robin, then print latency percentiles as JSON.
 -- env: BENCH_TEXTS (one text per line), BENCH_AUTH (optional bearer key),
 --      BENCH_THINK_MS (optional mean pause before each request, exponentially distributed: paced load),
---      BENCH_BODY ("text": text/plain bodies, the default; "json": {"text": ...} JSON bodies)
-local as_json = os.getenv("BENCH_BODY") == "json"
+--      BENCH_BODY ("text": text/plain bodies, the default; "json": {"text": ...} JSON bodies;
+--                  "list": {"texts": [...]} JSON bodies of BENCH_LIST_SIZE texts each)
+local body = os.getenv("BENCH_BODY") or "text"
+local as_json = body == "json" or body == "list"
+local list_size = tonumber(os.getenv("BENCH_LIST_SIZE") or "64")
 
 local function json_string(s)
   s = s:gsub('[%c"\\]', function(c)
@@ -13,8 +16,21 @@ local function json_string(s)
 end
 
 local texts = {}
+local lines = {}
 for line in io.lines(os.getenv("BENCH_TEXTS")) do
+  lines[#lines + 1] = line
   texts[#texts + 1] = as_json and ('{"text": ' .. json_string(line) .. "}") or line
+end
+if body == "list" then
+  -- as many lists as texts, each of list_size consecutive texts (wrapping round)
+  texts = {}
+  for first = 1, #lines do
+    local items = {}
+    for k = 0, list_size - 1 do
+      items[#items + 1] = json_string(lines[((first + k - 1) % #lines) + 1])
+    end
+    texts[#texts + 1] = '{"texts": [' .. table.concat(items, ", ") .. "]}"
+  end
 end
 local counter = 0
 wrk.method = "POST"

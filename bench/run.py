@@ -43,6 +43,8 @@ from serving.process import ManagedProcess
 from serving.server import TorchServe, free_port
 
 LUA = Path(__file__).resolve().parent / "post.lua"
+# Texts a request of d's list row carries (the most a request may carry).
+LIST_SIZE = handler_module("emotion_inputs").MAX_TEXTS
 
 
 def wrk(
@@ -57,10 +59,16 @@ def wrk(
     """One wrk run; returns requests/s, percentiles and the client's CPU share.
 
     ``think_ms`` > 0 paces the load: each connection pauses that long on average (exponentially
-    distributed) before each request. ``body``: ``text`` (text/plain) or ``json`` (``{"text": ...}``).
+    distributed) before each request. ``body``: ``text`` (text/plain), ``json`` (``{"text": ...}``)
+    or ``list`` (``{"texts": [...]}``, :data:`LIST_SIZE` texts a request).
     """
     env = dict(
-        os.environ, BENCH_TEXTS=str(texts_file), BENCH_AUTH=key or "", BENCH_THINK_MS=str(think_ms), BENCH_BODY=body
+        os.environ,
+        BENCH_TEXTS=str(texts_file),
+        BENCH_AUTH=key or "",
+        BENCH_THINK_MS=str(think_ms),
+        BENCH_BODY=body,
+        BENCH_LIST_SIZE=str(LIST_SIZE),
     )
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
@@ -193,11 +201,19 @@ def torchserve_setup_server(model_dir: Path, config: dict, workdir: Path):
 
 
 def torchserve_setup(
-    model_dir: Path, texts_file: Path, config: dict, args, workdir: Path, half_load: bool = False, body: str = "text"
+    model_dir: Path,
+    texts_file: Path,
+    config: dict,
+    args,
+    workdir: Path,
+    half_load: bool = False,
+    body: str = "text",
+    lists: bool = False,
 ) -> dict:
     """Setups c and d: TorchServe with the given model-config.yaml content.
 
-    ``half_load``: also measure latency at half of the measured throughput (paced load). The
+    ``half_load``: also measure latency at half of the measured throughput (paced load). ``lists``:
+    also the same texts as lists of :data:`LIST_SIZE` a request (``result["lists"]``). The
     archive is unpacked into ``workdir/engine`` (the peers and the ceiling load it).
     """
     with torchserve_setup_server(model_dir, config, workdir) as (server, started):
@@ -212,6 +228,14 @@ def torchserve_setup(
             result["half_load"] = at_rate(
                 url, texts_file, server.keys.get("inference"), result["requests_per_s"] / 2, args, body
             )
+        if lists:
+            # The same texts as lists of LIST_SIZE, from a few connections (each carries many texts).
+            lists_args = argparse.Namespace(**{**vars(args), "concurrency": max(1, args.concurrency // 8)})
+            listed = drive(url, texts_file, server.keys.get("inference"), lists_args, "list")
+            listed["texts_per_s"] = round(listed["requests_per_s"] * LIST_SIZE, 1)
+            listed["texts_per_request"] = LIST_SIZE
+            listed["concurrency"] = lists_args.concurrency
+            result["lists"] = listed
     archive = workdir / "store" / ARCHIVE_NAME
     result["archive_mb"] = round(archive.stat().st_size / 1e6, 1)
     with zipfile.ZipFile(archive) as packed:
@@ -292,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         results["c"] = torchserve_setup(args.model_dir, texts_file, stock, args, Path(tmp) / "c")
         print("d: TorchServe tuned ...", flush=True)
         d_dir = Path(tmp) / "d"
-        results["d"] = torchserve_setup(args.model_dir, texts_file, tuned, args, d_dir, half_load=True, body="json")
+        results["d"] = torchserve_setup(
+            args.model_dir, texts_file, tuned, args, d_dir, half_load=True, body="json", lists=True
+        )
         for key, server in PEERS.items():
             if server in args.skip_peer:
                 continue

@@ -3,6 +3,7 @@ that turns a pass's logits into probabilities."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -16,6 +17,17 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     logits = logits / temperature if temperature != 1.0 else logits
     exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def mean_of_windows(probabilities: np.ndarray, counts: list[int]) -> np.ndarray:
+    """One row per text: the mean of its windows' probabilities (``counts`` consecutive rows each).
+
+    The mean of probability vectors is one too. Each window counts as much, whatever its
+    confidence: one confident window cannot outvote the rest of a text, as the window-wise maximum
+    would let it, and a text of two halves with different emotions gets both in its probabilities.
+    """
+    edges = np.cumsum([0, *counts])
+    return np.stack([probabilities[a:b].mean(axis=0) for a, b in itertools.pairwise(edges)])
 
 
 @dataclass
@@ -33,6 +45,7 @@ class Batch:
     errors: dict[int, InputError] = field(default_factory=dict)  # item -> the error it gets alone
     probabilities: dict[int, list[float]] = field(default_factory=dict)  # item -> probabilities
     truncated: set[int] = field(default_factory=set)  # items longer than the model's token window
+    windows: dict[int, list[list[int]]] = field(default_factory=dict)  # item -> its windows after the first
     owners: list[tuple[int, int]] = field(default_factory=list)  # item -> (request, position in it)
     carried: dict[int, Carried] = field(default_factory=dict)  # request -> what it carries
     failed: dict[int, InputError] = field(default_factory=dict)  # request -> the error that answers it

@@ -60,6 +60,16 @@ class FastTokenizer:
         encodings = self.backend.encode_batch(texts)
         return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
 
+    def windows(self, texts: list[str], max_length: int, overlap: int) -> list[list[list[int]]]:
+        """Each text's windows of ``max_length`` tokens, each with the model's special tokens and
+        sharing ``overlap`` tokens of the text with the window before it."""
+        self.backend.enable_truncation(max_length, stride=overlap)
+        try:
+            encodings = self.backend.encode_batch(texts)
+        finally:
+            self.backend.enable_truncation(max_length)
+        return [[e.ids, *(o.ids for o in e.overflowing)] for e in encodings]
+
     def convert_tokens_to_ids(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
@@ -151,6 +161,8 @@ class EmotionEngine:
         self.temperature = read_temperature(Path(model_dir) / CALIBRATION_FILE) if temperature is None else temperature
         self.tokenizer = load_tokenizer(model_dir)
         self.max_length = settings.max_length or self.tokenizer.model_max_length
+        if settings.long_texts == "chunk" and not hasattr(self.tokenizer, "windows"):
+            raise ValueError("handler.long_texts: chunk needs a fast tokenizer (tokenizer.json in the model directory)")
         self.pad_token_id = self.tokenizer.pad_token_id or 0
         self.model: Backend = load_backend(Path(model_dir), settings, device or torch.device("cpu"))
         config = self.model.config
@@ -159,6 +171,17 @@ class EmotionEngine:
     def token_ids(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
         """Token ids of each text, truncated to ``max_length``, and whether each was truncated."""
         return self.tokenizer.encode(texts, self.max_length)
+
+    def windows(self, texts: list[str]) -> tuple[list[list[list[int]]], list[bool]]:
+        """With ``long_texts: chunk``, each text's windows (``max_chunks`` at most), and whether
+        it had more; else each text's one window (:meth:`token_ids`)."""
+        if self.settings.long_texts != "chunk":
+            token_ids, truncated = self.token_ids(texts)
+            return [[ids] for ids in token_ids], truncated
+        overlap = min(self.settings.chunk_overlap, self.max_length - 3)
+        windows = self.tokenizer.windows(texts, self.max_length, overlap)
+        cap = self.settings.max_chunks
+        return [w[:cap] for w in windows], [len(w) > cap for w in windows]
 
     def passes(self, lengths: list[int]) -> list[list[int]]:
         """The forward passes (index lists into ``lengths``) for texts of these token counts: one

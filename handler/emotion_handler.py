@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from emotion_batch import Batch, Tally
+from emotion_batch import Batch, Tally, mean_of_windows
 from emotion_cpuinfo import detect, worker_threads
 from emotion_engine import WARM_UP_TEXTS, EmotionEngine, oip_answer
 from emotion_errors import error_body
@@ -255,9 +255,12 @@ class EmotionHandler(BaseHandler):
         return token_ids
 
     def _token_ids(self, batch: Batch, indices: list[int]) -> list[list[int]]:
-        token_ids, truncated = self.engine.token_ids([batch.texts[i] for i in indices])
+        """Each text's first window (its only one unless ``long_texts: chunk``); further windows go
+        to ``batch.windows``."""
+        windows, truncated = self.engine.windows([batch.texts[i] for i in indices])
         batch.truncated.update(i for i, cut in zip(indices, truncated, strict=True) if cut)
-        return token_ids
+        batch.windows.update((i, w[1:]) for i, w in zip(indices, windows, strict=True) if len(w) > 1)
+        return [w[0] for w in windows]
 
     def _run_pass(self, batch: Batch, token_ids: dict[int, list[int]], rows: list[int]) -> float:
         """One forward pass over ``rows`` (request indices); returns its model milliseconds.
@@ -268,7 +271,12 @@ class EmotionHandler(BaseHandler):
         the batch with a 500, which the gateway retries on another worker.
         """
         try:
-            probabilities, model_ms = self.engine.forward([token_ids[i] for i in rows])
+            # A text cut into windows (long_texts: chunk) runs them all in its pass: its answer is
+            # their mean, and depends on no other text's.
+            windows = [[token_ids[i], *batch.windows.get(i, [])] for i in rows]
+            probabilities, model_ms = self.engine.forward([w for text in windows for w in text])
+            if len(probabilities) != len(rows):
+                probabilities = mean_of_windows(probabilities, [len(w) for w in windows])
         except Exception:
             if len(rows) > 1:
                 log.warning("a forward pass of %d texts failed; running them one by one", len(rows), exc_info=True)

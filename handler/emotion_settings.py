@@ -25,7 +25,15 @@ class HandlerSettings:
         precision: ``fp32``, ``bf16`` (AMX on CPUs that have it, torch only) or ``int8`` (dynamic
             quantisation: torch quantises every Linear layer per tensor at load time, the ONNX
             export quantises MatMul weights per output channel at archive time).
-        max_length: Truncation length in tokens; default the model directory's tokenizer setting.
+        max_length: The model's window in tokens; default the model directory's tokenizer setting.
+        long_texts: What a text longer than the window gets: ``truncate`` (its first
+            ``max_length`` tokens are classified, and the answer says ``"truncated": true``) or
+            ``chunk`` (it is cut into windows of ``max_length`` tokens, each sharing
+            ``chunk_overlap`` tokens with the one before, at most ``max_chunks`` of them; the
+            answer is the mean of the windows' probabilities, and ``truncated`` only when there
+            were more windows than that). Needs a fast tokenizer (``tokenizer.json``).
+        chunk_overlap: Tokens a window shares with the one before it (``chunk``).
+        max_chunks: The most windows one text is run as (``chunk``): it bounds a text's cost.
         max_text_chars: Longest accepted text; longer ones get a 413.
         threads: Intra-op threads per worker (torch, or ONNX Runtime's pool); ``0``: torch's
             default (``OMP_NUM_THREADS``, else the CPUs the process may run on), capped at the
@@ -67,6 +75,9 @@ class HandlerSettings:
     backend: str = "torch"
     precision: str = "fp32"
     max_length: int | None = None
+    long_texts: str = "truncate"
+    chunk_overlap: int = 32
+    max_chunks: int = 8
     max_text_chars: int = 2000
     threads: int = 0
     sort_by_length: bool = False
@@ -100,6 +111,13 @@ class HandlerSettings:
                 f"handler.precision for the {settings.backend} backend must be one of {precisions}, "
                 f"not {settings.precision!r}"
             )
+        if settings.long_texts not in ("truncate", "chunk"):
+            raise ValueError(f"handler.long_texts must be truncate or chunk, not {settings.long_texts!r}")
+        if settings.chunk_overlap < 0 or settings.max_chunks < 1:
+            raise ValueError("handler.chunk_overlap must be >= 0 and max_chunks >= 1")
+        chunk = settings.long_texts == "chunk"
+        if chunk and settings.max_length is not None and settings.chunk_overlap >= settings.max_length - 2:
+            raise ValueError("handler.chunk_overlap must leave room for new tokens in each window (< max_length - 2)")
         if settings.threads < 0:
             raise ValueError(f"handler.threads must be >= 0 (0: the default), not {settings.threads}")
         if settings.pass_cost_tokens < 0:

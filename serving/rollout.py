@@ -178,7 +178,7 @@ def decide(results: Sequence[GateResult]) -> str:
 
 
 ACCESS_LINE = re.compile(
-    r'"(?:POST) /predictions/(?P<model>[^/ ]+) [^"]*" (?P<status>\d{3}) upstream=\[[^\]]*\] seconds=\S+ '
+    r'"(?:POST) /(?:predictions/(?P<model>[^/ ]+)|v2/models/(?P<oip_model>[^/ ]+)/infer) [^"]*" (?P<status>\d{3}) upstream=\[[^\]]*\] seconds=\S+ '
     r"upstream_seconds=\[(?P<upstream>[^\]]*)\] request_id=\S+ version=(?P<version>\S*)$"
 )
 
@@ -254,7 +254,7 @@ class Collector:
                 self.pending[answer.shadow_id] = answer.client_id
         for line in self.access.lines():
             match = ACCESS_LINE.search(line)
-            if not match or match["model"] != self.model:
+            if not match or (match["model"] or match["oip_model"]) != self.model:
                 continue
             who = "candidate" if match["version"] == f"/{self.candidate}" else "current"
             status, seconds = int(match["status"]), last_seconds(match["upstream"])

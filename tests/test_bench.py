@@ -56,6 +56,19 @@ def test_json_bodies_carry_each_text_exactly(echo_url, tmp_path):
     assert {json.loads(body)["text"] for body in Echo.bodies} == set(texts)
 
 
+def test_list_bodies_carry_64_consecutive_texts_each(echo_url, tmp_path):
+    texts = [f'text {i} "quoted"' for i in range(5)]
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    result = wrk(echo_url, path, None, concurrency=1, seconds=1, body="list")
+    assert result["errors"] == 0
+    lists = [json.loads(body)["texts"] for body in Echo.bodies]
+    assert lists and all(len(items) == 64 for items in lists)
+    for items in lists:  # consecutive texts of the file, wrapping round
+        first = texts.index(items[0])
+        assert items == [texts[(first + k) % len(texts)] for k in range(64)]
+
+
 def test_paced_load_stays_near_the_asked_rate(echo_url, texts_file):
     args = argparse.Namespace(concurrency=4, warmup=2, duration=3)
     result = at_rate(echo_url, texts_file, None, rate=40, args=args)
@@ -102,8 +115,9 @@ def test_benchmark_runs_every_setup_and_prints_the_checks(tiny_model_dir, tmp_pa
     report = json.loads((tmp_path / "bench.json").read_text())
     assert set(report["results"]) == {"a", "b", "c", "d", "e", "f", "ceiling"}
     assert all("failed" not in row and row["requests_per_s"] > 0 for row in report["results"].values())
-    assert set(report["ratios"]) == {"d/a", "d/b", "d/c", "d/ceiling", "d/best peer"}
+    assert set(report["ratios"]) == {"d/a", "d/b", "d/c", "d/ceiling", "d/best peer", "d lists/d"}
     d = report["results"]["d"]
+    assert d["lists"]["errors"] == 0 and d["lists"]["texts_per_s"] == round(d["lists"]["requests_per_s"] * 64, 1)
     assert d["archive_mb"] > 0 and d["cold_start_s"] > 0 and d["half_load"]["p99_ms"] > 0
     assert report["checks"]["every setup ran"] is True
     assert report["cpu"]["physical_cores"] >= 1

@@ -48,10 +48,20 @@ def contract_literals(path: Path) -> list[str]:
         and isinstance(node.body[0], ast.Expr)
         and isinstance(node.body[0].value, ast.Constant)
     }
+    # A JSON field's name is no path, even where it spells a folder's ("outputs" of an OIP answer):
+    # dict keys, subscripts and the key of .get() are not looked at.
+    keys = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            keys.update(id(k) for k in node.keys if k is not None)
+        elif isinstance(node, ast.Subscript):
+            keys.add(id(node.slice))
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "get" and node.args:
+            keys.add(id(node.args[0]))
     found = []
     for node in ast.walk(tree):
         where = f"{path.relative_to(PROJECT_ROOT)}:{getattr(node, 'lineno', 0)}"
-        if isinstance(node, ast.Constant) and id(node) not in docstrings:
+        if isinstance(node, ast.Constant) and id(node) not in docstrings and id(node) not in keys:
             value = node.value
             if isinstance(value, int) and not isinstance(value, bool) and value in PORTS:
                 found.append(f"{where} port {value}")

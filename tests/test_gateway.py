@@ -427,8 +427,11 @@ def test_render_validates_and_fills_every_placeholder(tmp_path):
     assert "listen 127.0.0.1:8090;" in config and "listen 127.0.0.1:8093;" in config
     assert "proxy_read_timeout 7s;" in config
     assert config.count(f"proxy_next_upstream_timeout {7 + RETRY_MARGIN}s;") == 2
-    assert "if ($uri = /predictions/emotion)" in config
+    assert "if ($predict_uri = /predictions/emotion)" in config
     assert "@@" not in config
+    # Every JSON error answer carries its message as OIP's "error" too.
+    messages = re.findall(r'"message": ("(?:[^"\\]|\\.)*")(, "error": ("(?:[^"\\]|\\.)*"))?', config)
+    assert len(messages) >= 20 and all(error == message for message, _, error in messages)
     with pytest.raises(ValueError):
         render("nowhere", tmp_path, settings)
     for bad in ({"tries": 0}, {"port": 0}, {"attempt_timeout": 0}, {"rate": 0}, {"model": "a b"}, {"model": ""}):
