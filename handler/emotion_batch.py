@@ -3,7 +3,6 @@ that turns a pass's logits into probabilities."""
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -19,15 +18,21 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def mean_of_windows(probabilities: np.ndarray, counts: list[int]) -> np.ndarray:
-    """One row per text: the mean of its windows' probabilities (``counts`` consecutive rows each).
+def mean_of_windows(probabilities: np.ndarray, weights: list[list[float]]) -> np.ndarray:
+    """One row per text: the weighted mean of its windows' probabilities (``weights``: one list per
+    text, one weight per window, its rows consecutive in ``probabilities``).
 
-    The mean of probability vectors is one too. Each window counts as much, whatever its
-    confidence: one confident window cannot outvote the rest of a text, as the window-wise maximum
-    would let it, and a text of two halves with different emotions gets both in its probabilities.
+    The mean of probability vectors is one too. Weighted by the tokens each window adds (its
+    length, less the overlap with the window before), every token of a text counts once: a text of
+    two equal halves with different emotions gets both in equal measure, and one confident window
+    cannot outvote the rest, as the window-wise maximum would let it.
     """
-    edges = np.cumsum([0, *counts])
-    return np.stack([probabilities[a:b].mean(axis=0) for a, b in itertools.pairwise(edges)])
+    rows, start = [], 0
+    for text in weights:
+        w = np.asarray(text, dtype=np.float64)
+        rows.append((probabilities[start : start + len(w)] * w[:, None]).sum(axis=0) / w.sum())
+        start += len(w)
+    return np.stack(rows)
 
 
 @dataclass

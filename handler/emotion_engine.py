@@ -178,10 +178,18 @@ class EmotionEngine:
         if self.settings.long_texts != "chunk":
             token_ids, truncated = self.token_ids(texts)
             return [[ids] for ids in token_ids], truncated
-        overlap = min(self.settings.chunk_overlap, self.max_length - 3)
-        windows = self.tokenizer.windows(texts, self.max_length, overlap)
+        windows = self.tokenizer.windows(texts, self.max_length, self.chunk_overlap)
         cap = self.settings.max_chunks
         return [w[:cap] for w in windows], [len(w) > cap for w in windows]
+
+    @property
+    def chunk_overlap(self) -> int:
+        """Tokens a window shares with the one before (leaving at least one new token in each)."""
+        return min(self.settings.chunk_overlap, self.max_length - 3)
+
+    def window_weights(self, windows: list[list[int]]) -> list[float]:
+        """A text's windows' weights in its answer: the tokens each adds to the ones before."""
+        return [float(max(1, len(w) - (self.chunk_overlap if i else 0))) for i, w in enumerate(windows)]
 
     def passes(self, lengths: list[int]) -> list[list[int]]:
         """The forward passes (index lists into ``lengths``) for texts of these token counts: one

@@ -276,7 +276,8 @@ class EmotionHandler(BaseHandler):
             windows = [[token_ids[i], *batch.windows.get(i, [])] for i in rows]
             probabilities, model_ms = self.engine.forward([w for text in windows for w in text])
             if len(probabilities) != len(rows):
-                probabilities = mean_of_windows(probabilities, [len(w) for w in windows])
+                weights = [self.engine.window_weights(w) for w in windows]
+                probabilities = mean_of_windows(probabilities, weights)
         except Exception:
             if len(rows) > 1:
                 log.warning("a forward pass of %d texts failed; running them one by one", len(rows), exc_info=True)

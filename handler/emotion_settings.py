@@ -30,8 +30,10 @@ class HandlerSettings:
             ``max_length`` tokens are classified, and the answer says ``"truncated": true``) or
             ``chunk`` (it is cut into windows of ``max_length`` tokens, each sharing
             ``chunk_overlap`` tokens with the one before, at most ``max_chunks`` of them; the
-            answer is the mean of the windows' probabilities, and ``truncated`` only when there
-            were more windows than that). Needs a fast tokenizer (``tokenizer.json``).
+            answer is the mean of the windows' probabilities, ``truncated`` only when there
+            were more windows than that). The mean is weighted by the tokens each window adds, so
+            every token counts once (``emotion_batch.mean_of_windows``). Needs a fast tokenizer
+            (``tokenizer.json``).
         chunk_overlap: Tokens a window shares with the one before it (``chunk``).
         max_chunks: The most windows one text is run as (``chunk``): it bounds a text's cost.
         max_text_chars: Longest accepted text; longer ones get a 413.

@@ -179,3 +179,20 @@ def test_rollout_shadow_bench_reports_each_share_and_mirrors(model_store, tmp_pa
     assert share["unshadowed"]["failed"] == share["shadowed"]["failed"] == 0
     assert row["mirrors_answered_200"] > 0  # the candidate answered mirrors, the clients never saw them
     assert "p99 ratio" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_long_texts_bench_answers_two_halves_truncated_and_chunked(model_store, tmp_path):
+    from bench import long_texts
+    from tests.helpers import FIXTURE_DATA
+
+    out = tmp_path / "long.json"
+    argv = ["--archive", str(model_store / "emotion.mar"), "--val-file", str(FIXTURE_DATA / "val.txt")]
+    assert long_texts.main([*argv, "--count", "12", "--texts-per-half", "3", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    truncate, chunk = report["rows"]["truncate"], report["rows"]["chunk"]
+    assert report["texts"] == 12 and report["window_tokens"] > 0
+    for row in (truncate, chunk):
+        assert 0 <= row["second_half_label"] + row["first_half_label"] <= 1 and row["ms_per_text"] > 0
+    # Chunked, a text is cut only past max_chunks windows; truncated, past the first.
+    assert chunk["truncated"] <= truncate["truncated"] and chunk["cost"] > 0

@@ -89,7 +89,7 @@ def assert_safe(answer, authorized: bool = True, method: str = "POST") -> dict |
         assert isinstance(answer_json.get("type"), str) and answer_json.get("code") == status, answer_json
     elif status == 200 and method == "POST":
         # A prediction, or a list's: each entry a prediction or that text's own error.
-        for one in answer_json["predictions"] if "predictions" in answer_json else [answer_json]:
+        for one in answer_json.get("predictions", [answer_json]):
             assert set(one) >= {"label", "probabilities"} or one["code"] >= 400, answer_json
     return answer_json
 

@@ -3,6 +3,8 @@ whose probabilities are averaged (``handler.long_texts: chunk``)."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from emotion_handler import EmotionHandler
@@ -54,7 +56,7 @@ def test_the_windows_overlap_and_cover_the_whole_text(chunking):
     inner = [w[1:-1] for w in windows]  # without [CLS] and [SEP]
     assert len(windows) > 2 and not cut
     assert all(len(w) <= WINDOW for w in windows)
-    for before, after in zip(inner, inner[1:], strict=False):
+    for before, after in itertools.pairwise(inner):
         assert before[-OVERLAP:] == after[:OVERLAP]
     engine.tokenizer.backend.no_truncation()  # (each encoding sets it again)
     whole = engine.tokenizer.backend.encode(text, add_special_tokens=False).ids
@@ -68,7 +70,9 @@ def test_a_two_halves_text_is_the_mean_of_its_windows_and_its_second_half_counts
     alone = np.stack([engine.forward([w])[0][0] for w in windows])
     chunked = answer(chunking, text)
     assert not chunked["truncated"]
-    np.testing.assert_allclose(vector(chunked), alone.mean(axis=0), atol=1e-5)
+    # Each window weighs the tokens it adds: every token of the text counts once.
+    weights = np.array([len(w) - (OVERLAP if i else 0) for i, w in enumerate(windows)], dtype=float)
+    np.testing.assert_allclose(vector(chunked), weights @ alone / weights.sum(), atol=1e-5)
     assert chunked["label"] == max(chunked["probabilities"], key=chunked["probabilities"].get)
     # Truncated, the answer is the first window's, whatever the second half says; chunked, the
     # second half moves it.
