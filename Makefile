@@ -155,6 +155,10 @@ drift: $(BIN)/.installed ## Last DRIFT_WINDOW (monitoring/drift.yaml) logged req
 quality: $(BIN)/.installed ## Validation split through `make serve`, labels through /feedback: live vs offline accuracy (LIMIT=N)
 	$(BIN)/python -m monitoring.live_quality $(if $(LIMIT),--limit $(LIMIT))
 
+predict: $(BIN)/.installed ## INPUT=texts.txt|.csv|.jsonl OUTPUT=out.jsonl through `make serve` (LOCAL=1: in this process); resumes
+	@test -n "$(INPUT)" -a -n "$(OUTPUT)" || { echo "usage: make predict INPUT=texts.jsonl OUTPUT=answers.jsonl [LOCAL=1]"; exit 2; }
+	$(BIN)/python -m serving.bulk "$(INPUT)" "$(OUTPUT)" $(if $(LOCAL),--local --archive $(ARCHIVE))
+
 robustness: $(ARCHIVE) ## Served model's accuracy under typos, emoji, casing, ... (outputs/robustness/)
 	$(BIN)/python -m monitoring.robustness --archive $(ARCHIVE)
 
@@ -204,4 +208,4 @@ report: $(BIN)/.installed system-deps ## Exam report: figures from the project's
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps experiment pull data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench engines batching overload gpu-pack gpu-check drift quality robustness lint format test test-fast report clean image-deps image image-smoke lock rollout
+.PHONY: help venv system-deps experiment pull data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench engines batching overload gpu-pack gpu-check drift quality predict robustness lint format test test-fast report clean image-deps image image-smoke lock rollout

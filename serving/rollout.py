@@ -178,7 +178,8 @@ def decide(results: Sequence[GateResult]) -> str:
 
 
 ACCESS_LINE = re.compile(
-    r'"(?:POST) /(?:predictions/(?P<model>[^/ ]+)|v2/models/(?P<oip_model>[^/ ]+)/infer) [^"]*" (?P<status>\d{3}) upstream=\[[^\]]*\] seconds=\S+ '
+    r'"(?:POST) /(?:predictions/(?P<model>[^/ ]+)|v2/models/(?P<oip_model>[^/ ]+)/infer) [^"]*" '
+    r"(?P<status>\d{3}) upstream=\[[^\]]*\] seconds=\S+ "
     r"upstream_seconds=\[(?P<upstream>[^\]]*)\] request_id=\S+ version=(?P<version>\S*)$"
 )
 

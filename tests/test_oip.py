@@ -168,3 +168,40 @@ def test_the_gateways_refusals_reach_an_oip_client_as_errors(stack):
     assert line and '"POST /v2/models/emotion/infer HTTP/1.1" 200' in line[0]
     not_oip = requests.post(f"{stack.url}/v2/models/emotion/infer?x=1", data=b"{}", headers=stack.headers(), timeout=30)
     assert not_oip.status_code == 400 and json.loads(not_oip.text)["error"]
+
+
+def test_the_client_and_bulk_scoring_through_the_gateway(stack, singles, tmp_path):
+    import asyncio
+    import csv
+
+    from serving import bulk
+    from serving.emotion_client import AsyncEmotionClient, EmotionClient, Prediction, PredictionError
+
+    key = stack.headers()["Authorization"].removeprefix("Bearer ")
+    with EmotionClient(stack.url, key=key) as client:
+        one = client.predict(TEXTS[0], request_id="client-1")
+        assert isinstance(one, Prediction) and one.request_id == "client-1" and one.label == singles[0]["label"]
+        many = client.predict_many([*TEXTS, ""] * 20)  # 100 texts: two requests
+        assert [type(a) for a in many[:5]] == [Prediction] * 4 + [PredictionError]
+        assert [a.label for a in many[5:9]] == [s["label"] for s in singles]
+        outcome = wait_for(lambda: client.feedback("client-1", one.label or "joy")["result"] == "accepted", 20)
+        assert outcome
+
+    async def concurrently() -> list:
+        async with AsyncEmotionClient(stack.url, key=key) as client:
+            return await client.predict_many(TEXTS * 40, concurrency=3)
+
+    assert [a.label for a in asyncio.run(concurrently())] == [s["label"] for s in singles] * 40
+
+    source = tmp_path / "in.csv"
+    with source.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out)
+        writer.writerow(["id", "text", "other"])
+        writer.writerows([[f"r{i}", TEXTS[i % len(TEXTS)], i] for i in range(150)] + [["bad", "", 0]])
+    output = tmp_path / "out.jsonl"
+    keys = stack.keys_file
+    assert bulk.main([str(source), str(output), "--url", stack.url, "--key-file", str(keys), "--concurrency", "2"]) == 1
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [w["id"] for w in written] == [f"r{i}" for i in range(150)] + ["bad"]
+    assert [w["label"] for w in written[:4]] == [s["label"] for s in singles]
+    assert written[-1]["error"]["type"] == "EmptyText"
