@@ -8,6 +8,9 @@ e. LitServe and f. Ray Serve (``bench/peers.py``): d's engine, archive files, wo
    and batch delay, each with its own batching;
 ceiling: d's engine and batching in d's worker count of processes, full batches, no server.
 
+d is also measured with lists of 64 texts a request, and ``make predict`` (``serving.bulk``)
+scores a file through the whole service (gateway and TorchServe) on d's archive: both against d.
+
 HTTP setups are driven by wrk (compiled, light on the shared CPU) at fixed concurrency
 for a fixed time after a warm-up; d, e and f get the same JSON bodies. Writes
 bench/results/bench.json and bench.png.
@@ -243,6 +246,37 @@ def torchserve_setup(
     return result
 
 
+def bulk_setup(store: Path, texts: list[str], d_rate: float, args, workdir: Path) -> dict:
+    """``make predict`` through the gateway (the whole service, as ``make serve`` runs it) on d's
+    archive: texts per second, and their ratio to d's requests per second."""
+    from serving import bulk
+    from serving.settings import GatewaySettings
+    from serving.stack import Stack
+
+    rows = max(8 * LIST_SIZE, round(d_rate * args.duration))
+    source = workdir / "bulk.txt"
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_texts(source, [texts[i % len(texts)] for i in range(rows)])
+    settings = GatewaySettings(port=free_port(), metrics_port=free_port())
+    stack = Stack(store, workdir / "stack", settings, keys_file=workdir / "keys.json", free_ports=True, drain=0.5)
+    try:
+        stack.start()
+        stack.wait_ready(180)
+        argv = ["--url", stack.url, "--key-file", str(workdir / "keys.json"), "--concurrency", "4"]
+        started = time.perf_counter()
+        code = bulk.main([str(source), str(workdir / "out.jsonl"), *argv])
+        seconds = time.perf_counter() - started
+    finally:
+        stack.stop()
+    return {
+        "rows": rows,
+        "seconds": round(seconds, 2),
+        "texts_per_s": round(rows / seconds, 1),
+        "ratio_to_d": round(rows / seconds / d_rate, 2),
+        "errors": 0 if code == 0 else 1,
+    }
+
+
 def answers(url: str, body: dict) -> bool:
     """Whether ``url`` answers a JSON POST with 200."""
     try:
@@ -318,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         d_dir = Path(tmp) / "d"
         results["d"] = torchserve_setup(
             args.model_dir, texts_file, tuned, args, d_dir, half_load=True, body="json", lists=True
+        )
+        print("d: make predict through the gateway ...", flush=True)
+        results["d"]["bulk"] = bulk_setup(
+            d_dir / "store", texts, results["d"]["requests_per_s"], args, Path(tmp) / "bulk"
         )
         for key, server in PEERS.items():
             if server in args.skip_peer:

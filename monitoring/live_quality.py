@@ -14,6 +14,7 @@ share the live window, so that nothing can be compared), 2 when no service runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -29,7 +30,8 @@ from tqdm import tqdm
 
 from loadtest.settings import inference_key
 from monitoring.quality import quality
-from project import ARCHIVE, GATEWAY_METRICS_PORT, GATEWAY_URL, LOOPBACK, MODEL_NAME, VAL_FILE
+from project import ARCHIVE, GATEWAY_METRICS_PORT, GATEWAY_URL, LOOPBACK, VAL_FILE
+from serving.emotion_client import EmotionClient
 from training.data import read_labelled
 
 FEEDBACK_BATCH = 500  # items per POST /feedback (the route takes up to 1,000)
@@ -52,32 +54,24 @@ def accepted(samples: dict[str, dict[tuple, float]]) -> float:
     return samples.get("emotion_feedback_items_total", {}).get((("result", "accepted"),), 0.0)
 
 
-def predict_all(url: str, headers: dict, texts: Sequence[str], concurrency: int, run: str) -> list[dict]:
-    """Each text's answer through the gateway (``request_id`` ``<run>-<index>``), with a progress bar."""
-    session = requests.Session()
+def predict_all(client: EmotionClient, texts: Sequence[str], concurrency: int, run: str) -> list[dict]:
+    """Each text's answer through the gateway, one request a text as a live client sends them
+    (``request_id`` ``<run>-<index>``), with a progress bar."""
 
     def one(i: int) -> dict:
-        answer = session.post(url, data=texts[i].encode(), headers=headers | {"X-Request-ID": f"{run}-{i}"}, timeout=60)
-        answer.raise_for_status()
-        return answer.json()
+        return dataclasses.asdict(client.predict(texts[i], request_id=f"{run}-{i}"))
 
     with ThreadPoolExecutor(concurrency) as pool:
         return list(tqdm(pool.map(one, range(len(texts))), total=len(texts), desc="predict", unit="text"))
 
 
-def send_feedback(url: str, headers: dict, ids: Sequence[str], labels: Sequence[str]) -> dict[str, int]:
+def send_feedback(client: EmotionClient, ids: Sequence[str], labels: Sequence[str]) -> dict[str, int]:
     """The true labels through ``POST /feedback``, in batches; the outcomes counted."""
     counts: dict[str, int] = {}
     for start in tqdm(range(0, len(ids), FEEDBACK_BATCH), desc="feedback", unit="batch"):
         chunk = slice(start, start + FEEDBACK_BATCH)
         items = [{"request_id": r, "label": y} for r, y in zip(ids[chunk], labels[chunk], strict=True)]
-        for attempt in range(10):
-            answer = requests.post(url, json=items, headers=headers, timeout=60)
-            if answer.status_code != 429:
-                break
-            time.sleep(float(answer.headers.get("Retry-After", 1)) * (attempt + 1))
-        answer.raise_for_status()
-        for result, n in answer.json()["counts"].items():
+        for result, n in client.feedback_list(items)["counts"].items():
             counts[result] = counts.get(result, 0) + n
     return counts
 
@@ -106,16 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = read_labelled(args.file)[: args.limit]
     texts, labels = [t for t, _ in rows], [y for _, y in rows]
-    key = inference_key()
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    client = EmotionClient(args.url, key=inference_key())
     try:
         before = live_metrics(args.metrics_url)
     except requests.ConnectionError:
         print(f"no service at {args.metrics_url}: start it with `make serve`", file=sys.stderr)
         return EXIT_NO_SERVICE
     run = f"quality-{uuid.uuid4().hex[:8]}"
-    answers = predict_all(f"{args.url}/predictions/{MODEL_NAME}", headers, texts, args.concurrency, run)
-    counts = send_feedback(f"{args.url}/feedback", headers, [a["request_id"] for a in answers], labels)
+    with client:
+        answers = predict_all(client, texts, args.concurrency, run)
+        counts = send_feedback(client, [a["request_id"] for a in answers], labels)
     window = int(next(iter(before.get("emotion_quality_window", {}).values()), 1000))
     covered = min(window, len(texts))
     # The live window holds the last labels sent: this run's last `covered` texts, once the

@@ -205,6 +205,10 @@ class EmotionClient:
         """The true label of an answer (``POST /feedback``); its outcome."""
         return self._post("/feedback", {"request_id": request_id, "label": label}, None)
 
+    def feedback_list(self, items: Sequence[dict[str, str]]) -> dict[str, Any]:
+        """Up to 1,000 ``{"request_id", "label"}`` at once; each item's outcome and the counts."""
+        return self._post("/feedback", list(items), None)
+
     def close(self) -> None:
         self.http.close()
 

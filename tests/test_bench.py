@@ -115,7 +115,8 @@ def test_benchmark_runs_every_setup_and_prints_the_checks(tiny_model_dir, tmp_pa
     report = json.loads((tmp_path / "bench.json").read_text())
     assert set(report["results"]) == {"a", "b", "c", "d", "e", "f", "ceiling"}
     assert all("failed" not in row and row["requests_per_s"] > 0 for row in report["results"].values())
-    assert set(report["ratios"]) == {"d/a", "d/b", "d/c", "d/ceiling", "d/best peer", "d lists/d"}
+    assert set(report["ratios"]) == {"d/a", "d/b", "d/c", "d/ceiling", "d/best peer", "d lists/d", "make predict/d"}
+    assert report["results"]["d"]["bulk"]["errors"] == 0 and report["results"]["d"]["bulk"]["texts_per_s"] > 0
     d = report["results"]["d"]
     assert d["lists"]["errors"] == 0 and d["lists"]["texts_per_s"] == round(d["lists"]["requests_per_s"] * 64, 1)
     assert d["archive_mb"] > 0 and d["cold_start_s"] > 0 and d["half_load"]["p99_ms"] > 0
