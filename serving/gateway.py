@@ -26,6 +26,7 @@ from pathlib import Path
 import psutil
 
 from project import LABELS, LOOPBACK, VERSION, handler_module
+from serving import openapi
 from serving.process import ManagedProcess
 from serving.settings import MODEL_ROUTE_NAME, RETRY_MARGIN, GatewaySettings, max_text_chars, response_timeout
 
@@ -393,7 +394,9 @@ class Gateway:
         self.health_dir.mkdir(parents=True, exist_ok=True)
         answers = self.workdir / "answers"
         answers.mkdir(exist_ok=True)
-        for name, text in (HEALTH_ANSWERS | oip_answers(self.settings.model)).items():
+        document = openapi.spec()
+        described = {"openapi.json": json.dumps(document, indent=2) + "\n", "docs.html": openapi.html(document)}
+        for name, text in (HEALTH_ANSWERS | oip_answers(self.settings.model) | described).items():
             (answers / name).write_text(text)
         os.chmod(self.workdir, 0o700)  # nginx's workers run as this user (render): nobody else reads it
         self.draining = False
