@@ -98,6 +98,9 @@ def render(upstream: str, prefix: Path, settings: GatewaySettings) -> str:
         "FEEDBACK_RATE": str(settings.feedback_rate),
         "FEEDBACK_BURST": str(settings.feedback_burst),
         "FEEDBACK": feedback_route(settings.feedback_port),
+        "EXPLAIN_RATE": str(settings.explain_rate),
+        "EXPLAIN_BURST": str(settings.explain_burst),
+        "EXPLAIN": explain_route(settings.explain_port),
         "REQUEST_DEADLINE": str(settings.request_deadline),
         "BODY_READ_TIMEOUT": str(BODY_READ_TIMEOUT),
         "REFUSALS": refusal_locations(),
@@ -246,6 +249,33 @@ def feedback_route(port: int | None) -> str:
         "error_page 408 /_error/408;",
         "error_page 502 504 = @feedback_unavailable;",
         "error_page 413 = @too_large;",
+        "error_page 429 = @too_many;",
+    ]
+    return "\n".join("            " + line for line in lines)
+
+
+def explain_route(port: int | None) -> str:
+    """The body of the ``/explanations/<model>`` location: to the explanation service on ``port``
+    (``serving.explain``), or a 404 where none runs."""
+    if port is None:
+        return (
+            '            set $refusal \'{"code": 404, "type": "NotFound", "message": "no explanation service '
+            'runs behind this gateway", "request_id": "$emotion_request_id"}\\n\';\n'
+            "            rewrite ^ /_refuse/404 last;"
+        )
+    lines = [
+        f"proxy_pass http://{LOOPBACK}:{port};",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        'proxy_set_header Authorization "";  # the client key stops here',
+        "proxy_set_header X-Request-ID $emotion_request_id;",
+        "proxy_hide_header X-Request-ID;",
+        "proxy_connect_timeout 2s;",
+        "proxy_read_timeout 60s;",
+        # The service's own 4xx pass as they are; only these are the gateway's to answer.
+        "proxy_intercept_errors on;",
+        "error_page 408 /_error/408;",
+        "error_page 502 504 = @explain_unavailable;",
         "error_page 429 = @too_many;",
     ]
     return "\n".join("            " + line for line in lines)

@@ -218,6 +218,26 @@ def schemas() -> dict[str, Any]:
                 "request_id": request_id,
             },
         },
+        "Explanation": {
+            "type": "object",
+            "required": ["label", "score", "method", "words", "explained_words", "words_in_text"],
+            "properties": {
+                "label": {"enum": list(LABELS)},
+                "score": {"type": "number"},
+                "method": {"const": "occlusion"},
+                "words": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["word", "attribution"],
+                        "properties": {"word": {"type": "string"}, "attribution": {"type": "number"}},
+                    },
+                },
+                "explained_words": {"type": "integer"},
+                "words_in_text": {"type": "integer"},
+                "request_id": request_id,
+            },
+        },
         "FeedbackItem": feedback_item,
         "Outcome": outcome,
         "FeedbackList": {
@@ -367,6 +387,29 @@ def spec() -> dict[str, Any]:
                     ),
                 },
             }
+        },
+        "/explanations/{model}": {
+            "parameters": [model],
+            "post": _operation(
+                "Which words made the answer: occlusion through the serving engine (at most 48 words)",
+                {"description": "each word's attribution to the label", "content": _json(_ref("Explanation"))},
+                *PREDICT_ERRORS,
+                "NotFound",
+                requestBody={
+                    "required": True,
+                    "content": {
+                        "text/plain": {"schema": {"type": "string"}},
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["text"],
+                                "properties": {"text": {"type": "string"}, "label": {"enum": list(LABELS)}},
+                            }
+                        },
+                    },
+                },
+                security=SECURITY,
+            ),
         },
         "/openapi.json": {
             "get": _operation(

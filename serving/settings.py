@@ -93,6 +93,11 @@ class GatewaySettings:
         feedback_rate: Feedback requests per second accepted from one client address (a zone
             of their own, apart from the predictions' limits).
         feedback_burst: Feedback requests above ``feedback_rate`` one client may send at once.
+        explain_port: Loopback port of the explanation service (``serving.explain``) behind
+            ``POST /explanations/<model>``; None: that path answers 404.
+        explain_rate: Explanations per second accepted from one client address (a zone of
+            their own: each costs one forward pass per word).
+        explain_burst: Explanations above ``explain_rate`` one client may send at once.
         request_deadline: Seconds from a request's start within which its headers and its whole
             body must have arrived (the headers alone: within 10 s, nginx's
             ``client_header_timeout``); past it, a 408 and the connection is closed, however
@@ -116,6 +121,9 @@ class GatewaySettings:
     feedback_port: int | None = None
     feedback_rate: int = 100
     feedback_burst: int = 200
+    explain_port: int | None = None
+    explain_rate: int = 2
+    explain_burst: int = 4
     request_deadline: int = 20
 
     def longest_request(self) -> int:
@@ -138,6 +146,8 @@ class GatewaySettings:
             "retry_after",
             "feedback_rate",
             "feedback_burst",
+            "explain_rate",
+            "explain_burst",
             "request_deadline",
         ):
             if getattr(self, name) < 1:

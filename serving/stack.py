@@ -39,9 +39,10 @@ from serving import keys as gateway_keys
 from serving import rollout
 from serving.access_log import AccessLog
 from serving.client import key_expiry
+from serving.explain import ExplainProcess
 from serving.feedback_service import FeedbackProcess
 from serving.gateway import RELOAD_TIMEOUT, Gateway, nginx_workers, wait_reloaded
-from serving.golden import GoldenRecord, served_record
+from serving.golden import GoldenRecord, archive_of, served_record
 from serving.health import GOLDEN_MAX_AGE, UNREADY_EXIT, Liveness, Readiness
 from serving.server import TorchServe, free_port
 from serving.settings import GatewaySettings
@@ -116,6 +117,7 @@ class Stack:
         quality_window: int = feedback_store.QUALITY_WINDOW,
         feedback_items_per_s: float = feedback_store.ITEMS_PER_S,
         feedback: bool = True,
+        explain: bool = True,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.model = model
@@ -139,8 +141,18 @@ class Stack:
         self.quality_window = quality_window
         self.feedback: FeedbackProcess | None = None
         self._feedback_port = free_port() if self.feedback_labels else None
+        # POST /explanations/<model>: the served archive's handler in a process of its own.
+        archive = archive_of(models, model)
+        self.explain_archive = Path(model_store) / archive if explain and archive else None
+        self.explainer: ExplainProcess | None = None
+        self._explain_port = free_port() if self.explain_archive is not None else None
         # The gateway maps TorchServe's 404 on this model's route to a retryable 503 NotReady.
-        gateway = dataclasses.replace(gateway or GatewaySettings(), model=model, feedback_port=self._feedback_port)
+        gateway = dataclasses.replace(
+            gateway or GatewaySettings(),
+            model=model,
+            feedback_port=self._feedback_port,
+            explain_port=self._explain_port,
+        )
         self.gateway = Gateway(upstream, self.workdir / "gateway", gateway)
         self.readiness = Readiness(
             self.torchserve.client, model, golden, golden_max_age=golden_max_age, model_store=Path(model_store)
@@ -201,6 +213,11 @@ class Stack:
                 self.feedback_items_per_s,
             )
             self.feedback.start()
+        if self._explain_port is not None:
+            self.explainer = ExplainProcess(
+                self.explain_archive, self._explain_port, self.workdir / "explain.log", self.model
+            )
+            self.explainer.start(timeout=None)  # ready when its model is loaded; 503 until then
         self.gateway.upstream_key = self.torchserve.keys.get("inference")
         self.gateway.start()
         self._stop.clear()
@@ -240,6 +257,9 @@ class Stack:
                 log.error("the feedback service exited (see %s): starting it again", self.workdir / "feedback.log")
                 self.feedback.start(timeout=None)
             metrics += self.feedback.metrics()  # the live quality, on the gateway's metrics endpoint
+        if self.explainer is not None and not self.explainer.process.running():
+            log.error("the explanation service exited (see %s): starting it again", self.workdir / "explain.log")
+            self.explainer.start(timeout=None)
         tmp = self.gateway.workdir / "metrics.prom.tmp"
         tmp.write_text(metrics)
         os.replace(tmp, self.gateway.workdir / "metrics.prom")
@@ -337,6 +357,9 @@ class Stack:
         if self.feedback is not None:
             self.feedback.stop()
             self.feedback = None
+        if self.explainer is not None:
+            self.explainer.stop()
+            self.explainer = None
         self.torchserve.stop()
         self.access_log.close()
 

@@ -5,6 +5,7 @@ checked against the service's own one-text answers."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -205,3 +206,53 @@ def test_the_client_and_bulk_scoring_through_the_gateway(stack, singles, tmp_pat
     assert [w["id"] for w in written] == [f"r{i}" for i in range(150)] + ["bad"]
     assert [w["label"] for w in written[:4]] == [s["label"] for s in singles]
     assert written[-1]["error"]["type"] == "EmptyText"
+
+
+def explain(stack, body, headers=None, patient: bool = True):
+    """POST /explanations/emotion; ``patient``: waits out the explanations' rate (429) first."""
+    for _ in range(30):
+        answer = requests.post(
+            f"{stack.url}/explanations/emotion", json=body, headers={**stack.headers(), **(headers or {})}, timeout=60
+        )
+        if answer.status_code != 429 or not patient:
+            return answer
+        time.sleep(float(answer.headers.get("Retry-After", 1)))
+    return answer
+
+
+def test_an_explanation_is_the_fall_of_the_labels_probability_without_each_word(stack):
+    text = "i feel so happy and calm with my friends today"
+    answer = wait_for(lambda: (a := explain(stack, {"text": text})).status_code == 200 and a, 120)
+    assert answer, "the explanation service never answered"
+    body = answer.json()
+    words = text.split()
+    assert [w["word"] for w in body["words"]] == words and body["method"] == "occlusion"
+    # Checked against the service's own predictions: the text, and the text without each word.
+    variants = [text] + [" ".join(words[:i] + words[i + 1 :]) for i in range(len(words))]
+    predicted = requests.post(
+        f"{stack.url}/predictions/emotion", json={"texts": variants}, headers=stack.headers(), timeout=30
+    ).json()["predictions"]
+    label = body["label"]
+    assert label == predicted[0]["label"] and body["score"] == pytest.approx(predicted[0]["probabilities"][label])
+    for word, without in zip(body["words"], predicted[1:], strict=True):
+        expected = predicted[0]["probabilities"][label] - without["probabilities"][label]
+        assert word["attribution"] == pytest.approx(expected, abs=1e-5)
+    # Another label asked for; the cost bounded on a long text.
+    other = next(k for k in LABELS if k != label)
+    assert explain(stack, {"text": text, "label": other}).json()["label"] == other
+    long = explain(stack, {"text": " ".join(["happy"] * 100)}).json()
+    assert (long["explained_words"], long["words_in_text"], len(long["words"])) == (48, 100, 48)
+    assert explain(stack, {"text": text, "label": "bored"}).status_code == 400
+    assert explain(stack, {"text": "  "}).json()["type"] == "EmptyText"
+
+
+def test_explanations_need_a_key_and_have_a_rate_of_their_own(stack):
+    refused = requests.post(f"{stack.url}/explanations/emotion", json={"text": "i am fine"}, timeout=30)
+    assert refused.status_code == 401
+    statuses = [explain(stack, {"text": "i am fine"}, patient=False).status_code for _ in range(12)]
+    assert 429 in statuses and set(statuses) <= {200, 429}
+    # The predictions' limits are not the explanations': a prediction right after is answered.
+    after = requests.post(
+        f"{stack.url}/predictions/emotion", json={"text": "i am fine"}, headers=stack.headers(), timeout=30
+    )
+    assert after.status_code == 200
