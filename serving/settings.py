@@ -219,6 +219,12 @@ class ServeSettings:
     feedback_burst: int = field(
         default=GatewaySettings.feedback_burst, metadata=_flag("POST /feedback: requests above its rate at once")
     )
+    explain_rate: int = field(
+        default=GatewaySettings.explain_rate, metadata=_flag("POST /explanations: requests/s per client address")
+    )
+    explain_burst: int = field(
+        default=GatewaySettings.explain_burst, metadata=_flag("POST /explanations: requests above its rate at once")
+    )
     request_deadline: int = field(
         default=GatewaySettings.request_deadline,
         metadata=_flag("seconds for a request's headers and body to arrive (past them: 408)"),
@@ -290,6 +296,8 @@ class ServeSettings:
             model=model,
             feedback_rate=self.feedback_rate,
             feedback_burst=self.feedback_burst,
+            explain_rate=self.explain_rate,
+            explain_burst=self.explain_burst,
             request_deadline=self.request_deadline,
         )
 
