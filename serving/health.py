@@ -88,9 +88,13 @@ class Readiness:
         interval: Seconds between worker checks.
         golden_interval: Seconds between golden checks.
         golden_max_age: Seconds a good golden verdict is kept while checks get no verdict.
-        workers_timeout: Seconds the worker check waits for TorchServe's describe answer (no
-            answer: no READY worker), so that it runs about every ``interval`` even when
-            TorchServe is slow.
+        workers_timeout: Seconds the worker check waits for TorchServe's describe answer, so that
+            it runs about every ``interval`` even when TorchServe is slow. A refused connection
+            means no READY worker at once; an answer that does not come in time (TorchServe busy,
+            the CPU saturated) keeps the last count for up to ``workers_grace`` seconds after the
+            last answer, and no READY worker after that: a slow management answer under load must
+            not turn every prediction away.
+        workers_grace: See ``workers_timeout``.
         golden_timeout: Seconds the golden request waits for its answer.
         clock: Monotonic seconds (tests pass their own).
         model_store: Where the archives are: when the default version changes (a rollout promoted
@@ -107,6 +111,7 @@ class Readiness:
         golden_max_age: float = GOLDEN_MAX_AGE,
         workers_timeout: float = 2.0,
         golden_timeout: float = 5.0,
+        workers_grace: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         model_store: Path | None = None,
     ) -> None:
@@ -119,6 +124,8 @@ class Readiness:
         self.golden_interval = golden_interval
         self.golden_max_age = golden_max_age
         self.workers_timeout = workers_timeout
+        self.workers_grace = workers_grace
+        self._answered_at = float("-inf")  # when the worker check last had TorchServe's answer
         self.golden_timeout = golden_timeout
         self.clock = clock
         self.state = HealthState()
@@ -158,12 +165,20 @@ class Readiness:
         return self._golden_thread is not None and self._golden_thread.is_alive()
 
     def _check_workers(self) -> None:
+        now = self.clock()
         try:
             version = self.client.default_version(self.model, timeout=self.workers_timeout)
+        except requests.Timeout as err:
+            if now - self._answered_at > self.workers_grace:
+                log.warning("worker check: no answer for %.0f s (%s): no READY worker", now - self._answered_at, err)
+                self.state.ready_workers = 0
+            else:
+                log.info("worker check: no answer in time (%s); the last count holds", err)
         except (requests.RequestException, ManagementError, ValueError) as err:
             log.debug("worker check: no answer (%s)", err)
             self.state.ready_workers = 0  # expected_workers: the last known
         else:
+            self._answered_at = now
             self._follow_default(version.get("modelUrl"))
             self.state.ready_workers = count_ready(version)
             min_workers = version.get("minWorkers")

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,6 +103,8 @@ class TorchServe:
             self.inference_url, self.management_url, self.workdir / "key_file.json" if token_auth else None
         )
         self.process: ManagedProcess | None = None
+        # The JVM's temporary folder while it runs: the archives it unpacked, the workers' sockets.
+        self.unpacked: Path | None = None
 
     @property
     def inference_url(self) -> str:
@@ -136,9 +139,12 @@ class TorchServe:
         if self.models:
             command += ["--models", self.models]
         # TorchServe unpacks every archive it loads under the JVM's temporary folder (``TEMP``
-        # sets it), and leaves the copy behind when it stops: keeping it in the work folder and
-        # removing it on stop stops a machine's /tmp from filling, one archive per start.
-        self.unpacked.mkdir(exist_ok=True)
+        # sets it) and leaves the copy behind when it stops: a folder of this start's own, removed
+        # on stop, keeps a machine's /tmp from filling, one archive per start. It is short, in the
+        # system's temporary folder: the workers' Unix sockets live there too, and a socket's path
+        # may not exceed 107 bytes (a worker in a deep work folder could not start).
+        self._remove_unpacked()
+        self.unpacked = Path(tempfile.mkdtemp(prefix="ts-"))
         env = dict(
             os.environ,
             TMPDIR=str(self.workdir),
@@ -155,10 +161,10 @@ class TorchServe:
         self.client.wait_ready(wait_model, max(timeout - (time.monotonic() - started), 1), self.process)
         return time.monotonic() - started
 
-    @property
-    def unpacked(self) -> Path:
-        """The JVM's temporary folder, where TorchServe unpacks the archives it loads."""
-        return self.workdir / "tmp"
+    def _remove_unpacked(self) -> None:
+        if self.unpacked is not None:
+            shutil.rmtree(self.unpacked, ignore_errors=True)
+            self.unpacked = None
 
     def stop(self, timeout: float = 30) -> None:
         """Stop the server and every process it started, and remove the unpacked archives; safe
@@ -166,7 +172,7 @@ class TorchServe:
         if self.process is not None:
             self.process.stop(timeout)
             self.process = None
-        shutil.rmtree(self.unpacked, ignore_errors=True)
+        self._remove_unpacked()
 
     def log_tail(self, lines: int = 60) -> str:
         """Last lines of the console log, for failure messages."""

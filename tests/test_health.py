@@ -186,6 +186,28 @@ def test_torchserve_not_answering_the_worker_check_is_no_ready_worker(torchserve
     assert not state.up and state.expected_workers == 2  # the last known
 
 
+def test_a_worker_check_answered_late_keeps_the_last_count_for_a_grace(torchserve):
+    """Under a saturated CPU the describe answer may come late: predictions are still served,
+    until TorchServe has not answered for the whole grace."""
+    clock = [0.0]
+    readiness = Readiness(torchserve, golden=RECORD, workers_grace=10.0, clock=lambda: clock[0])
+    assert step(readiness, 0.0).up
+    answer = torchserve.manage
+
+    def late(*args, **kwargs):
+        raise requests.ReadTimeout("no answer in time")
+
+    torchserve.manage = late
+    for now in (1.0, 5.0, 10.0):
+        clock[0] = now
+        assert step(readiness, now).up, now
+    clock[0] = 11.0
+    assert not step(readiness, 11.0).up
+    torchserve.manage = answer
+    clock[0] = 12.0
+    assert step(readiness, 12.0).up
+
+
 def ready() -> HealthState:
     return HealthState(ready_workers=2, golden_ok=True, expected_workers=2)
 
