@@ -30,6 +30,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -48,6 +49,7 @@ ERRORS = handler_module("emotion_errors")
 inputs = handler_module("emotion_inputs")
 MAX_WORDS = 48  # one forward pass each: an explanation costs at most this many predictions
 MAX_BODY_BYTES = 64 * 1024
+RESTART_BACKOFF = 30.0  # seconds between starts of a service that keeps exiting
 
 
 def occlusion(
@@ -186,9 +188,16 @@ class ExplainProcess:
         self.url = f"http://{LOOPBACK}:{port}"
         command = [sys.executable, "-m", "serving.explain", "--archive", str(archive), "--port", str(port)]
         self.process = ManagedProcess("the explanation service", [*command, "--model", model], log_path)
+        self.started_at = float("-inf")
+
+    def due_for_restart(self, backoff: float = RESTART_BACKOFF) -> bool:
+        """Whether it exited and its last start is ``backoff`` seconds ago (an archive it cannot
+        load is not started again every round of the supervisor)."""
+        return not self.process.running() and time.monotonic() - self.started_at >= backoff
 
     def start(self, timeout: float | None = 120) -> None:
         """Start it; returns once ``/live`` answers, or at once with ``timeout`` None."""
+        self.started_at = time.monotonic()
         self.process.start()
 
         def live() -> bool:

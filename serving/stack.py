@@ -257,7 +257,7 @@ class Stack:
                 log.error("the feedback service exited (see %s): starting it again", self.workdir / "feedback.log")
                 self.feedback.start(timeout=None)
             metrics += self.feedback.metrics()  # the live quality, on the gateway's metrics endpoint
-        if self.explainer is not None and not self.explainer.process.running():
+        if self.explainer is not None and self.explainer.due_for_restart():
             log.error("the explanation service exited (see %s): starting it again", self.workdir / "explain.log")
             self.explainer.start(timeout=None)
         tmp = self.gateway.workdir / "metrics.prom.tmp"
