@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import math
@@ -263,17 +264,42 @@ class Collector:
             if seconds is not None and status < 500:
                 self.window.seconds[who].append(seconds)
         for sid, rid in list(self.pending.items()):
-            mirrored, served = self.answers.get(sid), self.answers.get(rid)
-            if mirrored is None or served is None:
-                if sid in self.answers and rid in self.answers:  # an id that came twice: no pair
-                    del self.pending[sid]
+            pairs = self._pairs(sid, rid)
+            if pairs is None:
                 continue
             del self.pending[sid]
-            if mirrored[0] == self.candidate and served[0] == self.current:
-                self.window.pairs.append((served[1], mirrored[1]))
-                self.window.flips[(self.labels[argmax(served[1])], self.labels[argmax(mirrored[1])])] += 1
+            for served, mirrored in pairs:
+                if mirrored[0] == self.candidate and served[0] == self.current:
+                    self.window.pairs.append((served[1], mirrored[1]))
+                    self.window.flips[(self.labels[argmax(served[1])], self.labels[argmax(mirrored[1])])] += 1
         if len(self.pending) > 100_000:  # mirrors whose answers never came (failed): forgotten
             self.pending.clear()
+
+    def _pairs(self, sid: str, rid: str) -> list[tuple[tuple, tuple]] | None:
+        """The (served, mirrored) answers of one mirrored request: one for a text, one per text
+        for a list or an OIP request (their answers are logged as ``<id>.<position>``); None
+        while they are not all in the request log yet."""
+        if sid in self.answers or rid in self.answers:
+            mirrored, served = self.answers.get(sid), self.answers.get(rid)
+            if mirrored is None or served is None:
+                # an id that came twice, or the other answer is not logged yet
+                return [] if sid in self.answers and rid in self.answers else None
+            return [(served, mirrored)]
+        pairs = []
+        for position in itertools.count():
+            mirrored, served = self.answers.get(item_id(sid, position)), self.answers.get(item_id(rid, position))
+            if mirrored is None and served is None:
+                break
+            if mirrored is None or served is None:
+                return None
+            pairs.append((served, mirrored))
+        return pairs or None
+
+
+def item_id(request_id: str, position: int) -> str:
+    """The id of the text at ``position`` of a list request (the handler's ``Batch.item_id``)."""
+    suffix = f".{position}"
+    return request_id[: 64 - len(suffix)] + suffix
 
 
 def stage_candidate(archive: Path, store: Path, model: str, version: str) -> Path:

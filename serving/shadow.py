@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # The client's request id, which the gateway sends with each mirror (the mirror has its own).
 CLIENT_ID_HEADER = "X-Emotion-Client-Request-ID"
+PROTOCOL_HEADER = "X-Emotion-Protocol"  # the gateway's mark of an OIP request (handler/emotion_inputs.py)
 QUEUE_SIZE = 512
 
 
@@ -78,6 +79,7 @@ class ShadowRelay:
                     self.headers.get("Content-Type", "text/plain"),
                     self.headers.get("X-Request-ID", ""),
                     self.headers.get(CLIENT_ID_HEADER, ""),
+                    self.headers.get(PROTOCOL_HEADER, ""),
                 )
                 try:
                     relay.queue.put_nowait(item)
@@ -124,11 +126,13 @@ class ShadowRelay:
         session = requests.Session()
         while not self._stop.is_set():
             try:
-                body, content_type, shadow_id, client_id = self.queue.get(timeout=0.2)
+                body, content_type, shadow_id, client_id, protocol = self.queue.get(timeout=0.2)
             except queue.Empty:
                 continue
             started = time.perf_counter()
             headers = {**self.headers(), "Content-Type": content_type, "X-Request-ID": shadow_id}
+            if protocol:  # an OIP request: the candidate writes its answer as the current version does
+                headers[PROTOCOL_HEADER] = protocol
             try:
                 status = session.post(self.target_url, data=body, headers=headers, timeout=self.timeout).status_code
             except requests.RequestException:

@@ -229,3 +229,46 @@ def test_without_a_running_stack_the_rollout_says_so(tmp_path, model_store, caps
     assert "make serve" in capsys.readouterr().err
     assert rollout.main([str(tmp_path / "missing.mar"), "--workdir", str(tmp_path)]) == rollout.EXIT_ERROR
     assert "no candidate archive" in capsys.readouterr().err
+
+
+class ScriptedRelay:
+    def __init__(self, answers):
+        self.answers = answers
+
+    def take(self):
+        answers, self.answers = self.answers, []
+        return answers
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 5), st.integers(1, 6), st.sampled_from(["c" * 8, "k" * 64]))
+def test_mirrored_lists_and_oip_requests_pair_text_by_text(tmp_path_factory, singles, list_size, client):
+    """The answers of a mirrored list are logged as ``<id>.<position>`` by both versions: each
+    text is a pair, as a single text is; nothing is paired before both versions logged it."""
+    from serving.shadow import ShadowAnswer
+
+    workdir = tmp_path_factory.mktemp("collector")
+    (workdir / "torchserve" / "logs").mkdir(parents=True)
+    log = workdir / "torchserve" / "logs" / "requests.jsonl"
+    labels = ["a", "b"]
+    requests_ = [(f"{client[:60]}{i}", f"shadow-{i}", None) for i in range(singles)]
+    requests_.append((f"{client[:60]}L", "shadow-L", list_size))
+    relay = ScriptedRelay([ShadowAnswer(rid, sid, 200, 0.01) for rid, sid, _ in requests_])
+    collector = rollout.Collector(workdir, "emotion", "1.0", "2.0", labels, relay)
+
+    def entries(version, use_shadow):
+        for rid, sid, size in requests_:
+            base = sid if use_shadow else rid
+            ids = [base] if size is None else [rollout.item_id(base, k) for k in range(size)]
+            for n, one in enumerate(ids):
+                p = (n % 2) * 0.8 + 0.1
+                yield {"request_id": one, "model_version": version, "probabilities": {"a": p, "b": 1 - p}}
+
+    log.write_text("".join(json.dumps(e) + "\n" for e in entries("1.0", False)))
+    collector.poll()
+    assert collector.window.pairs == [] and len(collector.pending) == len(requests_)
+    with log.open("a") as out:
+        out.write("".join(json.dumps(e) + "\n" for e in entries("2.0", True)))
+    collector.poll()
+    assert len(collector.window.pairs) == singles + list_size and not collector.pending
+    assert all(served == mirrored for served, mirrored in collector.window.pairs)
