@@ -213,7 +213,7 @@ class Stack:
                 self.feedback_items_per_s,
             )
             self.feedback.start()
-        if self._explain_port is not None:
+        if self.explain_archive is not None and self.explain_archive.is_file():
             self.explainer = ExplainProcess(
                 self.explain_archive, self._explain_port, self.workdir / "explain.log", self.model
             )
