@@ -54,6 +54,10 @@ ROLLOUT_MIRROR_CONF = "rollout_mirror.conf"  # in the prediction route: the mirr
 SHADOW_LOG = "shadow.log"
 ROLLOUT_VARIABLES = ("$rollout_version", "$rollout_shadow")
 
+# The message of a refusal for a missing or wrong key.
+UNAUTHORIZED = "send Authorization: Bearer <key>; a key from your operator (python -m serving key)"
+CHUNKED = "send the body with a Content-Length (a chunked body is not read)"
+
 # Seconds nginx keeps an idle client connection open (keepalive_timeout), except while draining.
 KEEPALIVE_TIMEOUT = 30
 
@@ -100,13 +104,13 @@ def render(upstream: str, prefix: Path, settings: GatewaySettings) -> str:
         "FEEDBACK": feedback_route(settings.feedback_port),
         "EXPLAIN_RATE": str(settings.explain_rate),
         "EXPLAIN_BURST": str(settings.explain_burst),
-        "EXPLAIN": explain_route(settings.explain_port),
         "REQUEST_DEADLINE": str(settings.request_deadline),
         "BODY_READ_TIMEOUT": str(BODY_READ_TIMEOUT),
         "REFUSALS": refusal_locations(),
         "MODULES": "\n".join(f"load_module {path};" for path in lua_modules()),
     }
-    text = TEMPLATE.read_text()
+    # The explanations' route first: it holds placeholders of its own.
+    text = TEMPLATE.read_text().replace("@@EXPLAIN@@", explain_route(settings.explain_port))
     for name, value in values.items():
         text = text.replace(f"@@{name}@@", value)
     return MESSAGE_FIELD.sub(r'"message": \1, "error": \1', text)
@@ -255,15 +259,38 @@ def feedback_route(port: int | None) -> str:
 
 
 def explain_route(port: int | None) -> str:
-    """The body of the ``/explanations/<model>`` location: to the explanation service on ``port``
-    (``serving.explain``), or a 404 where none runs."""
+    """The body of the ``/explanations/<model>`` location: its checks (method, key, a body of known
+    length), its own rate and the body's deadline, then the explanation service on ``port``
+    (``serving.explain``); without one, the path is not served (404, before any check)."""
     if port is None:
         return (
             '            set $refusal \'{"code": 404, "type": "NotFound", "message": "no explanation service '
             'runs behind this gateway", "request_id": "$emotion_request_id"}\\n\';\n'
             "            rewrite ^ /_refuse/404 last;"
         )
-    lines = [
+    checks = [
+        ("$request_method != POST", 405, "MethodNotAllowed", "explanations are POST /explanations/<model>"),
+        ("$client_authorized = 0", 401, "Unauthorized", UNAUTHORIZED),
+        (
+            "$http_transfer_encoding",
+            411,
+            "LengthRequired",
+            "send the body with a Content-Length (a chunked body is not read)",
+        ),
+    ]
+    lines = []
+    for condition, status, kind, message in checks:
+        body = f'{{"code": {status}, "type": "{kind}", "message": "{message}", "request_id": "$emotion_request_id"}}'
+        lines += [
+            f"if ({condition}) {{",
+            f"    set $refusal '{body}\\n';",
+            f"    rewrite ^ /_refuse/{status} last;",
+            "}",
+        ]
+    lines += [
+        # Its own rate (in place of the server's two), the server's connection limit.
+        "limit_req zone=explain_rate burst=@@EXPLAIN_BURST@@ nodelay;",
+        "access_by_lua_block { read_body(@@REQUEST_DEADLINE@@, @@BODY_READ_TIMEOUT@@) }",
         f"proxy_pass http://{LOOPBACK}:{port};",
         "proxy_http_version 1.1;",
         'proxy_set_header Connection "";',

@@ -66,6 +66,13 @@ def _path_param(name: str, description: str, schema: dict[str, Any]) -> dict[str
 
 
 SECURITY = [{"gatewayKey": []}]
+
+
+def _object(properties: dict[str, Any], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A JSON object schema whose ``properties`` are all required but the ``optional`` ones."""
+    return {"type": "object", "required": [k for k in properties if k not in optional], "properties": properties}
+
+
 PREDICT_ERRORS = (
     "EmptyInput",
     "EmptyText",
@@ -207,17 +214,16 @@ def schemas() -> dict[str, Any]:
                 },
             },
         },
-        "InferResponse": {
-            "type": "object",
-            "required": ["model_name", "outputs"],
-            "properties": {
+        "InferResponse": _object(
+            {
                 "model_name": {"type": "string"},
                 "model_version": {"type": "string"},
                 "id": {"type": "string"},
                 "outputs": {"type": "array", "items": tensor},
                 "request_id": request_id,
             },
-        },
+            optional=("model_version", "id", "request_id"),
+        ),
         "Explanation": {
             "type": "object",
             "required": ["label", "score", "method", "words", "explained_words", "words_in_text"],
@@ -303,7 +309,9 @@ def spec() -> dict[str, Any]:
         "The model's metadata (input, outputs, labels)",
         {
             "description": "the metadata",
-            "content": _json({"type": "object", "required": ["name", "inputs", "outputs"]}),
+            "content": _json(
+                _object({"name": {"type": "string"}, "inputs": {"type": "array"}, "outputs": {"type": "array"}})
+            ),
         },
         "InvalidPath",
         "Unauthorized",

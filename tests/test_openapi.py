@@ -19,6 +19,7 @@ from serving.openapi import ERRORS, NOT_AT_THE_FRONT_DOOR, html, spec
 from serving.server import free_port
 from serving.settings import GatewaySettings
 from serving.stack import Stack
+from tests.helpers import wait_for
 
 NGINX = PROJECT_ROOT / "serving" / "nginx.conf"
 # The checks of "no 5xx and no answer that breaks the spec".
@@ -105,6 +106,17 @@ def stack(model_store, tmp_path_factory):
     try:
         running.start()
         running.wait_ready(120)
+        # The explanation service loads its own copy of the model (until then, a 503 to retry).
+        explained = wait_for(
+            lambda: (
+                requests.post(
+                    f"{running.url}/explanations/emotion", data=b"i feel fine", headers=running.headers(), timeout=30
+                ).status_code
+                == 200
+            ),
+            120,
+        )
+        assert explained, "the explanation service never answered"
         yield running
     finally:
         running.stop()
