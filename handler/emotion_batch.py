@@ -52,6 +52,7 @@ class Batch:
     truncated: set[int] = field(default_factory=set)  # items longer than the model's token window
     windows: dict[int, list[list[int]]] = field(default_factory=dict)  # item -> its windows after the first
     owners: list[tuple[int, int]] = field(default_factory=list)  # item -> (request, position in it)
+    items: dict[int, list[int]] = field(default_factory=dict)  # request -> its items, in order
     carried: dict[int, Carried] = field(default_factory=dict)  # request -> what it carries
     failed: dict[int, InputError] = field(default_factory=dict)  # request -> the error that answers it
     probes: set[int] = field(default_factory=set)  # readiness probes: answered, not counted as traffic
@@ -61,6 +62,7 @@ class Batch:
     def add(self, request: int, carried: Carried) -> None:
         """The texts ``request`` carries, as items (a text's own error set aside with it)."""
         self.carried[request] = carried
+        self.items[request] = list(range(len(self.owners), len(self.owners) + len(carried.texts)))
         for position, text in enumerate(carried.texts):
             item = len(self.owners)
             self.owners.append((request, position))
@@ -68,10 +70,6 @@ class Batch:
                 self.errors[item] = text
             else:
                 self.texts[item] = text
-
-    def items_of(self, request: int) -> list[int]:
-        """The items of ``request``, in its order."""
-        return [item for item, (owner, _) in enumerate(self.owners) if owner == request]
 
     def request_of(self, item: int) -> int:
         return self.owners[item][0]

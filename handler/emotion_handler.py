@@ -196,7 +196,7 @@ class EmotionHandler(BaseHandler):
         if idx in batch.failed:
             return batch.failed[idx].status, _error(batch.failed[idx], tally)
         carried = batch.carried[idx]
-        items = batch.items_of(idx)
+        items = batch.items[idx]
         if carried.form == "text":
             (item,) = items
             if item in batch.errors:
@@ -209,14 +209,9 @@ class EmotionHandler(BaseHandler):
             answer["request_id"] = batch.item_id(item)
         if carried.form == "list":
             return 200, {"predictions": answers}
-        model = getattr(self.context, "manifest", None) or {}
+        model_name = getattr(self.context, "model_name", None) or ""
         return 200, oip_answer(
-            answers,
-            self.labels,
-            carried.outputs,
-            carried.infer_id,
-            getattr(self.context, "model_name", None) or model.get("model", {}).get("modelName", ""),
-            model.get("model", {}).get("modelVersion", ""),
+            answers, self.labels, carried.outputs, carried.infer_id, model_name, self.monitor.model_version or ""
         )
 
     def _answer(self, batch: Batch, item: int, tally: Tally) -> dict[str, Any]:

@@ -32,14 +32,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import requests
 
 from project import LABELS, LOOPBACK, MODEL_NAME, handler_module
-from serving.feedback_service import lower_priority
+from serving.feedback_service import JSONHandler, lower_priority
 from serving.process import ManagedProcess
 from serving.settings import max_text_chars
 
@@ -48,7 +48,7 @@ log = logging.getLogger("serving.explain")
 ERRORS = handler_module("emotion_errors")
 inputs = handler_module("emotion_inputs")
 MAX_WORDS = 48  # one forward pass each: an explanation costs at most this many predictions
-MAX_BODY_BYTES = 64 * 1024
+MAX_BODY_BYTES = 1 << 20  # the gateway's client_max_body_size: a larger body never gets here
 RESTART_BACKOFF = 30.0  # seconds between starts of a service that keeps exiting
 
 
@@ -115,7 +115,7 @@ class ExplainServer:
         self.serial = threading.Lock()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler):
             def do_POST(self) -> None:
                 rid = self.headers.get("X-Request-ID")
                 if self.path != f"/explanations/{model}":
@@ -125,7 +125,7 @@ class ExplainServer:
                 except ValueError:
                     length = -1
                 if not 0 <= length <= MAX_BODY_BYTES:
-                    return self._send(413, ERRORS.error_body("BodyTooLarge", "the body is over 64 KiB"), rid)
+                    return self._send(413, ERRORS.error_body("BodyTooLarge", "the body is over 1 MiB"), rid)
                 raw = self.rfile.read(length)
                 try:
                     text, label = read_request(raw, self.headers.get("Content-Type"))
@@ -141,15 +141,7 @@ class ExplainServer:
                 self._send(404, ERRORS.error_body("NotFound", f"POST /explanations/{model}"), None)
 
             def _send(self, status: int, body: dict, request_id: str | None) -> None:
-                payload = (json.dumps(body | {"request_id": request_id}) + "\n").encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args) -> None:
-                pass
+                self.send_json(status, body | {"request_id": request_id})
 
         self.httpd = ThreadingHTTPServer((LOOPBACK, port), Handler)
         self.httpd.daemon_threads = True

@@ -72,6 +72,22 @@ class Pacer:
         return max(0.0, start - now)
 
 
+class JSONHandler(BaseHTTPRequestHandler):
+    """A loopback service's request handler: JSON answers, no access log of its own (the gateway
+    in front keeps one). The feedback and explanation services answer through it."""
+
+    def send_json(self, status: int, body: dict) -> None:
+        payload = (json.dumps(body) + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
 class FeedbackServer:
     """``POST /feedback``, ``GET /metrics`` and ``GET /live`` over a :class:`FeedbackStore`, on a
     loopback port, in threads of the calling process. Bodies are handled one at a time, paced to
@@ -85,22 +101,22 @@ class FeedbackServer:
         self.pacer = Pacer(items_per_s)
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler):
             def do_POST(self) -> None:
                 if self.path != "/feedback":
-                    return self._send(404, ERRORS.error_body("NotFound", "POST /feedback"))
+                    return self.send_json(404, ERRORS.error_body("NotFound", "POST /feedback"))
                 body = self._body()
                 # One body at a time: the store serialises the work anyway, and threads taking
                 # turns at the interpreter lock would wake each other (and the CPU) for nothing.
                 with outer.serial:
                     status, answer = outer.handle_post(body, self.headers.get("X-Request-ID"))
-                self._send(status, answer)
+                self.send_json(status, answer)
 
             def do_GET(self) -> None:
                 if self.path == "/live":
-                    return self._send(200, {"status": "live"})
+                    return self.send_json(200, {"status": "live"})
                 if self.path != "/metrics":
-                    return self._send(404, ERRORS.error_body("NotFound", "GET /metrics or /live"))
+                    return self.send_json(404, ERRORS.error_body("NotFound", "GET /metrics or /live"))
                 payload = outer.store.metrics().encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
@@ -114,17 +130,6 @@ class FeedbackServer:
                 except ValueError:
                     return None
                 return self.rfile.read(length) if 0 <= length <= MAX_BODY_BYTES else None
-
-            def _send(self, status: int, body: dict) -> None:
-                payload = (json.dumps(body) + "\n").encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args) -> None:
-                pass
 
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True

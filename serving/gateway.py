@@ -228,16 +228,20 @@ def relay_upstream(relay: str | None) -> str:
     return f"upstream rollout_relay {{\n    server {relay or '127.0.0.1:9'};\n    keepalive 8;\n}}\n"
 
 
-def feedback_route(port: int | None) -> str:
-    """The body of the ``/feedback`` location: to the feedback service on ``port`` (the stack's
-    service, ``serving.feedback_service``), or a 404 where none runs."""
-    if port is None:
-        return (
-            '            set $refusal \'{"code": 404, "type": "NotFound", "message": "no feedback service '
-            'runs behind this gateway", "request_id": "$emotion_request_id"}\\n\';\n'
-            "            rewrite ^ /_refuse/404 last;"
-        )
-    lines = [
+def _not_served(service: str) -> str:
+    """A route's body where no ``service`` runs behind the gateway: the NotFound refusal."""
+    return (
+        f'            set $refusal \'{{"code": 404, "type": "NotFound", "message": "no {service} '
+        'runs behind this gateway", "request_id": "$emotion_request_id"}\\n\';\n'
+        "            rewrite ^ /_refuse/404 last;"
+    )
+
+
+def _to_service(port: int, read_timeout: int, unavailable: str) -> list[str]:
+    """The lines that pass a request on to a loopback service of the stack: the client's key stops
+    here, the request's id goes with it, and only the gateway's own failures are intercepted (the
+    service's 4xx pass as they are); no answer is ``unavailable``'s 503."""
+    return [
         f"proxy_pass http://{LOOPBACK}:{port};",
         "proxy_http_version 1.1;",
         'proxy_set_header Connection "";',
@@ -245,17 +249,26 @@ def feedback_route(port: int | None) -> str:
         "proxy_set_header X-Request-ID $emotion_request_id;",
         "proxy_hide_header X-Request-ID;",
         "proxy_connect_timeout 2s;",
-        "proxy_read_timeout 30s;",
-        # An answer to 1,000 items is about 100 KB: passed on as it comes, not spilled to a file.
-        "proxy_buffering off;",
-        # Only these are the gateway's to answer: the service's own 4xx pass as they are.
+        f"proxy_read_timeout {read_timeout}s;",
         "proxy_intercept_errors on;",
         "error_page 408 /_error/408;",
-        "error_page 502 504 = @feedback_unavailable;",
+        f"error_page 502 504 = {unavailable};",
         "error_page 413 = @too_large;",
         "error_page 429 = @too_many;",
     ]
+
+
+def _indented(lines: list[str]) -> str:
     return "\n".join("            " + line for line in lines)
+
+
+def feedback_route(port: int | None) -> str:
+    """The body of the ``/feedback`` location: to the feedback service on ``port`` (the stack's
+    service, ``serving.feedback_service``), or a 404 where none runs."""
+    if port is None:
+        return _not_served("feedback service")
+    # An answer to 1,000 items is about 100 KB: passed on as it comes, not spilled to a file.
+    return _indented([*_to_service(port, 30, "@feedback_unavailable"), "proxy_buffering off;"])
 
 
 def explain_route(port: int | None) -> str:
@@ -263,49 +276,24 @@ def explain_route(port: int | None) -> str:
     length), its own rate and the body's deadline, then the explanation service on ``port``
     (``serving.explain``); without one, the path is not served (404, before any check)."""
     if port is None:
-        return (
-            '            set $refusal \'{"code": 404, "type": "NotFound", "message": "no explanation service '
-            'runs behind this gateway", "request_id": "$emotion_request_id"}\\n\';\n'
-            "            rewrite ^ /_refuse/404 last;"
-        )
+        return _not_served("explanation service")
     checks = [
         ("$request_method != POST", 405, "MethodNotAllowed", "explanations are POST /explanations/<model>"),
         ("$client_authorized = 0", 401, "Unauthorized", UNAUTHORIZED),
-        (
-            "$http_transfer_encoding",
-            411,
-            "LengthRequired",
-            "send the body with a Content-Length (a chunked body is not read)",
-        ),
+        ("$http_transfer_encoding", 411, "LengthRequired", CHUNKED),
     ]
     lines = []
     for condition, status, kind, message in checks:
         body = f'{{"code": {status}, "type": "{kind}", "message": "{message}", "request_id": "$emotion_request_id"}}'
-        lines += [
-            f"if ({condition}) {{",
-            f"    set $refusal '{body}\\n';",
-            f"    rewrite ^ /_refuse/{status} last;",
-            "}",
-        ]
+        refusal = f"    set $refusal '{body}\\n';"
+        lines += [f"if ({condition}) {{", refusal, f"    rewrite ^ /_refuse/{status} last;", "}"]
     lines += [
         # Its own rate (in place of the server's two), the server's connection limit.
         "limit_req zone=explain_rate burst=@@EXPLAIN_BURST@@ nodelay;",
         "access_by_lua_block { read_body(@@REQUEST_DEADLINE@@, @@BODY_READ_TIMEOUT@@) }",
-        f"proxy_pass http://{LOOPBACK}:{port};",
-        "proxy_http_version 1.1;",
-        'proxy_set_header Connection "";',
-        'proxy_set_header Authorization "";  # the client key stops here',
-        "proxy_set_header X-Request-ID $emotion_request_id;",
-        "proxy_hide_header X-Request-ID;",
-        "proxy_connect_timeout 2s;",
-        "proxy_read_timeout 60s;",
-        # The service's own 4xx pass as they are; only these are the gateway's to answer.
-        "proxy_intercept_errors on;",
-        "error_page 408 /_error/408;",
-        "error_page 502 504 = @explain_unavailable;",
-        "error_page 429 = @too_many;",
+        *_to_service(port, 60, "@explain_unavailable"),
     ]
-    return "\n".join("            " + line for line in lines)
+    return _indented(lines)
 
 
 def write_private(path: Path, text: str) -> None:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from training.config import compose
 
-from .helpers import FIXTURE_DATA, running_torchserve, tiny_overrides
+from .helpers import FIXTURE_DATA, make_stack, running_torchserve, start_ready, tiny_overrides
 
 TIERS = ("integration", "slow")  # unit: neither
 _started = time.monotonic()
@@ -84,6 +84,17 @@ def torchserve(model_store: Path, tmp_path: Path) -> Iterator:
     """A real TorchServe on free loopback ports serving ``emotion``; always stopped."""
     with running_torchserve(model_store, tmp_path / "ts") as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def stack(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """The whole service on the tiny model, started and ready, shared by a module's tests; always
+    stopped. (A module that needs its own per test, or other settings, defines its own.)"""
+    running = make_stack(model_store, tmp_path_factory.mktemp("stack") / "stack")
+    try:
+        yield start_ready(running)
+    finally:
+        running.stop()
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,13 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from project import PROJECT_ROOT
 from serving.worker import run_batch, worker_context  # noqa: F401 (run_batch: used by the tests)
+
+if TYPE_CHECKING:
+    from serving.stack import Stack
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_DATA = FIXTURES / "emotion"
@@ -151,3 +154,30 @@ def loopback_http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]
     finally:
         server.shutdown()
         server.server_close()
+
+
+def make_stack(model_store: Path, workdir: Path, models: str = "emotion=emotion.mar", **ts_overrides) -> Stack:
+    """The whole service (TorchServe, the gateway, the supervisor) on free loopback ports, not
+    started, with a keys file of its own."""
+    from serving.server import free_port
+    from serving.settings import GatewaySettings
+    from serving.stack import Stack
+
+    settings = GatewaySettings(port=free_port(), metrics_port=free_port())
+    return Stack(
+        model_store,
+        workdir,
+        settings,
+        models=models,
+        keys_file=workdir / "keys.json",
+        free_ports=True,
+        ts_overrides=ts_overrides or None,
+        drain=0.5,
+    )
+
+
+def start_ready(stack: Stack) -> Stack:
+    """Start and wait until ready (the readiness check compares with the archive's golden record)."""
+    stack.start()
+    stack.wait_ready(120)
+    return stack

@@ -19,8 +19,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_stack import make_stack, start_ready
-
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 ROUTE = "/predictions/emotion"
@@ -28,15 +26,6 @@ CASES = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCh
 # nginx's client_header_timeout and client_body_timeout are 10 s: a stalled request is answered or
 # closed by then; this bound leaves room for a loaded machine.
 DEADLINE_S = 30
-
-
-@pytest.fixture(scope="module")
-def stack(model_store, tmp_path_factory):
-    running = make_stack(model_store, tmp_path_factory.mktemp("hostile") / "stack")
-    try:
-        yield start_ready(running)
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,11 @@ from tritonclient.utils import InferenceServerException
 
 from project import LABELS
 from tests.helpers import wait_for
-from tests.test_stack import make_stack, start_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 TEXTS = ["i feel so delighted today", "i am terrified of the dark", "i feel lonely tonight", "i am furious at him"]
 TOLERANCE = 1e-5  # each text runs in a forward pass of its own (int8) or shares one (fp32): same answer
-
-
-@pytest.fixture(scope="module")
-def stack(model_store, tmp_path_factory):
-    running = make_stack(model_store, tmp_path_factory.mktemp("oip") / "stack")
-    try:
-        yield start_ready(running)
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

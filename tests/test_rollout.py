@@ -20,7 +20,8 @@ from loadtest.closed_loop import ClosedLoop
 from serving import rollout
 from serving.archive import build_archive
 from serving.rollout import EXIT_PROMOTED, EXIT_REFUSED, EXIT_ROLLED_BACK, Gates, Plan, Rollout, Window
-from tests.test_stack import TEXTS, make_stack, start_ready
+from tests.helpers import make_stack, start_ready
+from tests.test_stack import TEXTS
 
 SIX = 6
 

@@ -21,34 +21,12 @@ from loadtest.closed_loop import ClosedLoop
 from project import PROJECT_ROOT
 from serving import keys as gateway_keys
 from serving.server import free_port
-from serving.settings import GatewaySettings
 from serving.stack import Stack
-from tests.helpers import wait_for
+from tests.helpers import make_stack, start_ready, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 TEXTS = ["i feel so delighted today", "i am terrified of the dark", "i feel lonely tonight", "i am furious at him"]
-
-
-def make_stack(model_store: Path, workdir: Path, models: str = "emotion=emotion.mar", **ts_overrides) -> Stack:
-    settings = GatewaySettings(port=free_port(), metrics_port=free_port())
-    return Stack(
-        model_store,
-        workdir,
-        settings,
-        models=models,
-        keys_file=workdir / "keys.json",
-        free_ports=True,
-        ts_overrides=ts_overrides or None,
-        drain=0.5,
-    )
-
-
-def start_ready(stack: Stack) -> Stack:
-    """Start and wait until ready (the readiness check compares with the archive's golden record)."""
-    stack.start()
-    stack.wait_ready(120)
-    return stack
 
 
 @pytest.fixture
