@@ -35,7 +35,7 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt requirements-serve.txt 
 
 venv: $(BIN)/.installed ## Create the virtualenv and install the pinned requirements
 
-system-deps: ## Install Java 17 (TorchServe), Prometheus, wrk, nginx with its Lua module and Graphviz with apt when missing
+system-deps: ## Install Java 17 (TorchServe), Prometheus, wrk, nginx with its Lua module, Graphviz and Chromium (the docs' browser test) with apt when missing
 	@command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
 	@command -v prometheus >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
 	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
@@ -43,6 +43,7 @@ system-deps: ## Install Java 17 (TorchServe), Prometheus, wrk, nginx with its Lu
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx)
 	@test -f /usr/lib/nginx/modules/ngx_http_lua_module.so || (apt-get update -qq && apt-get install -y -qq libnginx-mod-http-lua)
 	@command -v dot >/dev/null || (apt-get update -qq && apt-get install -y -qq graphviz)
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 experiment: $(BIN)/.installed ## Write params.yaml (untracked) for $EXPERIMENT and $TEACHER (the pipeline targets do it)
 	@test $(EXPERIMENT) != none && test -f training/conf/experiment/$(EXPERIMENT).yaml || \
@@ -135,7 +136,7 @@ overload: system-deps $(ARCHIVE) ## Goodput under overload through the gateway (
 	$(BIN)/python -m bench.overload
 
 # The GPU path: `make gpu-pack` here (the model in fp16, the CPU int8 archive's answers), then
-# `make gpu-check` on a CUDA machine with a copy of the tree and outputs/gpu-check/ (README, "GPU check").
+# `make gpu-check` on a CUDA machine with a copy of the tree and outputs/gpu-check/ (docs/portability.md, "The GPU check").
 GPU_PYTHON ?= python3
 
 gpu-pack: $(ARCHIVE) ## Write outputs/gpu-check/ (fp16 model, validation texts, CPU int8 answers) for make gpu-check
@@ -147,7 +148,7 @@ gpu-check: ## On a CUDA machine: GPU engines vs the CPU int8 archive (>= 99% agr
 batching: $(ARCHIVE) ## Measure batchSize x maxBatchDelay x workers (loadtest/results/batching.json)
 	$(BIN)/python -m loadtest.batching_sweep
 
-# Drift monitoring (README, "Model monitoring (drift)"). The window's default is drift_report.window
+# Drift monitoring (docs/drift.md). The window's default is drift_report.window
 # in monitoring/drift.yaml; DRIFT_WINDOW=N overrides it.
 drift: $(BIN)/.installed ## Last DRIFT_WINDOW (monitoring/drift.yaml) logged requests of `make serve` vs the reference (outputs/drift/)
 	$(BIN)/python -m monitoring.drift $(if $(DRIFT_WINDOW),--window $(DRIFT_WINDOW)) --model-dir $(MODEL_DIR)
@@ -170,7 +171,15 @@ format: $(BIN)/.installed ## Apply ruff formatting and autofixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: $(BIN)/.installed system-deps lint ## Lint, then the whole test suite with line coverage
+DOCS_PORT ?= 8000
+
+docs: $(BIN)/.installed ## Serve the docs site on 127.0.0.1:$(DOCS_PORT), rebuilt on every change
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
+
+docs-build: $(BIN)/.installed ## Build the docs site strictly (every link and anchor checked) into outputs/site/
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --clean
+
+test: $(BIN)/.installed system-deps lint docs-build ## Lint, the docs' strict build, then the whole test suite with line coverage
 	$(BIN)/python -m pytest --cov --cov-report=term --cov-report=xml
 
 test-fast: $(BIN)/.installed ## Tests not marked slow
@@ -208,4 +217,4 @@ report: $(BIN)/.installed system-deps ## Exam report: figures from the project's
 clean: ## Remove run folders and caches (keeps data, models and the virtualenv)
 	rm -rf outputs .pytest_cache .ruff_cache .coverage coverage.xml logs
 
-.PHONY: help venv system-deps experiment pull data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench engines batching overload gpu-pack gpu-check drift quality predict robustness lint format test test-fast report clean image-deps image image-smoke lock rollout
+.PHONY: help venv system-deps experiment pull data train evaluate archive repro train-speed profile serve stop key rotate-key soak loadtest monitor bench engines batching overload gpu-pack gpu-check drift quality predict robustness lint format docs docs-build test test-fast report clean image-deps image image-smoke lock rollout

@@ -7,7 +7,7 @@ than Python reads (TorchServe's ``config.properties``, Prometheus' scrape config
 and Compute Engine files) disagrees with them. Standard library only (PyYAML is imported where a
 function needs it), so that the Makefile can run it before the virtualenv exists.
 
-What is not here has one owner of its own, named in the README's "Architecture" section:
+What is not here has one owner of its own, named in docs/architecture.md:
 TorchServe's ports are ``config.properties`` (:func:`torchserve_addresses` reads them), the
 drift window is ``monitoring/drift.yaml``, the training recipe is Hydra's ``training/conf``.
 """

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from project import handler_module
 
-# Ratio targets, measured in one run on one machine, so they mean the same on every CPU (README,
+# Ratio targets, measured in one run on one machine, so they mean the same on every CPU (docs/benchmarks.md,
 # "Benchmark"): d against the in-process ceiling of its own engine, the best peer server, the
 # in-process fp32 model, the seed design and stock TorchServe.
 TARGETS = {"d/ceiling": 0.85, "d/best peer": 1.2, "d/a": 2.5, "d/b": 3.0, "d/c": 3.0}

@@ -4,7 +4,7 @@ Each answer is one JSON body, ``{"code": <status>, "type": <type>, "message": <w
 "error": <the same message>}`` (:func:`error_body`; ``error`` is the Open Inference Protocol's
 field, so that OIP clients read every refusal). The handler raises
 :class:`emotion_inputs.InputError` by type and takes the status from here; the gateway's error
-answers (``serving/nginx.conf``) and the README's error table are checked against this table by
+answers (``serving/nginx.conf``) and the API page's error table (docs/api.md) are checked against this table by
 ``tests/test_errors.py``, so none of them can name a status the others do not. Standard library
 only: it travels in the model archive.
 """

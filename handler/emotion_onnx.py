@@ -190,7 +190,7 @@ def ort_session(path: Path, settings: HandlerSettings):
     options.intra_op_num_threads = settings.threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     # Idle pool threads spinning for the next run take CPU the front end and this worker's own
-    # Python thread need when the cores are shared (README, "Speed-ups").
+    # Python thread need when the cores are shared (docs/benchmarks.md, "Speed-ups").
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spin_wait else "0")
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

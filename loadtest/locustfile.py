@@ -15,6 +15,8 @@ from locust import LoadTestShape, between, task
 from locust.contrib.fasthttp import FastHttpUser
 
 from loadtest.settings import LoadTestSettings, inference_key
+from project import LABELS
+from serving.emotion_client import EmotionAPIError, Prediction, read_answer
 
 SETTINGS = LoadTestSettings.load()
 TEXTS = SETTINGS.texts()
@@ -33,11 +35,17 @@ class EmotionUser(FastHttpUser):
         self.path = f"/predictions/{SETTINGS.model}"
 
     def _check(self, response) -> None:
-        if response.status_code != 200:
-            response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+        """Read the answer as the project's client does (``serving.emotion_client``): one
+        contract for what a good answer is; Locust's own HTTP client only carries the bytes."""
+        try:
+            answer = Prediction.from_json(read_answer(response.status_code, response.text or ""))
+        except EmotionAPIError as err:
+            response.failure(str(err)[:200])
             return
-        body = response.json()
-        if "label" not in body or len(body.get("probabilities", {})) != 6:
+        except (KeyError, TypeError):
+            response.failure(f"unexpected body: {response.text[:200]}")
+            return
+        if len(answer.probabilities) != len(LABELS):
             response.failure(f"unexpected body: {response.text[:200]}")
 
     @task

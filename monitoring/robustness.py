@@ -134,7 +134,7 @@ def evaluate(
 
 
 def noise_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The README table of the statistics on undrifted streams."""
+    """The table of the statistics on undrifted streams (docs/drift.md)."""
     lines = [
         "| window | label PSI p95 / max | length PSI p95 / max | confidence PSI p95 / max "
         "| low-confidence rise p95 / max | unknown-token rise p95 / max | unfamiliar-word rise p95 / max |",
@@ -157,7 +157,7 @@ def noise_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The README table."""
+    """The robustness table (docs/drift.md)."""
     lines = [
         "| perturbation | accuracy | change (points) | label PSI | length PSI | confidence PSI "
         "| low-confidence share | unknown-token share | unfamiliar-word share | drift alerts |",

@@ -21,6 +21,7 @@ a 500 was already retried by the gateway). Answers are dataclasses: :class:`Pred
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
@@ -42,7 +43,7 @@ MAX_TEXTS = handler_module("emotion_inputs").MAX_TEXTS
 
 @dataclass(frozen=True)
 class Prediction:
-    """One text's answer (README, "The API")."""
+    """One text's answer (docs/api.md)."""
 
     label: str | None
     score: float
@@ -140,17 +141,25 @@ class _Settings:
         return f"/predictions/{self.model}"
 
 
-def _answer(response: httpx.Response, rid: str) -> dict[str, Any]:
+def read_answer(status: int, text: str, request_id: str | None = None) -> dict[str, Any]:
+    """The JSON body of an answer with ``status``; ``EmotionAPIError`` for anything but a 200
+    whose body is a JSON object. Any HTTP library's answer can be read with it (the load test's
+    is Locust's)."""
     try:
-        body = response.json()
+        body = json.loads(text)
     except ValueError:
-        body = {"message": response.text[:200]}
-    if response.status_code != 200:
-        raise EmotionAPIError(response.status_code, body if isinstance(body, dict) else None, rid)
+        body = {"message": text[:200]}
+    if status != 200 or not isinstance(body, dict):
+        raise EmotionAPIError(status, body if isinstance(body, dict) else None, request_id)
     return body
 
 
-def _predictions(body: dict[str, Any]) -> list[Prediction | PredictionError]:
+def _answer(response: httpx.Response, rid: str) -> dict[str, Any]:
+    return read_answer(response.status_code, response.text, rid)
+
+
+def predictions_of(body: dict[str, Any]) -> list[Prediction | PredictionError]:
+    """The entries of a list's answer (``{"predictions": [...]}``), in order."""
     return [
         PredictionError(a["code"], a["type"], a["message"], a.get("request_id"))
         if "code" in a
@@ -195,7 +204,7 @@ class EmotionClient:
 
     def predict_list(self, texts: Sequence[str], request_id: str | None = None) -> list[Prediction | PredictionError]:
         """One request of 1 to 64 texts: an answer or an error per text, in order."""
-        return _predictions(self._post(self.settings.predict_path, {"texts": list(texts)}, request_id))
+        return predictions_of(self._post(self.settings.predict_path, {"texts": list(texts)}, request_id))
 
     def predict_many(self, texts: Sequence[str]) -> list[Prediction | PredictionError]:
         """Any number of texts, 64 a request, in order."""
@@ -245,7 +254,7 @@ class AsyncEmotionClient:
     async def predict_list(
         self, texts: Sequence[str], request_id: str | None = None
     ) -> list[Prediction | PredictionError]:
-        return _predictions(await self._post(self.settings.predict_path, {"texts": list(texts)}, request_id))
+        return predictions_of(await self._post(self.settings.predict_path, {"texts": list(texts)}, request_id))
 
     async def predict_many(self, texts: Sequence[str], concurrency: int = 4) -> list[Prediction | PredictionError]:
         """Any number of texts, 64 a request, ``concurrency`` requests at a time, in order."""

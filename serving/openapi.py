@@ -464,6 +464,8 @@ def html(document: dict[str, Any]) -> str:
     esc = html_escape.escape
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        "<link rel='icon' href='data:,'>",  # no request for /favicon.ico, which nothing serves
         f"<title>{esc(document['info']['title'])} API</title>",
         "<style>body{font:15px/1.5 system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}"
         "h2{border-top:1px solid #ccc;padding-top:.8em;font-family:monospace}"

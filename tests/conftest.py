@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from training.config import compose
 
-from .helpers import FIXTURE_DATA, make_stack, running_torchserve, start_ready, tiny_overrides
+from .helpers import FIXTURE_DATA, chromium_executable, make_stack, running_torchserve, start_ready, tiny_overrides
 
 TIERS = ("integration", "slow")  # unit: neither
 _started = time.monotonic()
@@ -104,3 +104,20 @@ def fixture_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("train.txt", "val.txt"):
         shutil.copy(FIXTURE_DATA / name, target / name)
     return target
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator:
+    """A headless Chromium driven by Playwright, for the pages people read (the docs site, the
+    gateway's API page). Debian's Chromium: ``make system-deps`` installs it."""
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_executable()
+    if executable is None:
+        pytest.fail("no Chromium: make system-deps installs it (or set CHROMIUM to its path)")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=executable)
+        try:
+            yield chromium
+        finally:
+            chromium.close()

@@ -181,3 +181,33 @@ def start_ready(stack: Stack) -> Stack:
     stack.start()
     stack.wait_ready(120)
     return stack
+
+
+SCREENSHOTS = PROJECT_ROOT / "outputs" / "docs-screenshots"  # kept after the run, with the build's artifacts
+
+
+def chromium_executable() -> str | None:
+    """Debian's Chromium (``make system-deps`` installs it), or ``$CHROMIUM``."""
+    return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def visit(browser: Any, url: str, screenshot: str | None = None) -> tuple[Any, list[str]]:
+    """Open ``url`` in a new page of ``browser`` (Playwright) and wait until the network is idle;
+    returns the page and its problems: console errors, uncaught exceptions, failed requests,
+    answers of 400 or more, and images that did not load. ``screenshot`` names a full-page PNG in
+    ``SCREENSHOTS``."""
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda err: problems.append(f"uncaught: {err}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} ({r.failure})"))
+    page.on("response", lambda r: problems.append(f"{r.status}: {r.url}") if r.status >= 400 else None)
+    answer = page.goto(url, wait_until="networkidle")
+    if answer is None or answer.status != 200:
+        problems.append(f"{url}: {answer.status if answer else 'no answer'}")
+    broken = page.eval_on_selector_all("img", "els => els.filter(e => !e.complete || !e.naturalWidth).map(e => e.src)")
+    problems += [f"image not shown: {src}" for src in broken]
+    if screenshot:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / screenshot), full_page=True)
+    return page, problems

@@ -16,7 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serving import bulk
-from serving.emotion_client import EmotionAPIError, EmotionClient, Prediction, PredictionError, retry_delay
+from serving.emotion_client import (
+    EmotionAPIError,
+    EmotionClient,
+    Prediction,
+    PredictionError,
+    read_answer,
+    retry_delay,
+)
 from tests.helpers import FIXTURE_DATA, ScriptedHandler, loopback_http_server, wait_for
 
 TEXTS = [line.rsplit(";", 1)[0] for line in (FIXTURE_DATA / "val.txt").read_text().splitlines()]
@@ -70,6 +77,34 @@ def test_a_line_cut_short_is_removed_and_whole_lines_are_kept(tmp_path_factory, 
     done, last, failures, failed = bulk.resume_point(output)
     assert done == len(texts) and last == (len(texts) - 1 if texts else None)
     assert output.read_text(encoding="utf-8") == "".join(lines) and failures == [] and failed == 0
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(status=st.integers(100, 599), body=JSON_VALUES | st.text(max_size=40))
+def test_any_answer_is_read_as_its_body_or_as_an_api_error_with_its_status(status, body):
+    """The one reader of answers (the client's and the load test's): a 200 with a JSON object
+    is its body; anything else is an ``EmotionAPIError`` that keeps the status and, where the
+    body says them, the error's type and request id."""
+    text = body if isinstance(body, str) else json.dumps(body)
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if status == 200 and isinstance(parsed, dict):
+        assert read_answer(status, text) == parsed
+        return
+    with pytest.raises(EmotionAPIError) as refused:
+        read_answer(status, text, "rid")
+    assert refused.value.status == status
+    if isinstance(parsed, dict) and isinstance(parsed.get("type"), str):
+        assert refused.value.type == parsed["type"]
+    assert refused.value.request_id == ((parsed or {}).get("request_id") if isinstance(parsed, dict) else None) or "rid"
 
 
 def test_retries_wait_at_least_retry_after_and_back_off():

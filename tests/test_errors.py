@@ -1,4 +1,4 @@
-"""One error map (handler/emotion_errors.py): the handler, the gateway's answers and the README's
+"""One error map (handler/emotion_errors.py): the handler, the gateway's answers and the API page's
 error table name every error type with the status the map gives it, and nothing else."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from project import HANDLER_DIR, PROJECT_ROOT
 from serving.gateway import REFUSALS, feedback_route
 
 NGINX = PROJECT_ROOT / "serving" / "nginx.conf"
-README = PROJECT_ROOT / "README.md"
+API_PAGE = PROJECT_ROOT / "docs" / "api.md"  # the API page of the docs site holds the error table
 
 
 def raised_kinds() -> set[str]:
@@ -73,11 +73,11 @@ def test_every_gateway_answer_is_in_the_map_with_its_status():
     assert gateway_types - {"TextTooLong"} == {kind for kind, spec in ERRORS.items() if spec.source == "gateway"}
 
 
-def test_the_readme_table_gives_each_type_its_status():
-    rows = [line for line in README.read_text().splitlines() if line.startswith("| ") and "`" in line]
+def test_the_api_pages_table_gives_each_type_its_status():
+    rows = [line for line in API_PAGE.read_text().splitlines() if line.startswith("| ") and "`" in line]
     for kind, spec in ERRORS.items():
         mine = [row for row in rows if f"`{kind}`" in row or f"{spec.status} `{kind}`" in row]
-        assert mine, f"the README's error table has no row for {kind}"
+        assert mine, f"the API page's error table has no row for {kind}"
         assert any(str(spec.status) in row for row in mine), f"{kind}: {spec.status} not in {mine}"
 
 

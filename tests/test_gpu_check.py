@@ -1,5 +1,5 @@
 """``make gpu-check`` (bench/gpu_check.py) without a GPU: its CPU path, arguments, report and the
-CUDA compatibility verdict. The GPU run itself is the device check (README, "GPU check")."""
+CUDA compatibility verdict. The GPU run itself is the device check (docs/portability.md, "The GPU check")."""
 
 from __future__ import annotations
 

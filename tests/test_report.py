@@ -231,14 +231,14 @@ def test_the_serving_image_described_is_the_one_make_image_tags():
 
 
 def test_every_commit_the_documents_cite_is_in_the_history():
-    """A commit id in the README or the report (a backticked hex word: seven characters, git's short
+    """A commit id in the README, the docs site or the report (a backticked hex word: seven characters, git's short
     id, or longer with a letter in it, so that numbers are not taken for ids) names a commit of
     this repository, and the release commit pins the released experiment."""
     shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True, text=True)
     if shallow.stdout.strip() != "false":
         pytest.skip("a shallow clone (or no git) does not hold the history the documents cite")
     cited = set()
-    for doc in ("README.md", "report/README.md"):
+    for doc in ("README.md", "report/README.md", *sorted(p.relative_to(ROOT) for p in (ROOT / "docs").rglob("*.md"))):
         words = re.findall(r"`([0-9a-f]{7,40})`", (ROOT / doc).read_text())
         cited |= {w for w in words if len(w) == 7 or re.search(r"[a-f]", w)}
     assert "9304955" in cited

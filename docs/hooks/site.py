@@ -1,0 +1,60 @@
+"""MkDocs hooks of the docs site (``mkdocs.yml``): what the site shows from outside ``docs/``.
+
+* The figures the pipeline versions (``metrics/*/plots``, ``monitoring/figures``,
+  ``report/figures``) at their repository paths, so that a page links them as the repository does.
+* The exam report, ``report/README.md``, as the page ``report/``. The course template it follows
+  quotes example figures that it does not ship (``figures/wandb.png``, ...); such a link to a file
+  that does not exist keeps its words and loses its target, so that a strict build checks every
+  link the report itself makes.
+* The API description, ``reference/openapi.json``, and its page, ``reference/openapi.html``,
+  written by ``serving.openapi`` from the same spec the gateway serves at ``/openapi.json`` and
+  ``/docs``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from mkdocs.structure.files import File, Files
+
+ROOT = Path(__file__).resolve().parents[2]
+FIGURES = ("metrics/*/plots/*.png", "monitoring/figures/*.png", "report/figures/*.png")
+REPORT = ROOT / "report" / "README.md"
+LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def report_page(text: str, folder: Path) -> str:
+    """``text`` (Markdown in ``folder``) with each link or image to a missing local file reduced
+    to its words; web links, anchors and present files are kept."""
+
+    def keep_or_drop(match: re.Match[str]) -> str:
+        target = match.group(3)
+        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+            return match.group(0)
+        if (folder / target.split("#", 1)[0]).exists():
+            return match.group(0)
+        return match.group(2)
+
+    return LINK.sub(keep_or_drop, text)
+
+
+def on_files(files: Files, config) -> Files:
+    """Add the figures, the report and the API description to the site's files."""
+    for pattern in FIGURES:
+        for path in sorted(ROOT.glob(pattern)):
+            uri = path.relative_to(ROOT).as_posix()
+            if files.get_file_from_path(uri) is None:
+                files.append(File.generated(config, uri, abs_src_path=str(path)))
+    report = report_page(REPORT.read_text(), REPORT.parent)
+    files.append(File.generated(config, "report/index.md", content=report))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from serving import openapi
+
+    document = openapi.spec()
+    files.append(File.generated(config, "reference/openapi.json", content=json.dumps(document, indent=2) + "\n"))
+    files.append(File.generated(config, "reference/openapi.html", content=openapi.html(document)))
+    return files
