@@ -22,8 +22,6 @@ from serving.openapi import spec
 
 from .helpers import loopback_http_server, visit
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
 README = PROJECT_ROOT / "README.md"
 DOCS = PROJECT_ROOT / "docs"
 
@@ -84,6 +82,8 @@ def test_every_page_in_docs_is_in_the_navigation_and_every_entry_exists():
     assert "report/index.md" in entries and "reference/openapi.html" in entries  # written by docs/hooks/site.py
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_every_page_renders_in_chromium_without_errors(served, browser):
     entries = nav_entries(config()["nav"])
     for entry in entries:
@@ -100,6 +100,8 @@ def test_every_page_renders_in_chromium_without_errors(served, browser):
             page.close()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_the_api_reference_lists_every_path_of_the_description(served, browser):
     page, problems = visit(browser, served + "reference/openapi.html")
     try:
@@ -119,6 +121,8 @@ def test_the_api_reference_lists_every_path_of_the_description(served, browser):
         api.close()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_search_finds_pages_offline(served, browser):
     page, problems = visit(browser, served)
     try:
@@ -138,7 +142,6 @@ def test_search_finds_pages_offline(served, browser):
         page.close()
 
 
-@pytest.mark.unit
 def test_the_readme_is_the_short_front_page_that_links_into_the_docs():
     text = README.read_text()
     assert len(text.splitlines()) < 250
@@ -150,3 +153,19 @@ def test_the_readme_is_the_short_front_page_that_links_into_the_docs():
     for path in spec()["paths"]:  # the API in one table: every route
         route = re.sub(r"/(\{version\}|versions/\{version\})", "", path.replace("{model}", "emotion"))
         assert f"{route}`" in plain or f"{route}," in plain, path
+
+
+def test_the_runbook_has_a_section_for_every_alert_and_none_for_an_alert_that_does_not_exist():
+    alerts = [
+        rule["alert"]
+        for name in ("alerts.yml", "drift_rules.yml")
+        for group in yaml.safe_load((PROJECT_ROOT / "monitoring" / name).read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
+    text = (DOCS / "runbook.md").read_text()
+    sections = re.split(r"^### ", text, flags=re.M)[1:]
+    titled = {section.split("\n", 1)[0].strip(): section for section in sections}
+    assert sorted(titled) == sorted(alerts)
+    for alert, section in titled.items():  # what it means, what to look at, what to do
+        assert all(part in section for part in ("**Means:**", "**Check:**", "**Do:**")), alert

@@ -19,7 +19,7 @@ from serving.openapi import ERRORS, NOT_AT_THE_FRONT_DOOR, html, spec
 from serving.server import free_port
 from serving.settings import GatewaySettings
 from serving.stack import Stack
-from tests.helpers import wait_for
+from tests.helpers import visit, wait_for
 
 NGINX = PROJECT_ROOT / "serving" / "nginx.conf"
 # The checks of "no 5xx and no answer that breaks the spec".
@@ -131,6 +131,24 @@ def test_the_gateway_serves_the_description_and_its_page(stack):
     page = requests.get(f"{stack.url}/docs", timeout=10)
     assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
     assert all(f"<h2 id='{path}'>" in page.text for path in spec()["paths"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_gateways_api_page_renders_in_chromium_with_every_path(stack, browser):
+    """The page a user opens at ``/docs``, in a real browser: no console error, no request that
+    fails or is refused (it loads nothing but itself), every path of the description listed, and
+    its link to ``openapi.json`` answered by the gateway with the same description."""
+    page, problems = visit(browser, f"{stack.url}/docs", screenshot="gateway-docs.png")
+    try:
+        assert problems == []
+        assert page.locator("h2").all_inner_texts() == list(spec()["paths"])
+        with page.expect_navigation() as followed:
+            page.click("a[href='openapi.json']")
+        assert page.url == f"{stack.url}/openapi.json" and followed.value.status == 200
+        assert followed.value.json() == json.loads(json.dumps(spec()))
+    finally:
+        page.close()
 
 
 @pytest.mark.slow
