@@ -173,8 +173,8 @@ format: $(BIN)/.installed ## Apply ruff formatting and autofixes
 
 DOCS_PORT ?= 8000
 
-docs: $(BIN)/.installed ## Serve the docs site on 127.0.0.1:$(DOCS_PORT), rebuilt on every change
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
+docs: $(BIN)/.installed ## Serve the docs site on the loopback address, port DOCS_PORT (8000), rebuilt on every change
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr $(LOOPBACK):$(DOCS_PORT)
 
 docs-build: $(BIN)/.installed ## Build the docs site strictly (every link and anchor checked) into outputs/site/
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --clean

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from emotion_backends import Backend, load_backend
 from emotion_batch import plan_passes, softmax
+from emotion_monitor import known_words
 from emotion_settings import HandlerSettings
+from emotion_spelling import Speller, load_speller
 
 # The temperature fitted on the validation split (training.calibrate), packed by serving.archive.
 CALIBRATION_FILE = "calibration.json"
@@ -164,13 +166,22 @@ class EmotionEngine:
         if settings.long_texts == "chunk" and not hasattr(self.tokenizer, "windows"):
             raise ValueError("handler.long_texts: chunk needs a fast tokenizer (tokenizer.json in the model directory)")
         self.pad_token_id = self.tokenizer.pad_token_id or 0
+        self.speller: Speller | None = (
+            load_speller(Path(model_dir), known_words(self.tokenizer.get_vocab())) if settings.correct_typos else None
+        )
         self.model: Backend = load_backend(Path(model_dir), settings, device or torch.device("cpu"))
         config = self.model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
 
     def token_ids(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
-        """Token ids of each text, truncated to ``max_length``, and whether each was truncated."""
-        return self.tokenizer.encode(texts, self.max_length)
+        """Token ids of each text (its typos corrected, :meth:`read`), truncated to ``max_length``,
+        and whether each was truncated."""
+        return self.tokenizer.encode(self.read(texts), self.max_length)
+
+    def read(self, texts: list[str]) -> list[str]:
+        """The texts as the model reads them: with ``correct_typos`` and a word list in the model
+        directory, each word one typo away from a known word replaced by it; else as written."""
+        return texts if self.speller is None else self.speller.correct_all(texts)
 
     def windows(self, texts: list[str]) -> tuple[list[list[list[int]]], list[bool]]:
         """With ``long_texts: chunk``, each text's windows (``max_chunks`` at most), and whether
@@ -178,7 +189,7 @@ class EmotionEngine:
         if self.settings.long_texts != "chunk":
             token_ids, truncated = self.token_ids(texts)
             return [[ids] for ids in token_ids], truncated
-        windows = self.tokenizer.windows(texts, self.max_length, self.chunk_overlap)
+        windows = self.tokenizer.windows(self.read(texts), self.max_length, self.chunk_overlap)
         cap = self.settings.max_chunks
         return [w[:cap] for w in windows], [len(w) > cap for w in windows]
 

@@ -68,6 +68,9 @@ class HandlerSettings:
         request_log_texts: ``true``: also log the raw texts (operator opt-in; off by default for
             privacy); ``hash``: only each text's SHA-256 (``text_sha256``); ``false``: neither.
         request_log_max_age_days: Days a request-log entry may be kept (0: no age limit).
+        correct_typos: Replace each word that is one typo away from a known word by that word
+            before tokenizing (``emotion_spelling``), where the model directory has the word list
+            (``words.json``); ``false`` reads every text as written.
         abstain_below: Answer ``"label": null, "abstained": true`` (with every probability) when
             the top probability is below this; 0 never abstains. A request's
             ``X-Emotion-Abstain-Below`` header overrides it (``emotion_inputs.abstain_threshold``);
@@ -95,6 +98,7 @@ class HandlerSettings:
     request_log_texts: bool | str = False
     request_log_max_age_days: float = 30
     abstain_below: float = 0.0
+    correct_typos: bool = True
 
     @classmethod
     def from_yaml(cls, section: dict[str, Any] | None) -> HandlerSettings:

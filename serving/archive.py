@@ -8,7 +8,9 @@ backend whose CPU worker never reads them (the CPU serving image). Nothing the a
 fetched at serve time. The reference profile written beside the model directory
 (``<model-dir>.profile.json``, ``monitoring.profile``) is packed as ``reference_profile.json``, and
 the softmax temperature (``<model-dir>.calibration.json``, ``training.calibrate``) as
-``calibration.json``, which the handler applies.
+``calibration.json``, which the handler applies; the training split's word counts
+(``<model-dir>.words.json``, ``training.words``) as ``words.json``, the known words of the
+handler's typo correction.
 The archived engine's answers to the golden texts are packed as ``golden.json``
 (``serving.golden``), which the gateway's readiness check compares served answers with.
 The pipeline's archive stage (``dvc.yaml``) passes the experiment's model directory.
@@ -40,6 +42,8 @@ PROFILE_SUFFIX = ".profile.json"
 ARCHIVE_PROFILE_NAME = "reference_profile.json"
 # The temperature training/calibrate.py fits, beside the model directory too.
 CALIBRATION_SUFFIX = ".calibration.json"
+# The training split's word counts training/words.py writes, for the handler's typo correction.
+WORDS_SUFFIX = ".words.json"
 WEIGHTS = "model.safetensors"
 # Files of a Hugging Face model directory the handler needs besides the weights.
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -127,8 +131,18 @@ def build_archive(
             log.info("packing the temperature %.4f of %s", temperature, calibration)
         else:
             log.warning("no calibration %s: the archive serves uncalibrated probabilities", calibration)
+        words = beside(model_dir, WORDS_SUFFIX)
+        if words.is_file():
+            spelling = handler_module("emotion_spelling")
+            extra.append(Path(shutil.copy(words, Path(tmp) / spelling.WORDS_FILE)))
+            try:
+                spelling.load_speller(Path(tmp), ())
+            except (ValueError, KeyError, json.JSONDecodeError) as err:
+                raise ArchiveError(f"{words}: {err}") from err
+        else:
+            log.warning("no word list %s: the archive reads texts as written (python -m training.words)", words)
         try:
-            # After the calibration: the record holds the answers as served, temperature applied.
+            # After the calibration and the word list: the record holds the answers as served.
             extra.append(write_golden_record(model_dir, extra, settings, Path(tmp)))
         except GoldenError as err:
             raise ArchiveError(f"{model_dir}: {err}") from err
@@ -185,6 +199,7 @@ def write_golden_record(model_dir: Path, files: list[Path], settings, tmp: Path)
     fp32 = dataclasses.replace(settings, backend="torch", precision="fp32", compile=False, spin_wait=False, fuse=False)
     # The same temperature: the noise compares the logits both engines feed the softmax.
     reference = engine_module.EmotionEngine(model_dir, fp32, temperature=archived.temperature)
+    reference.speller = archived.speller  # and the same reading of the texts (the archive's word list)
     record = build_record(archived, reference, f"{settings.backend} {settings.precision}", cpu.line())
     log.info(
         "golden record: %d texts, %d decisive, noise %.4f, tolerance %.4f (%s)",

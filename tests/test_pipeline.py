@@ -42,6 +42,10 @@ def test_stage_outputs_are_where_training_writes_them(experiment):
     calibration = f"{model_dir}.calibration.json"
     assert calibration in paths["calibrate"] and calibration in paths["profile"] and calibration in paths["archive"]
     assert f"{metrics_dir}/calibration.json" in paths["calibrate"]
+    # The training split's words: counted beside the model folder, read by evaluate, packed by the archive.
+    words = f"{model_dir}.words.json"
+    assert words in paths["words"] and words in paths["evaluate"] and words in paths["archive"]
+    assert "data/processed/train.txt" in paths["words"] and "data/processed/val.txt" not in paths["words"]
     archive_cmd = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["archive"]["cmd"]
     assert f"--model-dir {model_dir} " in archive_cmd.replace("${experiment}", experiment)
 
@@ -93,12 +97,15 @@ def test_repro_builds_the_archive_then_is_a_no_op(workspace):
     assert (repo / "metrics" / "smoke" / "eval.json").is_file()
     with zipfile.ZipFile(repo / "model_store" / "emotion.mar") as archive:  # the fitted temperature, packed
         packed = json.loads(archive.read("calibration.json"))
+        words = json.loads(archive.read("words.json"))
     assert packed == json.loads((repo / "models" / "emotion-smoke.calibration.json").read_text())
+    assert words == json.loads((repo / "models" / "emotion-smoke.words.json").read_text()) and words["counts"]
+    assert "typo_correction" in json.loads((repo / "metrics" / "smoke" / "eval.json").read_text())
     assert json.loads((repo / "metrics" / "smoke" / "calibration.json").read_text())["temperature"] > 0
     assert (repo / "models" / "emotion-smoke" / "model.safetensors").is_file()
     again = run(["dvc", "repro"], repo, env)
     assert "Data and pipelines are up to date" in again
-    for stage in ("data", "teacher", "teacher_logits", "train", "calibrate", "profile", "evaluate", "archive"):
+    for stage in ("data", "teacher", "teacher_logits", "train", "calibrate", "profile", "words", "evaluate", "archive"):
         assert f"Stage '{stage}' didn't change, skipping" in again
 
 
@@ -124,10 +131,16 @@ def test_teacher_stages_feed_the_student_its_teacher_logits():
 def test_teacher_depends_on_all_training_code_and_its_own_experiment_only():
     paths = stage_paths("distill", teacher="mpnet")["teacher"]
     training = PROJECT_ROOT / "training"
-    # Every module the fine-tune may import; the data and calibrate stages' and the speed script are
+    # Every module the fine-tune may import; the data, calibrate and words stages' and the speed script are
     # not among them.
     modules = {p.relative_to(PROJECT_ROOT).as_posix() for p in training.glob("*.py")}
-    modules -= {"training/prepare.py", "training/hub.py", "training/speed.py", "training/calibrate.py"}
+    modules -= {
+        "training/prepare.py",
+        "training/hub.py",
+        "training/speed.py",
+        "training/calibrate.py",
+        "training/words.py",
+    }
     assert modules <= paths
     groups = {p.relative_to(PROJECT_ROOT).as_posix() for p in (training / "conf").iterdir() if p.is_dir()}
     assert groups - {"training/conf/experiment", "training/conf/hparams_search"} <= paths

@@ -3,14 +3,19 @@
 ``python -m training.evaluate`` loads the saved model directory, predicts the
 validation split and writes ``metrics/eval.json`` plus the confusion-matrix plot; ``robustness``
 in it holds accuracy and macro-F1 under each seeded perturbation of :mod:`training.perturb`.
+Where the words stage wrote the training split's word list beside the model directory,
+``typo_correction`` holds the same figures with the texts read as the handler reads them: each
+word one typo away from a known word corrected first (``handler/emotion_spelling.py``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import hydra
@@ -18,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from project import handler_module
 from training.batching import TokenizedSplit, bucketed_batches
 from training.config import CONFIG_DIR
 from training.data import Example, load_split
@@ -25,6 +31,8 @@ from training.metrics import classification_metrics
 from training.perturb import ROBUSTNESS, metric_key, perturb
 from training.plots import plot_confusion_matrix
 from training.runtime import resolve_precision
+
+WORDS_SUFFIX = ".words.json"  # the words stage's output beside the model directory (serving.archive packs it)
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +66,23 @@ def predict(model, split: TokenizedSplit, batch_size: int, precision: str = "fp3
     return predictions
 
 
-def robustness(model, examples: Sequence[Example], tokenizer, batch_size: int, precision: str = "fp32") -> dict:
+def robustness(
+    model,
+    examples: Sequence[Example],
+    tokenizer,
+    batch_size: int,
+    precision: str = "fp32",
+    read: Callable[[list[str]], list[str]] | None = None,
+) -> dict:
     """Accuracy and macro-F1 on ``examples`` under each perturbation of
-    :data:`training.perturb.ROBUSTNESS` (seeded), keyed as the DVC metrics name them."""
+    :data:`training.perturb.ROBUSTNESS` (seeded), keyed as the DVC metrics name them; ``read``
+    turns the perturbed texts into what the model reads (the handler's typo correction)."""
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     gold = [e.label for e in examples]
     out = {}
     for name in ROBUSTNESS:
         texts = perturb([e.text for e in examples], name)
+        texts = read(texts) if read else texts
         split = TokenizedSplit(
             [Example(t, e.label) for t, e in zip(texts, examples, strict=True)], tokenizer, tokenizer.model_max_length
         )
@@ -96,6 +113,9 @@ def evaluate(cfg: DictConfig) -> dict:
     metrics = classification_metrics(split.labels, predictions, labels)
     metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
     metrics["robustness"] = robustness(model, examples, tokenizer, cfg.train.eval_batch_size, cfg.train.precision)
+    speller = load_speller(model_dir, tokenizer)
+    if speller is not None:
+        metrics["typo_correction"] = corrected_metrics(model, examples, tokenizer, cfg, speller)
     metrics_dir = Path(cfg.paths.metrics_dir)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     (metrics_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -103,7 +123,38 @@ def evaluate(cfg: DictConfig) -> dict:
     log.info("validation accuracy %.4f, macro-F1 %.4f", metrics["accuracy"], metrics["macro_f1"])
     for name, row in metrics["robustness"].items():
         log.info("  %-22s accuracy %.4f, macro-F1 %.4f", name, row["accuracy"], row["macro_f1"])
+    for name, row in metrics.get("typo_correction", {}).get("robustness", {}).items():
+        log.info("  corrected %-12s accuracy %.4f, macro-F1 %.4f", name, row["accuracy"], row["macro_f1"])
     return metrics
+
+
+def load_speller(model_dir: Path, tokenizer):
+    """The handler's typo correction for ``model_dir``: the words stage's list beside it and the
+    tokenizer's whole words; None when the words stage has not run."""
+    words = model_dir.with_name(model_dir.name + WORDS_SUFFIX)
+    if not words.is_file():
+        return None
+    spelling, monitor = handler_module("emotion_spelling"), handler_module("emotion_monitor")
+    with tempfile.TemporaryDirectory() as folder:  # the loader reads words.json in a model directory
+        shutil.copy(words, Path(folder) / spelling.WORDS_FILE)
+        return spelling.load_speller(Path(folder), monitor.known_words(tokenizer.get_vocab()))
+
+
+def corrected_metrics(model, examples: Sequence[Example], tokenizer, cfg: DictConfig, speller) -> dict:
+    """Accuracy, macro-F1 and robustness with the texts read through ``speller``, as served."""
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    read = [Example(t, e.label) for t, e in zip(speller.correct_all([e.text for e in examples]), examples, strict=True)]
+    split = TokenizedSplit(read, tokenizer, tokenizer.model_max_length)
+    precision = resolve_precision(cfg.train.precision)
+    scores = classification_metrics(split.labels, predict(model, split, cfg.train.eval_batch_size, precision), labels)
+    return {
+        "accuracy": scores["accuracy"],
+        "macro_f1": scores["macro_f1"],
+        "texts_changed": sum(a.text != b.text for a, b in zip(read, examples, strict=True)),
+        "robustness": robustness(
+            model, examples, tokenizer, cfg.train.eval_batch_size, cfg.train.precision, speller.correct_all
+        ),
+    }
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")

@@ -20,9 +20,7 @@ from pathlib import Path
 
 from mkdocs.structure.files import File, Files
 
-ROOT = Path(__file__).resolve().parents[2]
 FIGURES = ("metrics/*/plots/*.png", "monitoring/figures/*.png", "report/figures/*.png")
-REPORT = ROOT / "report" / "README.md"
 LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
 
 
@@ -43,17 +41,19 @@ def report_page(text: str, folder: Path) -> str:
 
 def on_files(files: Files, config) -> Files:
     """Add the figures, the report and the API description to the site's files."""
-    for pattern in FIGURES:
-        for path in sorted(ROOT.glob(pattern)):
-            uri = path.relative_to(ROOT).as_posix()
-            if files.get_file_from_path(uri) is None:
-                files.append(File.generated(config, uri, abs_src_path=str(path)))
-    report = report_page(REPORT.read_text(), REPORT.parent)
-    files.append(File.generated(config, "report/index.md", content=report))
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    root = Path(config.config_file_path).resolve().parent  # mkdocs.yml sits at the project root
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from project import PROJECT_ROOT
     from serving import openapi
 
+    for pattern in FIGURES:
+        for path in sorted(PROJECT_ROOT.glob(pattern)):
+            uri = path.relative_to(PROJECT_ROOT).as_posix()
+            if files.get_file_from_path(uri) is None:
+                files.append(File.generated(config, uri, abs_src_path=str(path)))
+    report = PROJECT_ROOT / "report" / "README.md"
+    files.append(File.generated(config, "report/index.md", content=report_page(report.read_text(), report.parent)))
     document = openapi.spec()
     files.append(File.generated(config, "reference/openapi.json", content=json.dumps(document, indent=2) + "\n"))
     files.append(File.generated(config, "reference/openapi.html", content=openapi.html(document)))
