@@ -11,8 +11,10 @@ to alphabetical order, so that the correction is deterministic.
 
 Left alone: known words, words shorter than ``MIN_LENGTH`` or longer than ``MAX_LENGTH`` letters
 (a long run of letters is no word a person meant), words with letters outside ASCII (the model and
-its word list are English), and words with no known word one edit away. The cost of a word is
-bounded by its length (about 54 lookups per letter), so a text's cost is bounded by its length.
+its word list are English), and words with no known word one edit away. Candidates are found
+through an index of the known words' single deletions (two words one edit apart share a deletion,
+or one is a deletion of the other), so a word costs about one lookup per letter, and a text's cost
+is bounded by its length.
 """
 
 from __future__ import annotations
@@ -20,29 +22,32 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 WORDS_FILE = "words.json"
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORD = re.compile(r"[^\W\d_]+")  # runs of letters, in any script
 MIN_LENGTH = 3
 MAX_LENGTH = 20
 
 
-def edits(word: str) -> Iterable[str]:
-    """Every string one edit from ``word`` (lower-case ASCII): deletions, swaps of neighbours,
-    replacements and insertions of a letter (duplicates included)."""
-    for i in range(len(word) + 1):
-        head, tail = word[:i], word[i:]
-        if tail:
-            yield head + tail[1:]
-            if len(tail) > 1:
-                yield head + tail[1] + tail[0] + tail[2:]
-            for letter in LETTERS:
-                yield head + letter + tail[1:]
-        for letter in LETTERS:
-            yield head + letter + tail
+def deletions(word: str) -> set[str]:
+    """Every string one deleted letter from ``word``."""
+    return {word[:i] + word[i + 1 :] for i in range(len(word))}
+
+
+def one_edit_apart(a: str, b: str) -> bool:
+    """Whether ``b`` is one deletion, insertion, replacement or swap of neighbours from ``a``."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) != len(b):
+        short, long = (a, b) if len(a) < len(b) else (b, a)
+        i = next((i for i in range(len(short)) if short[i] != long[i]), len(short))
+        return short[i:] == long[i + 1 :]
+    diff = [i for i in range(len(a)) if a[i] != b[i]]
+    if len(diff) == 1:
+        return True
+    i, j = diff[0], diff[-1]
+    return len(diff) == 2 and j == i + 1 and a[i] == b[j] and a[j] == b[i]
 
 
 def count_words(texts: Iterable[str]) -> dict[str, int]:
@@ -63,7 +68,6 @@ def _cased_like(word: str, original: str) -> str:
     return word
 
 
-@dataclass(frozen=True)
 class Speller:
     """Corrects the words of a text that are one typo away from a known word.
 
@@ -72,11 +76,25 @@ class Speller:
         vocabulary: Further known words (the tokenizer's whole words), count 0.
     """
 
-    counts: Mapping[str, int]
-    vocabulary: frozenset[str]
+    def __init__(self, counts: Mapping[str, int], vocabulary: frozenset[str]) -> None:
+        self.counts = dict(counts)
+        self.vocabulary = frozenset(vocabulary)
+        # Each known word under each of its single deletions (long words are never candidates).
+        self._by_deletion: dict[str, list[str]] = {}
+        for word in sorted(self.counts.keys() | self.vocabulary):
+            if len(word) <= MAX_LENGTH + 1:
+                for key in deletions(word):
+                    self._by_deletion.setdefault(key, []).append(word)
 
     def known(self, word: str) -> bool:
         return word in self.counts or word in self.vocabulary
+
+    def candidates(self, word: str) -> set[str]:
+        """The known words one edit from ``word`` (lower case)."""
+        found = {k for k in deletions(word) if self.known(k)}  # a letter inserted into k
+        for key in (word, *deletions(word)):  # a letter deleted from, replaced in, or swapped in k
+            found.update(self._by_deletion.get(key, ()))
+        return {k for k in found if one_edit_apart(word, k)}
 
     def correct_word(self, word: str) -> str:
         """``word``, or the known word one edit away that wins (module docstring), in the case
@@ -86,7 +104,7 @@ class Speller:
             return word
         if self.known(lower):
             return word
-        candidates = {e for e in edits(lower) if self.known(e)}
+        candidates = self.candidates(lower)
         if not candidates:
             return word
         best = min(candidates, key=lambda e: (-self.counts.get(e, 0), e not in self.vocabulary, e))

@@ -40,6 +40,12 @@ def distance_one(a: str, b: str) -> bool:
     return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
 
 
+@given(a=st.text(alphabet="abc", max_size=6), b=st.text(alphabet="abc", max_size=6))
+@settings(max_examples=500, deadline=None)
+def test_one_edit_apart_agrees_with_the_definition(a, b):
+    assert spelling.one_edit_apart(a, b) == distance_one(a, b) == spelling.one_edit_apart(b, a)
+
+
 def oracle(speller, word: str) -> str:
     """The speller's rule, by brute force over every known word."""
     if speller.known(word):
