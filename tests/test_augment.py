@@ -202,6 +202,23 @@ def test_evaluation_typos_only_swap_inner_letters_at_their_rate(parts, seed):
             assert after[:1] == before[:1] and after[-1:] == before[-1:]
 
 
+@settings(max_examples=100, deadline=None)
+@given(parts=sentences, seed=st.integers(0, 1000))
+def test_the_other_evaluation_typos_keep_the_outer_letters_and_make_as_many_edits_as_they_say(parts, seed):
+    text = " ".join(parts)
+    dropped = perturb([text], "typos (letters dropped or replaced)", seed)[0].split(" ")
+    twice = perturb([text], "typos (two per word)", seed)[0].split(" ")
+    for before, one, two in zip(parts, dropped, twice, strict=True):
+        assert one[:1] == before[:1] and one[-1:] == before[-1:] and two[:1] == before[:1] and two[-1:] == before[-1:]
+        if one != before:  # one letter dropped, or one replaced by another letter
+            assert len(before) >= 4 and (
+                len(one) == len(before) - 1 or sum(a != b for a, b in zip(one, before, strict=True)) == 1
+            )
+        if two != before:  # two swaps of neighbours, apart: four letters moved, the same letters
+            assert len(before) >= 6 and sorted(two) == sorted(before)
+            assert sum(a != b for a, b in zip(two, before, strict=True)) in (2, 4)
+
+
 def test_heavy_typos_change_more_words_than_typos():
     texts = ["i am feeling quite overwhelmed and rather lonely tonight"] * 300
     changed = Counter()

@@ -4,15 +4,17 @@ The evaluate stage (:mod:`training.evaluate`) and ``make robustness``
 (:mod:`monitoring.robustness`) measure accuracy under each of :data:`PERTURBATIONS`. Every
 perturbation is seeded (``perturb(texts, name, seed)`` draws from one ``random.Random(seed)``
 in text order), so two runs see the same texts. This is separate from the training-time noise of
-:mod:`training.augment`: another typo model (transpositions of inner letters only, never the first
-or last letter), another generator and other seeds, so the evaluation does not replay the noise a
-robust model was trained on.
+:mod:`training.augment`: other typo models (inner letters only, never the first or last letter:
+transpositions, drops and replacements by any letter without a keyboard model, and two
+transpositions in one word), another generator and other seeds, so the evaluation does not replay
+the noise a robust model was trained on.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import string
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -29,6 +31,34 @@ def typos(text: str, rng: random.Random, rate: float = TYPO_RATE) -> str:
         if len(word) >= 4 and rng.random() < rate:
             k = rng.randrange(1, len(word) - 2)
             words[i] = word[:k] + word[k + 1] + word[k] + word[k + 2 :]
+    return " ".join(words)
+
+
+def letter_typos(text: str, rng: random.Random, rate: float = TYPO_RATE) -> str:
+    """Drop one inner letter, or replace it by a random other letter, in about ``rate`` of the
+    words of four letters or more (no keyboard model: any letter is as likely)."""
+    words = text.split(" ")
+    for i, word in enumerate(words):
+        if len(word) >= 4 and rng.random() < rate:
+            k = rng.randrange(1, len(word) - 1)
+            if rng.random() < 0.5:
+                words[i] = word[:k] + word[k + 1 :]
+            else:
+                other = rng.choice([c for c in string.ascii_lowercase if c != word[k].lower()])
+                words[i] = word[:k] + other + word[k + 1 :]
+    return " ".join(words)
+
+
+def two_typos(text: str, rng: random.Random, rate: float = TYPO_RATE) -> str:
+    """Two swaps of neighbouring inner letters, apart, in about ``rate`` of the words of six
+    letters or more: two edits in one word, which no one-edit correction can undo."""
+    words = text.split(" ")
+    for i, word in enumerate(words):
+        if len(word) >= 6 and rng.random() < rate:
+            k = rng.randrange(1, len(word) - 4)
+            m = rng.randrange(k + 2, len(word) - 2)
+            word = word[:k] + word[k + 1] + word[k] + word[k + 2 :]
+            words[i] = word[:m] + word[m + 1] + word[m] + word[m + 2 :]
     return " ".join(words)
 
 
@@ -65,6 +95,8 @@ PERTURBATIONS: dict[str, Callable[[str, random.Random], str]] = {
     "none": lambda text, rng: text,
     "typos": typos,
     "typos (heavy)": partial(typos, rate=HEAVY_TYPO_RATE),
+    "typos (letters dropped or replaced)": letter_typos,
+    "typos (two per word)": two_typos,
     "upper case": upper_case,
     "emoji": emoji,
     "repeated punctuation": repeated_punctuation,
