@@ -29,6 +29,7 @@ from monitoring.profile import load_profile
 from project import ARCHIVE, OUTPUTS_DIR, VAL_FILE, handler_module
 from serving.worker import InProcessWorker
 from training.data import load_split
+from training.metrics import classification_metrics
 from training.perturb import PERTURBATIONS, perturb
 
 monitor = handler_module("emotion_monitor")  # the module TorchServe's worker loads, not a second copy
@@ -121,7 +122,15 @@ def evaluate(
             accuracy = sum(a.get("label") == g for a, g in zip(answers, gold, strict=True)) / len(gold)
             entries = read_requests(log_dir, len(examples))
             stats = stream_statistics(entries, profile)
-            rows.append({"perturbation": name, "accuracy": accuracy, **stats, "alerts": alerts_firing(stats, config)})
+            rows.append(
+                {
+                    "perturbation": name,
+                    "accuracy": accuracy,
+                    "macro_f1": macro_f1(answers, examples, profile["labels"]),
+                    **stats,
+                    "alerts": alerts_firing(stats, config),
+                }
+            )
             if report_dir is not None:
                 code, summary = run_drift(log_dir, profile, report_dir / log_dir.name, len(examples), None, config)
                 rows[-1].update(make_drift_exit=code, drifted_columns=summary.get("drifted_columns", []))
@@ -156,12 +165,25 @@ def noise_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def macro_f1(answers: Sequence[dict[str, Any]], examples: Sequence[Any], labels: Sequence[str]) -> float | None:
+    """Macro-F1 of the served answers (as the evaluate stage computes it); None when an answer
+    has no label (an abstention or an error)."""
+    if any(a.get("label") not in labels for a in answers):
+        return None
+    predicted = [labels.index(a["label"]) for a in answers]
+    return classification_metrics([e.label for e in examples], predicted, labels)["macro_f1"]
+
+
+def _f1(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The robustness table (docs/drift.md)."""
     lines = [
-        "| perturbation | accuracy | change (points) | label PSI | length PSI | confidence PSI "
+        "| perturbation | accuracy | macro-F1 | change (points) | label PSI | length PSI | confidence PSI "
         "| low-confidence share | unknown-token share | unfamiliar-word share | drift alerts |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     with_reports = all("make_drift_exit" in r for r in rows)
     if with_reports:
@@ -169,7 +191,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         lines[1] += " --- |"
     for r in rows:
         line = (
-            f"| {r['perturbation']} | {100 * r['accuracy']:.2f}% | {r['accuracy_change_points']:+.2f} "
+            f"| {r['perturbation']} | {100 * r['accuracy']:.2f}% | {_f1(r.get('macro_f1'))} "
+            f"| {r['accuracy_change_points']:+.2f} "
             f"| {r['label_psi']:.3f} | {r['length_psi']:.3f} | {r['confidence_psi']:.3f} "
             f"| {r['low_confidence_share']:.3f} | {r['unknown_token_share']:.4f} | {r['unfamiliar_word_share']:.3f} "
             f"| {', '.join(r['alerts']) or '-'} |"

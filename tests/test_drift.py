@@ -528,6 +528,7 @@ def test_robustness_runs_the_archive_handler_under_each_perturbation(profiled_st
     assert rows["repeated punctuation"]["mean_tokens"] > rows["none"]["mean_tokens"]
     assert rows["truncation (first half)"]["mean_tokens"] < rows["none"]["mean_tokens"]
     assert rows["upper case"]["accuracy"] == rows["none"]["accuracy"]  # an uncased tokenizer
+    assert rows["upper case"]["macro_f1"] == rows["none"]["macro_f1"] and 0 <= rows["none"]["macro_f1"] <= 1
     assert [r["window"] for r in result["noise"]] == [18, 18]  # half of the 36 fixture texts
     assert all(0 <= r["length_psi_p95"] <= r["length_psi_max"] for r in result["noise"])
 
