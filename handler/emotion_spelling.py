@@ -10,17 +10,18 @@ The candidate with the highest training count wins; ties go to the tokenizer's w
 to alphabetical order, so that the correction is deterministic.
 
 Left alone: known words, words shorter than ``MIN_LENGTH`` or longer than ``MAX_LENGTH`` letters
-(a long run of letters is no word a person meant), words with letters outside ASCII (the model and
-its word list are English), and words with no known word one edit away. Candidates are found
-through an index of the known words' single deletions (two words one edit apart share a deletion,
-or one is a deletion of the other), so a word costs about one lookup per letter, and a text's cost
-is bounded by its length.
+(a long run of letters is no word a person meant), words with letters outside ASCII or followed
+by a combining accent (the model and its word list are English), and words with no known word
+one edit away. Candidates are found through an index of the known words' single deletions (two
+words one edit apart share a deletion, or one is a deletion of the other), so a word costs about
+one lookup per letter, and a text's cost is bounded by its length.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -118,6 +119,9 @@ class Speller:
         def replace(match: re.Match[str]) -> str:
             nonlocal changed
             word = match.group(0)
+            after = text[match.end() : match.end() + 1]
+            if after and unicodedata.category(after).startswith("M"):
+                return word  # a combining accent follows: the word is not plain ASCII as written
             fixed = self.correct_word(word)
             changed += fixed != word
             return fixed

@@ -147,8 +147,8 @@ def read_answer(status: int, text: str, request_id: str | None = None) -> dict[s
     is Locust's)."""
     try:
         body = json.loads(text)
-    except ValueError:
-        body = {"message": text[:200]}
+    except ValueError:  # no JSON at all: what the text says is the message
+        raise EmotionAPIError(status, {"message": text[:200]}, request_id) from None
     if status != 200 or not isinstance(body, dict):
         raise EmotionAPIError(status, body if isinstance(body, dict) else None, request_id)
     return body

@@ -106,10 +106,12 @@ def fixture_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser() -> Iterator:
     """A headless Chromium driven by Playwright, for the pages people read (the docs site, the
-    gateway's API page). Debian's Chromium: ``make system-deps`` installs it."""
+    gateway's API page). Debian's Chromium: ``make system-deps`` installs it. One per test:
+    Playwright's synchronous API runs an event loop in this thread while it is open, and a later
+    test's ``asyncio.run`` must not find it."""
     from playwright.sync_api import sync_playwright
 
     executable = chromium_executable()

@@ -111,6 +111,7 @@ def test_case_is_kept_and_unknown_scripts_and_long_runs_are_left_alone():
     assert speller.correct("Hapyp and HAPYP and hapyp!") == ("Happy and HAPPY and happy!", 3)
     assert speller.correct_word("sadd") == "sad"  # the tokenizer's whole words count too
     assert speller.correct_word("hä") == "hä" and speller.correct_word("häppy") == "häppy"
+    assert speller.correct("hapyp\u0308 hapyp") == ("hapyp\u0308 happy", 1)  # an accent in decomposed form
     assert speller.correct_word("h" * 25) == "h" * 25
     assert speller.correct_word("xq") == "xq"  # shorter than MIN_LENGTH
 
