@@ -132,14 +132,18 @@ class Speller:
         return [self.correct(text)[0] for text in texts]
 
 
+def read_words(path: Path) -> dict[str, int]:
+    """The word counts of a ``words.json`` (lower-cased); ``ValueError`` for a file that holds no
+    word-to-count map."""
+    document = json.loads(Path(path).read_text())
+    counts = document.get("counts") if isinstance(document, dict) else None
+    if not isinstance(counts, dict) or not all(isinstance(n, int) for n in counts.values()):
+        raise ValueError(f"{path}: 'counts' must map words to integer counts")
+    return {w.lower(): n for w, n in counts.items()}
+
+
 def load_speller(model_dir: Path, vocabulary: Iterable[str]) -> Speller | None:
     """The speller of a model directory: its ``words.json`` and the tokenizer's whole words
     ``vocabulary``; None when the directory has no word list."""
     path = Path(model_dir) / WORDS_FILE
-    if not path.is_file():
-        return None
-    document = json.loads(path.read_text())
-    counts = document["counts"]
-    if not isinstance(counts, dict) or not all(isinstance(n, int) for n in counts.values()):
-        raise ValueError(f"{path}: 'counts' must map words to integer counts")
-    return Speller({w.lower(): n for w, n in counts.items()}, frozenset(vocabulary))
+    return Speller(read_words(path), frozenset(vocabulary)) if path.is_file() else None

@@ -134,11 +134,11 @@ def build_archive(
         words = beside(model_dir, WORDS_SUFFIX)
         if words.is_file():
             spelling = handler_module("emotion_spelling")
-            extra.append(Path(shutil.copy(words, Path(tmp) / spelling.WORDS_FILE)))
             try:
-                spelling.load_speller(Path(tmp), ())
-            except (ValueError, KeyError, json.JSONDecodeError) as err:
-                raise ArchiveError(f"{words}: {err}") from err
+                spelling.read_words(words)  # every worker would fail on a broken list: fail here
+            except ValueError as err:  # JSONDecodeError is one
+                raise ArchiveError(str(err)) from err
+            extra.append(Path(shutil.copy(words, Path(tmp) / spelling.WORDS_FILE)))
         else:
             log.warning("no word list %s: the archive reads texts as written (python -m training.words)", words)
         try:

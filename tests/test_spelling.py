@@ -126,6 +126,14 @@ def test_the_words_stage_counts_the_training_split_only(tmp_path):
     assert sum(document["counts"].values()) == sum(len(spelling.WORD.findall(t.lower())) for t in texts)
 
 
+@pytest.mark.parametrize("text", ["[]", '{"counts": ["happy"]}', '{"counts": {"happy": "9"}}', "{}", "not json"])
+def test_a_word_list_that_holds_no_counts_is_refused_by_name(tmp_path, text):
+    path = tmp_path / spelling.WORDS_FILE
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"words\.json|Expecting"):
+        spelling.read_words(path)
+
+
 @pytest.mark.slow
 def test_the_engine_and_the_archive_read_a_typo_as_the_word_it_corrects(tiny_model_dir, tmp_path):
     model_dir = tmp_path / "emotion-tiny"

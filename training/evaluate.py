@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -31,8 +29,6 @@ from training.metrics import classification_metrics
 from training.perturb import ROBUSTNESS, metric_key, perturb
 from training.plots import plot_confusion_matrix
 from training.runtime import resolve_precision
-
-WORDS_SUFFIX = ".words.json"  # the words stage's output beside the model directory (serving.archive packs it)
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +127,13 @@ def evaluate(cfg: DictConfig) -> dict:
 def load_speller(model_dir: Path, tokenizer):
     """The handler's typo correction for ``model_dir``: the words stage's list beside it and the
     tokenizer's whole words; None when the words stage has not run."""
-    words = model_dir.with_name(model_dir.name + WORDS_SUFFIX)
+    from serving.archive import WORDS_SUFFIX, beside
+
+    words = beside(model_dir, WORDS_SUFFIX)
     if not words.is_file():
         return None
     spelling, monitor = handler_module("emotion_spelling"), handler_module("emotion_monitor")
-    with tempfile.TemporaryDirectory() as folder:  # the loader reads words.json in a model directory
-        shutil.copy(words, Path(folder) / spelling.WORDS_FILE)
-        return spelling.load_speller(Path(folder), monitor.known_words(tokenizer.get_vocab()))
+    return spelling.Speller(spelling.read_words(words), monitor.known_words(tokenizer.get_vocab()))
 
 
 def corrected_metrics(model, examples: Sequence[Example], tokenizer, cfg: DictConfig, speller) -> dict:
